@@ -1,0 +1,198 @@
+"""The library's entry points, one function per job kind; the CLI is a thin layer over them.
+
+Each function opens what it needs, checks both ends, creates or resumes the job, runs the
+scheduler and returns a `JobReport` whose `exit_code` follows the documented convention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from migrator.config import Settings
+from migrator.endpoints import Endpoint, parse_endpoint
+from migrator.errors import (
+    EXIT_FATAL,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    FatalError,
+    UsageError,
+)
+from migrator.ledger import Job, Ledger, make_owner
+from migrator.orthanc import OrthancClient
+from migrator.progress import NullProgress, make_progress
+from migrator.reports import job_counts
+from migrator.scheduler import RunResult, Scheduler
+from migrator.sources import RestSource, Source
+
+log = logging.getLogger("migrator")
+
+
+@dataclass
+class JobReport:
+    """The outcome of one command run on a job."""
+
+    job: Job
+    result: RunResult
+    counts: dict[str, int]
+    dry_run: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 all sent; 1 some rejected/failed/left; 3 fatal; 130 interrupted."""
+        if self.result.fatal:
+            return EXIT_FATAL
+        if self.result.interrupted:
+            return EXIT_INTERRUPTED
+        if self.dry_run:
+            return EXIT_OK
+        if self.counts["rejected"] or self.counts["failed"]:
+            return EXIT_INCOMPLETE
+        if self.counts["pending"] or self.counts["in_flight"]:
+            return EXIT_INCOMPLETE
+        return EXIT_OK
+
+    def summary(self) -> str:
+        """A few lines for the end of a run."""
+        r, c = self.result, self.counts
+        lines = []
+        if self.dry_run:
+            lines.append(
+                f"dry run: {c['pending']} instances would be sent "
+                f"({c['sent']} already sent, {c['skipped']} skipped); nothing was sent"
+            )
+        else:
+            lines.append(
+                f"this run: sent {r.sent} ({r.bytes / 1e6:.1f} MB) in {r.elapsed:.1f} s, "
+                f"rejected {r.rejected}, failed {r.failed}, vanished {r.vanished}, "
+                f"retries {r.retries}"
+            )
+        lines.append(
+            f"job {self.job.name}: " + ", ".join(f"{state} {count}" for state, count in c.items())
+        )
+        if r.fatal:
+            lines.append(f"stopped: {r.fatal}")
+        elif r.interrupted:
+            lines.append("interrupted: rerun the same command to resume")
+        elif c["rejected"] or c["failed"]:
+            lines.append("see `migrator status` for the reasons, `migrator retry` to try again")
+        return "\n".join(lines)
+
+
+def endpoint_from(url: str | None, role: str, settings: Settings) -> Endpoint:
+    """Build an endpoint from the command line or config, with credentials from settings."""
+    url = url or getattr(settings, f"{role}_url")
+    if not url:
+        raise UsageError(f"no {role} URL given (argument or [{role}] url in the config)")
+    endpoint = parse_endpoint(url, role=role)
+    return endpoint.with_credentials(
+        getattr(settings, f"{role}_username"), getattr(settings, f"{role}_password")
+    )
+
+
+def default_job_name(kind: str, source: str, target: Endpoint) -> str:
+    """A stable name from the two ends, so that rerunning a command resumes its job."""
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._:/-]+", "_", text).strip("/_")
+
+    return f"{kind}:{clean(source)}->{clean(target.host_port + urlpath(target.url))}"
+
+
+def urlpath(url: str) -> str:
+    """The path of a URL without its trailing slash ('' for the root)."""
+    return urlsplit(url).path.rstrip("/")
+
+
+def make_client(endpoint: Endpoint, role: str, settings: Settings) -> OrthancClient:
+    """A REST client sized for the run's concurrency."""
+    return OrthancClient(
+        endpoint,
+        role,
+        connections=settings.concurrency + 2,
+        timeout=settings.timeout,
+        connect_timeout=settings.connect_timeout,
+    )
+
+
+async def run_job(
+    ledger: Ledger,
+    source: Source,
+    target: OrthancClient,
+    settings: Settings,
+    *,
+    job_name: str,
+    options: dict[str, Any],
+    dry_run: bool = False,
+    show_progress: bool = True,
+) -> JobReport:
+    """Preflight both ends, then create or resume the job and run it to the end."""
+    log.info(await source.preflight())
+    info = await target.system()
+    log.info("target %s: Orthanc %s (%s)", target.endpoint.display, info.version, info.name)
+    job = await asyncio.to_thread(
+        ledger.ensure_job, job_name, source.kind, source.display, target.endpoint.display, options
+    )
+    progress = make_progress(settings.progress) if show_progress else NullProgress()
+    scheduler = Scheduler(
+        ledger, job, source, target, settings, owner=make_owner(), progress=progress
+    )
+    try:
+        result = await (scheduler.list_only() if dry_run else scheduler.run())
+    finally:
+        progress.close()
+    counts = await asyncio.to_thread(job_counts, ledger, job.id)
+    return JobReport(job, result, counts, dry_run=dry_run)
+
+
+def replicate(
+    source_url: str | None,
+    target_url: str | None,
+    settings: Settings,
+    *,
+    job_name: str | None = None,
+    dry_run: bool = False,
+    show_progress: bool = True,
+) -> JobReport:
+    """Replicate one Orthanc into another through the ledger (`migrator replicate`)."""
+    source_ep = endpoint_from(source_url, "source", settings)
+    target_ep = endpoint_from(target_url, "target", settings)
+    if source_ep.url == target_ep.url:
+        raise UsageError("source and target are the same URL")
+    name = job_name or default_job_name(
+        "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
+    )
+    ledger = Ledger.open(settings.ledger, create=True)
+
+    async def main() -> JobReport:
+        source = RestSource(
+            make_client(source_ep, "source", settings), settings.retry, settings.page_size
+        )
+        target = make_client(target_ep, "target", settings)
+        try:
+            return await run_job(
+                ledger,
+                source,
+                target,
+                settings,
+                job_name=name,
+                options={"concurrency": settings.concurrency},
+                dry_run=dry_run,
+                show_progress=show_progress,
+            )
+        finally:
+            await source.aclose()
+            await target.aclose()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        ledger.close()
+
+
+__all__ = ["FatalError", "JobReport", "replicate", "run_job"]

@@ -1,0 +1,172 @@
+"""Settings: defaults, then the TOML config file, then the environment, then the command line.
+
+Every option is documented in ``config.example.toml``. Unknown keys and wrong types are
+usage errors (one line, exit 2), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from migrator.errors import UsageError
+
+DEFAULT_LEDGER = "sqlite:///migrator.db"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Per-instance retries: exponential backoff with full jitter, then `failed`."""
+
+    max_attempts: int = 8
+    backoff_initial: float = 1.0
+    backoff_max: float = 120.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command may need; built by `load_settings`."""
+
+    ledger: str = DEFAULT_LEDGER
+    concurrency: int = 8
+    source_url: str | None = None
+    source_username: str | None = None
+    source_password: str | None = field(default=None, repr=False)
+    target_url: str | None = None
+    target_username: str | None = None
+    target_password: str | None = field(default=None, repr=False)
+    retry: RetryPolicy = RetryPolicy()
+    # Seconds without a single answer from an endpoint before the run gives up (exit 3).
+    outage_timeout: float = 600.0
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    lease_seconds: float = 120.0
+    page_size: int = 1000
+    progress: str = "auto"
+
+
+_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "ledger": str,
+    "concurrency": int,
+    "outage_timeout": (int, float),
+    "timeout": (int, float),
+    "connect_timeout": (int, float),
+    "lease_seconds": (int, float),
+    "page_size": int,
+    "progress": str,
+}
+_ENDPOINT_KEYS = ("url", "username", "password")
+_RETRY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "max_attempts": int,
+    "backoff_initial": (int, float),
+    "backoff_max": (int, float),
+}
+
+
+def _check(name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else "number"
+        raise UsageError(f"config: {name} must be a {want}, not {type(value).__name__}")
+    return value
+
+
+def _from_mapping(data: dict[str, Any], base: Settings) -> Settings:
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SCALARS:
+            changes[key] = _check(key, value, _SCALARS[key])
+        elif key in ("source", "target"):
+            if not isinstance(value, dict):
+                raise UsageError(f"config: [{key}] must be a table")
+            for sub, subval in value.items():
+                if sub not in _ENDPOINT_KEYS:
+                    raise UsageError(f"config: unknown key {key}.{sub}")
+                changes[f"{key}_{sub}"] = _check(f"{key}.{sub}", subval, str)
+        elif key == "retry":
+            if not isinstance(value, dict):
+                raise UsageError("config: [retry] must be a table")
+            retry = {}
+            for sub, subval in value.items():
+                if sub not in _RETRY_KEYS:
+                    raise UsageError(f"config: unknown key retry.{sub}")
+                retry[sub] = _check(f"retry.{sub}", subval, _RETRY_KEYS[sub])
+            changes["retry"] = replace(base.retry, **retry)
+        else:
+            raise UsageError(f"config: unknown key {key!r}")
+    return replace(base, **changes)
+
+
+def _from_env(env: dict[str, str], base: Settings) -> Settings:
+    changes: dict[str, Any] = {}
+    if env.get("MIGRATOR_LEDGER"):
+        changes["ledger"] = env["MIGRATOR_LEDGER"]
+    for role in ("source", "target"):
+        for sub in ("username", "password"):
+            value = env.get(f"MIGRATOR_{role.upper()}_{sub.upper()}")
+            if value is not None:
+                changes[f"{role}_{sub}"] = value
+    return replace(base, **changes)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file, turning every problem into a one-line UsageError."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a directory") from None
+    except PermissionError:
+        raise UsageError(f"config file {path} cannot be read (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UsageError(f"config file {path} cannot be read: {exc}") from None
+
+
+def load_settings(
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build Settings from defaults, `config` (or $MIGRATOR_CONFIG), the environment and
+    `overrides` (command-line values; None means "not given")."""
+    env = dict(os.environ) if env is None else env
+    settings = Settings()
+    if config is None and env.get("MIGRATOR_CONFIG"):
+        config = Path(env["MIGRATOR_CONFIG"])
+    if config is not None:
+        settings = _from_mapping(read_config_file(config), settings)
+    settings = _from_env(env, settings)
+    known = {f.name for f in fields(Settings)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - known
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    settings = replace(settings, **given)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Reject values that cannot work, with one line each."""
+    if not 1 <= settings.concurrency <= 512:
+        raise UsageError("concurrency must be between 1 and 512")
+    if settings.page_size < 1 or settings.page_size > 100_000:
+        raise UsageError("page_size must be between 1 and 100000")
+    for name in ("timeout", "connect_timeout", "lease_seconds", "outage_timeout"):
+        if getattr(settings, name) <= 0:
+            raise UsageError(f"{name} must be positive")
+    retry = settings.retry
+    if retry.max_attempts < 1:
+        raise UsageError("retry.max_attempts must be at least 1")
+    if retry.backoff_initial < 0 or retry.backoff_max < retry.backoff_initial:
+        raise UsageError("retry: need 0 <= backoff_initial <= backoff_max")
+    if settings.progress not in ("auto", "bar", "plain", "none"):
+        raise UsageError("progress must be one of auto, bar, plain, none")
+    if not settings.ledger.strip():
+        raise UsageError("ledger URL is empty")

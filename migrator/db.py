@@ -1,0 +1,163 @@
+"""Opening a ledger database: engines, SQLite pragmas, and the alembic revision check.
+
+A new, empty ledger receives every alembic revision. A ledger at an older revision is
+refused (exit 2) with the command that upgrades it, the way Orthanc refuses an old
+database until ``--upgrade``. Read-only commands never create a ledger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from migrator.errors import LedgerError, LedgerOutdated, UsageError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(engine_url: str | None = None) -> Config:
+    """An alembic Config pointing at this project's revisions."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if engine_url:
+        cfg.set_main_option("sqlalchemy.url", engine_url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision this version of the tool knows."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _normalise_url(url: str) -> str:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UsageError(f"ledger URL {url!r} is not valid (try sqlite:///migrator.db)") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql" and parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif backend not in ("sqlite", "postgresql"):
+        raise UsageError(f"ledger URL {parsed.render_as_string()!r}: use sqlite or postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind an SQLite ledger URL, or None (PostgreSQL, in-memory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    if parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return None
+    return Path(parsed.database)
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy issue BEGIN itself (below), so that writers can take the write lock
+        # up front with BEGIN IMMEDIATE instead of failing on a lock upgrade.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        # WAL: readers (status, the web page) never block the writer. synchronous=NORMAL
+        # can lose the last commits on power loss, never on a process kill; a lost `sent`
+        # only means one resend, which the target answers AlreadyStored.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # type: ignore[no-untyped-def]
+        immediate = conn.get_execution_options().get("immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(url: str, *, must_exist: bool) -> Engine:
+    """Create an engine for a ledger URL; `must_exist` refuses to create a new SQLite file."""
+    url = _normalise_url(url)
+    path = sqlite_path(url)
+    if path is not None:
+        if must_exist and not path.exists():
+            raise UsageError(f"no ledger at {path}: run `migrator replicate` or `import` first")
+        if not path.parent.exists():
+            raise UsageError(f"ledger folder {path.parent} does not exist")
+        if path.is_dir():
+            raise UsageError(f"ledger path {path} is a directory")
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            _install_sqlite_hooks(engine)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    except (NoSuchModuleError, ArgumentError) as exc:
+        raise UsageError(f"ledger URL is not usable: {exc}") from None
+    return engine
+
+
+def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> None:
+    """Make sure the ledger's schema is this tool's: create it, or refuse an old one."""
+    head = head_revision()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            has_tables = bool(inspect(conn).get_table_names())
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"cannot open the ledger {url_for_messages}: {_short(exc)}") from None
+    if current == head:
+        return
+    if current is None:
+        if has_tables:
+            raise LedgerError(f"{url_for_messages} holds tables but is not a migrator ledger")
+        if not create:
+            raise UsageError(f"{url_for_messages} is not a migrator ledger (no tables yet)")
+        upgrade(engine)
+        return
+    script = ScriptDirectory.from_config(alembic_config())
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current not in known:
+        raise LedgerError(
+            f"the ledger {url_for_messages} is at revision {current}, written by a newer "
+            f"migrator (this one knows up to {head})"
+        )
+    raise LedgerOutdated(
+        f"the ledger {url_for_messages} is at revision {current}, this migrator needs {head}: "
+        f"run `migrator db upgrade --ledger {url_for_messages}` (back it up first)"
+    )
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply alembic revisions up to `revision` on this engine."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Revert alembic revisions down to `revision` (used by tests and by hand)."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The ledger's alembic revision, or None for an empty database."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,157 @@
+"""Error taxonomy: every failure is classified here, once.
+
+Three kinds of failure exist, and each decides what happens next::
+
+    MigratorError
+    ├── UsageError        bad command line, URL, config or path       -> exit 2
+    ├── FatalError        the run cannot go on (auth refused, not an
+    │   │                 Orthanc, endpoint unreachable, storage full) -> exit 3
+    │   └── LedgerError   the ledger cannot be read or written        -> exit 3
+    └── TransferError     one instance failed; carries a Verdict:
+                            RETRYABLE  try again later (network, timeout, 409, 429, 5xx)
+                            PERMANENT  the target refused this content (400, 404 on POST,
+                                       FilteredOut): state `rejected`
+                            VANISHED   the source no longer has the instance: `vanished`
+
+`classify_status` and `classify_exception` are the only places where an HTTP status or an
+exception becomes a decision. A fatal error never marks an instance: the scheduler stops
+and hands its leases back.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+import httpx
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2
+EXIT_FATAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class Kind(enum.Enum):
+    """What a failed transfer means for the instance and for the run."""
+
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+    VANISHED = "vanished"
+    FATAL = "fatal"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A classified failure: its kind, the HTTP status if any, and a one-line reason."""
+
+    kind: Kind
+    reason: str
+    http_status: int | None = None
+
+
+class MigratorError(Exception):
+    """Base of every error the tool reports to the user as one line."""
+
+    exit_code = EXIT_FATAL
+
+
+class UsageError(MigratorError):
+    """Bad input from the user: command line, URL, config file or path."""
+
+    exit_code = EXIT_USAGE
+
+
+class FatalError(MigratorError):
+    """The run cannot continue; no instance is marked because of it."""
+
+    exit_code = EXIT_FATAL
+
+
+class LedgerError(FatalError):
+    """The ledger is unusable (cannot be opened, read or written)."""
+
+
+class LedgerOutdated(MigratorError):
+    """The ledger's schema is older than this version of the tool."""
+
+    exit_code = EXIT_USAGE
+
+
+class TransferError(Exception):
+    """One instance could not be transferred; `verdict` says why and what next."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+
+
+def orthanc_message(response: httpx.Response) -> str:
+    """Extract Orthanc's own explanation from an error answer, falling back to the body."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        text = response.text.strip().replace("\n", " ")
+        return text[:200] if text else response.reason_phrase
+    if isinstance(body, dict):
+        parts = [str(body[k]) for k in ("Message", "Details") if body.get(k)]
+        if parts:
+            return ": ".join(parts)
+    return json.dumps(body)[:200]
+
+
+def classify_status(status: int, *, side: str, method: str) -> Kind:
+    """Decide what an HTTP error status means.
+
+    `side` is "source" or "target"; `method` the HTTP verb. Only non-2xx statuses come here.
+    """
+    if status in (401, 403, 407):
+        return Kind.FATAL
+    if status in (408, 409, 425, 429) or (500 <= status < 600 and status != 507):
+        return Kind.RETRYABLE
+    if status == 507:
+        # The target's storage is full: nothing else will get in either.
+        return Kind.FATAL
+    if side == "source" and method == "GET" and status == 404:
+        return Kind.VANISHED
+    if side == "target" and 400 <= status < 500:
+        return Kind.PERMANENT
+    # A source answering e.g. 400 or 3xx to a plain GET is misconfigured, not the instance.
+    return Kind.FATAL
+
+
+def verdict_for_response(response: httpx.Response, *, side: str) -> Verdict:
+    """Classify a non-2xx answer into a Verdict carrying Orthanc's message."""
+    method = response.request.method
+    kind = classify_status(response.status_code, side=side, method=method)
+    message = orthanc_message(response)
+    if kind is Kind.FATAL and response.status_code in (401, 403, 407):
+        message = f"{side} refused the credentials ({response.status_code}): {message}"
+    elif kind is Kind.VANISHED:
+        message = f"no longer on the source: {message}"
+    return Verdict(kind, f"HTTP {response.status_code}: {message}", response.status_code)
+
+
+def classify_exception(exc: BaseException, *, side: str) -> Verdict:
+    """Classify a transport-level exception (no HTTP answer was received)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return Verdict(Kind.RETRYABLE, f"{side} timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.TransportError):
+        detail = str(exc) or type(exc).__name__
+        return Verdict(Kind.RETRYABLE, f"{side} network error: {detail}")
+    if isinstance(exc, TransferError):
+        return exc.verdict
+    return Verdict(Kind.FATAL, f"{side}: unexpected {type(exc).__name__}: {exc}")
+
+
+def verdict_for_store_status(status: str | None) -> Verdict | None:
+    """Classify the Status field of a 200 answer to POST /instances.
+
+    Returns None when the target stored the instance (Success, AlreadyStored).
+    """
+    if status in ("Success", "AlreadyStored"):
+        return None
+    if status == "FilteredOut":
+        return Verdict(Kind.PERMANENT, "FilteredOut: the target's filter refused the instance")
+    return Verdict(Kind.FATAL, f"target answered an unknown store status {status!r}")

@@ -1,0 +1,313 @@
+"""Classification of single files found in a folder to import.
+
+A folder may be an old Orthanc storage area (files named by UUID, possibly stored with
+Orthanc's "zlib with size" compression, next to JSON summaries and header-only copies) or
+any tree of DICOM files. :func:`classify_file` decides, from the bytes alone, whether a
+file is a DICOM instance to send and, if not, why it is skipped. :func:`read_dicom_bytes`
+returns the exact bytes to upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from pydicom.filereader import read_partial
+
+from migrator.dicomid import orthanc_instance_id
+
+__all__ = [
+    "DICOMDIR_SOP_CLASS",
+    "Candidate",
+    "CorruptFile",
+    "classify_file",
+    "decompress_zlib_with_size",
+    "is_zlib_with_size",
+    "read_dicom_bytes",
+]
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+SKIP_JSON = "JSON summary (DicomAsJson)"
+SKIP_HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
+SKIP_DICOMDIR = "DICOMDIR"
+SKIP_EMPTY = "empty file"
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Explicit-VR elements whose header carries a 4-byte length (12-byte header in total).
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
+_DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+_JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
+# Values above this are read lazily by pydicom; keeps big private blobs out of memory.
+_DEFER_SIZE = 64 * 1024
+# JSON summaries are small; a bigger file starting with "{" is not one of them.
+_MAX_JSON_SIZE = 64 * 1024 * 1024
+# Guards decompression against a corrupt size prefix claiming terabytes.
+_MAX_DECLARED_SIZE = 1 << 40
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One file of a source folder, as the import sees it.
+
+    ``skip_reason`` is None when the file is to be sent, otherwise a short human reason.
+    ``problem`` notes a defect that does not stop the upload (the target decides), e.g.
+    pixel data shorter than declared. ``missing`` is set for index rows whose file is gone.
+    """
+
+    source_key: str
+    path: str
+    orthanc_id: str | None
+    sop_uid: str | None
+    study_uid: str | None
+    series_uid: str | None
+    size: int | None
+    md5: str | None
+    has_pixels: bool | None
+    compressed: bool
+    skip_reason: str | None
+    missing: bool = False
+    problem: str | None = None
+
+
+class CorruptFile(ValueError):
+    """A stored file cannot be turned back into DICOM bytes (bad zlib stream, bad size)."""
+
+
+def is_zlib_with_size(head: bytes) -> bool:
+    """Tell whether ``head`` (at least 10 bytes) starts like an Orthanc compressed file.
+
+    The layout is an 8-byte little-endian size followed by a zlib stream, whose two-byte
+    header starts with 0x78 and is a multiple of 31 when read big-endian.
+    """
+    if len(head) < 10 or head[8] != 0x78:
+        return False
+    if (head[8] << 8 | head[9]) % 31 != 0:
+        return False
+    (declared,) = struct.unpack_from("<Q", head)
+    return 0 < declared <= _MAX_DECLARED_SIZE
+
+
+def decompress_zlib_with_size(raw: bytes) -> bytes:
+    """Decompress an Orthanc "zlib with size" file; raise :class:`CorruptFile` if damaged."""
+    if len(raw) < 8:
+        raise CorruptFile(f"compressed file too short ({len(raw)} bytes)")
+    (declared,) = struct.unpack_from("<Q", raw)
+    if declared > _MAX_DECLARED_SIZE:
+        raise CorruptFile(f"implausible uncompressed size {declared}")
+    engine = zlib.decompressobj()
+    try:
+        # Asking for one byte more than declared detects a stream longer than its prefix
+        # without letting a corrupt stream inflate without bound.
+        data = engine.decompress(raw[8:], declared + 1)
+    except zlib.error as exc:
+        raise CorruptFile(f"bad zlib stream: {exc}") from exc
+    if not engine.eof:
+        raise CorruptFile(
+            f"zlib stream truncated or longer than declared ({len(data)} of {declared} bytes)"
+        )
+    if len(data) != declared:
+        raise CorruptFile(f"size mismatch: {len(data)} bytes decompressed, {declared} declared")
+    return data
+
+
+def read_dicom_bytes(path: str, compressed: bool | None = None) -> bytes:
+    """Return the bytes to upload for ``path``, decompressed when stored compressed.
+
+    ``compressed=None`` sniffs the file; True/False trust the caller (e.g. the index's
+    compressionType). Raises :class:`CorruptFile` on a bad zlib stream or size mismatch.
+    """
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if compressed is None:
+        compressed = is_zlib_with_size(raw[:10])
+        if compressed and raw[128:132] == b"DICM":
+            # A Part-10 file whose preamble happens to look like a size + zlib header.
+            try:
+                return decompress_zlib_with_size(raw)
+            except CorruptFile:
+                return raw
+    if not compressed:
+        return raw
+    if not raw:
+        # Orthanc stores an empty input as an empty file, without size prefix.
+        return b""
+    return decompress_zlib_with_size(raw)
+
+
+def classify_file(path: str, root: str | None = None) -> Candidate:
+    """Classify one file of a bare folder (no index) without sending anything.
+
+    ``source_key`` is ``path`` relative to ``root`` in posix form (the absolute path when
+    ``root`` is None). Only the DICOM header is parsed for uncompressed files; compressed
+    files are decompressed in memory. Raises ``OSError`` only when the file cannot be read.
+    """
+    abspath = os.path.abspath(path)
+    key = _source_key(abspath, root)
+    with open(abspath, "rb") as fh:
+        head = fh.read(132)
+        if not head:
+            return _skipped(key, abspath, SKIP_EMPTY, size=0)
+        if is_zlib_with_size(head):
+            raw = head + fh.read()
+            try:
+                data = decompress_zlib_with_size(raw)
+            except CorruptFile as exc:
+                if head[128:132] != b"DICM":
+                    return _skipped(key, abspath, f"corrupt compressed file: {exc}", True)
+            else:
+                md5 = hashlib.md5(data).hexdigest()
+                return _classify_stream(key, abspath, io.BytesIO(data), len(data), True, md5)
+        size = os.fstat(fh.fileno()).st_size
+        fh.seek(0)
+        return _classify_stream(key, abspath, fh, size, False, None)
+
+
+def _source_key(abspath: str, root: str | None) -> str:
+    if root is None:
+        return abspath.replace(os.sep, "/")
+    return os.path.relpath(abspath, os.path.abspath(root)).replace(os.sep, "/")
+
+
+def _skipped(
+    key: str, path: str, reason: str, compressed: bool = False, size: int | None = None
+) -> Candidate:
+    return Candidate(
+        source_key=key,
+        path=path,
+        orthanc_id=None,
+        sop_uid=None,
+        study_uid=None,
+        series_uid=None,
+        size=size,
+        md5=None,
+        has_pixels=None,
+        compressed=compressed,
+        skip_reason=reason,
+    )
+
+
+def _classify_stream(
+    key: str, path: str, fh: BinaryIO, size: int, compressed: bool, md5: str | None
+) -> Candidate:
+    head = fh.read(132)
+    fh.seek(0)
+    if size == 0:
+        return _skipped(key, path, SKIP_EMPTY, compressed, 0)
+    if head.lstrip()[:1] == b"{":
+        return _skipped(key, path, _json_reason(fh, size), compressed, size)
+    part10 = head[128:132] == b"DICM"
+    if not part10 and not _looks_like_raw_dataset(head):
+        return _skipped(key, path, "not DICOM: no DICM marker", compressed, size)
+    try:
+        ds, pixel = _parse_header(fh, force=not part10)
+    except Exception as exc:  # pydicom raises many types on garbage input
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return _skipped(key, path, f"not DICOM: {why}", compressed, size)
+
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    if sop_class == DICOMDIR_SOP_CLASS:
+        return _skipped(key, path, SKIP_DICOMDIR, compressed, size)
+    uids = {k: _text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    absent = [k for k, v in uids.items() if not v]
+    if absent:
+        label = "incomplete DICOM" if part10 else "not DICOM"
+        return _skipped(key, path, f"{label}: no {', '.join(absent)}", compressed, size)
+
+    has_pixels = pixel is not None
+    skip = None
+    if not has_pixels and "Rows" in ds and "Columns" in ds:
+        # An image without its pixels is what Orthanc writes as DicomUntilPixelData.
+        # Sending it would store a pixel-less instance and make the real file
+        # "AlreadyStored" later, so it is never sent, even when no full copy exists.
+        skip = SKIP_HEADER_ONLY
+    problem = _truncation(ds, pixel, size) if pixel is not None else None
+    study, series, sop = uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+    return Candidate(
+        source_key=key,
+        path=path,
+        orthanc_id=orthanc_instance_id(_text(ds, "PatientID"), study, series, sop),
+        sop_uid=sop,
+        study_uid=study,
+        series_uid=series,
+        size=size,
+        md5=md5,
+        has_pixels=has_pixels,
+        compressed=compressed,
+        skip_reason=skip,
+        problem=problem,
+    )
+
+
+def _json_reason(fh: BinaryIO, size: int) -> str:
+    if size > _MAX_JSON_SIZE:
+        return "not DICOM: large JSON-like file"
+    try:
+        doc = json.loads(fh.read())
+    except (ValueError, UnicodeDecodeError):
+        return "not DICOM: starts with '{' but is not JSON"
+    if isinstance(doc, dict) and doc and all(_JSON_KEY.match(k) for k in doc):
+        return SKIP_JSON
+    return "not DICOM: JSON document"
+
+
+def _looks_like_raw_dataset(head: bytes) -> bool:
+    # A dataset without preamble starts with a low group (0002 meta, 0008 identifying),
+    # little endian; anything else is not worth a forced parse.
+    if len(head) < 8:
+        return False
+    (group,) = struct.unpack_from("<H", head)
+    return group in (0x0002, 0x0008)
+
+
+def _parse_header(fh: BinaryIO, force: bool) -> tuple[Any, tuple[str | None, int, int] | None]:
+    """Parse up to the pixel data; return the dataset and (vr, length, element offset)."""
+    seen: list[tuple[str | None, int]] = []
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            seen.append((vr, length))
+            return True
+        return False
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = read_partial(fh, stop_when=at_pixels, defer_size=_DEFER_SIZE, force=force)
+    if not seen:
+        return ds, None
+    # read_partial rewinds to the start of the pixel element before returning.
+    return ds, (seen[-1][0], seen[-1][1], fh.tell())
+
+
+def _truncation(ds: Any, pixel: tuple[str | None, int, int], size: int) -> str | None:
+    vr, length, offset = pixel
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if length == 0xFFFFFFFF or ts == _DEFLATED_TS:
+        # Encapsulated or deflated data cannot be measured without reading it all.
+        return None
+    header = 12 if vr in _LONG_VRS else 8
+    available = size - offset - header
+    if available < length:
+        return f"truncated DICOM: pixel data has {max(available, 0)} of {length} bytes"
+    return None
+
+
+def _text(ds: Any, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value must not hide the rest of the header
+        return ""
+    if value is None:
+        return ""
+    # Same normalisation as migrator.dicomid: Orthanc drops the padding of string values.
+    return str(value).strip(" \x00")

@@ -1,0 +1,220 @@
+"""An asynchronous client for the parts of Orthanc's REST API a migration needs.
+
+Every non-2xx answer and every transport error is turned into a `TransferError` (per
+instance) or a `FatalError` (per run) by `migrator.errors`, never interpreted here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from migrator.endpoints import Endpoint
+from migrator.errors import (
+    FatalError,
+    Kind,
+    TransferError,
+    Verdict,
+    classify_exception,
+    verdict_for_response,
+    verdict_for_store_status,
+)
+
+# Orthanc closes idle keep-alive connections after one second; reusing one just as it
+# closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
+KEEPALIVE_EXPIRY = 0.7
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """What `GET /system` says about an Orthanc."""
+
+    name: str
+    version: str
+    api_version: int | None
+    database_version: int | None
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The target's confirmation of one stored instance."""
+
+    status: str
+    orthanc_id: str | None
+
+
+class OrthancClient:
+    """REST client for one Orthanc (`role` is "source" or "target", used in messages)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        role: str,
+        *,
+        connections: int = 8,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.role = role
+        self.http = httpx.AsyncClient(
+            base_url=endpoint.url,
+            auth=endpoint.auth,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
+            ),
+            headers={"User-Agent": "migrator"},
+        )
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        await self.http.aclose()
+
+    async def __aenter__(self) -> OrthancClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- run-level calls: any failure is fatal for the run ------------------------------
+
+    async def system(self) -> SystemInfo:
+        """Check that the endpoint is a reachable Orthanc that accepts our credentials."""
+        where = self.endpoint.display
+        try:
+            response = await self.http.get("system")
+        except httpx.TimeoutException:
+            raise FatalError(f"{self.role} {where} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise FatalError(f"{self.role} {where} is unreachable: {_reason(exc)}") from None
+        if response.status_code in (401, 403):
+            raise FatalError(
+                f"{self.role} {where} refused the credentials (HTTP {response.status_code}); "
+                f"give user:password in the URL, the config file or "
+                f"MIGRATOR_{self.role.upper()}_USERNAME/_PASSWORD"
+            )
+        if response.status_code != 200:
+            raise FatalError(
+                f"{self.role} {where} is not an Orthanc REST API "
+                f"(GET /system answered HTTP {response.status_code})"
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "Version" not in body or "ApiVersion" not in body:
+            raise FatalError(f"{self.role} {where} is not an Orthanc (unexpected /system answer)")
+        return SystemInfo(
+            name=str(body.get("Name", "")),
+            version=str(body["Version"]),
+            api_version=body.get("ApiVersion"),
+            database_version=body.get("DatabaseVersion"),
+            raw=body,
+        )
+
+    async def get_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        """GET a JSON resource; raises TransferError (retryable/fatal) on failure."""
+        try:
+            response = await self.http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        try:
+            return response.json()
+        except ValueError:
+            raise TransferError(
+                Verdict(Kind.FATAL, f"{self.role} answered non-JSON to GET {path}")
+            ) from None
+
+    async def list_instances(self, since: int, limit: int) -> list[dict[str, Any]]:
+        """One page of `GET /instances?since=&limit=&expand` (an offset, not a cursor)."""
+        page = await self.get_json("instances", {"since": since, "limit": limit, "expand": ""})
+        if not isinstance(page, list):
+            raise TransferError(Verdict(Kind.FATAL, f"{self.role}: /instances is not a list"))
+        return page
+
+    async def changes(self, since: int, limit: int = 1000) -> dict[str, Any]:
+        """One page of the change log after sequence number `since`."""
+        return await self.get_json("changes", {"since": since, "limit": limit})
+
+    async def last_change(self) -> int:
+        """The current position of the change log."""
+        body = await self.get_json("changes", {"last": ""})
+        return int(body.get("Last", 0))
+
+    async def count_instances(self) -> int:
+        """How many instances the server holds, from `/statistics`."""
+        body = await self.get_json("statistics")
+        return int(body["CountInstances"])
+
+    # -- per-instance calls -------------------------------------------------------------
+
+    async def get_file(self, orthanc_id: str) -> bytes:
+        """The original DICOM bytes of an instance."""
+        try:
+            response = await self.http.get(f"instances/{orthanc_id}/file")
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        return response.content
+
+    async def store(self, data: bytes) -> Stored:
+        """POST one DICOM file; returns only when the target confirmed it holds it."""
+        try:
+            response = await self.http.post(
+                "instances", content=data, headers={"Content-Type": "application/dicom"}
+            )
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            # Orthanc answers one JSON object per stored file; anything else is not a
+            # confirmation (e.g. a proxy's page), so it cannot count as sent.
+            raise TransferError(
+                Verdict(Kind.FATAL, "target answered POST /instances without Orthanc's JSON")
+            )
+        status = body.get("Status")
+        verdict = verdict_for_store_status(status)
+        if verdict is not None:
+            raise TransferError(verdict)
+        return Stored(status=str(status), orthanc_id=body.get("ID"))
+
+    async def attachment_md5(self, orthanc_id: str) -> str | None:
+        """MD5 of the stored DICOM attachment, or None if the instance is not there."""
+        try:
+            response = await self.http.get(f"instances/{orthanc_id}/attachments/dicom/md5")
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        return response.text.strip().strip('"')
+
+
+def md5_hex(data: bytes) -> str:
+    """MD5 of a byte string, as Orthanc prints it."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host name"
+    if "Connection refused" in text or ("ConnectError" in type(exc).__name__ and not text):
+        return "connection refused"
+    return text or type(exc).__name__

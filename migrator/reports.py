@@ -1,0 +1,178 @@
+"""Read-only views of the ledger: counts, rates, ETA, top errors, workers.
+
+`job_status` builds the object that `migrator status --json` prints (one per job); the
+shape is documented in the README and is the contract of the `status --json` output.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+
+from migrator.ledger import Job, Ledger
+from migrator.schema import instances, runs
+from migrator.states import ALL_STATES, State
+
+RATE_WINDOW = 300.0
+TOP_ERRORS = 5
+ACTIVE_STATES = (State.PENDING, State.IN_FLIGHT)
+PROBLEM_STATES = (State.REJECTED, State.FAILED, State.VANISHED, State.SKIPPED)
+
+
+def job_counts(ledger: Ledger, job_id: int) -> dict[str, int]:
+    """Rows per state, every state present (0 when empty)."""
+    counts = {state.value: 0 for state in ALL_STATES}
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            select(instances.c.state, func.count())
+            .where(instances.c.job_id == job_id)
+            .group_by(instances.c.state)
+        ).all()
+    for state, count in rows:
+        counts[state] = count
+    return counts
+
+
+def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, Any]:
+    """Everything `status` shows about one job, as plain JSON-ready data."""
+    now = time.time() if now is None else now
+    counts = job_counts(ledger, job.id)
+    with ledger.engine.connect() as conn:
+        sent_bytes = conn.execute(
+            select(func.coalesce(func.sum(instances.c.size), 0)).where(
+                instances.c.job_id == job.id, instances.c.state == State.SENT.value
+            )
+        ).scalar_one()
+        recent, recent_bytes, first = conn.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(instances.c.size), 0),
+                func.min(instances.c.sent_at),
+            ).where(instances.c.job_id == job.id, instances.c.sent_at >= now - RATE_WINDOW)
+        ).one()
+        errors = conn.execute(
+            select(instances.c.state, instances.c.last_error, func.count().label("n"))
+            .where(
+                instances.c.job_id == job.id,
+                instances.c.state.in_([s.value for s in (*PROBLEM_STATES, State.PENDING)]),
+                instances.c.last_error.is_not(None),
+            )
+            .group_by(instances.c.state, instances.c.last_error)
+            .order_by(func.count().desc())
+            .limit(TOP_ERRORS)
+        ).all()
+        workers = conn.execute(
+            select(
+                runs.c.owner,
+                runs.c.command,
+                runs.c.started_at,
+                runs.c.heartbeat_at,
+                runs.c.sent,
+                runs.c.bytes,
+            ).where(runs.c.job_id == job.id, runs.c.status == "running")
+        ).all()
+        held = dict(
+            conn.execute(
+                select(instances.c.lease_owner, func.count())
+                .where(instances.c.job_id == job.id, instances.c.state == State.IN_FLIGHT.value)
+                .group_by(instances.c.lease_owner)
+            ).all()
+        )
+    span = min(RATE_WINDOW, max(now - first, 1.0)) if recent else RATE_WINDOW
+    rate = recent / span if recent else 0.0
+    remaining = sum(counts[s.value] for s in ACTIVE_STATES)
+    total = sum(counts.values())
+    return {
+        "name": job.name,
+        "kind": job.kind,
+        "source": job.source,
+        "target": job.target,
+        "created": job.created_at,
+        "listing_done": job.listing_done,
+        "total": total,
+        "counts": counts,
+        "done": total - remaining,
+        "remaining": remaining,
+        "bytes_sent": int(sent_bytes),
+        "rate": round(rate, 2),
+        "bytes_rate": round(recent_bytes / span, 1) if recent else 0.0,
+        "eta_seconds": round(remaining / rate, 1) if rate > 0 and remaining else None,
+        "top_errors": [
+            {"state": state, "reason": reason, "count": n} for state, reason, n in errors
+        ],
+        "workers": [
+            {
+                "owner": owner,
+                "command": command,
+                "started": started,
+                "heartbeat": beat,
+                "sent": sent,
+                "bytes": nbytes,
+                "in_flight": held.get(owner, 0),
+            }
+            for owner, command, started, beat, sent, nbytes in workers
+        ],
+    }
+
+
+def status_document(ledger: Ledger, job_name: str | None = None) -> dict[str, Any]:
+    """The `status --json` document: ``{"jobs": [job_status, ...]}``."""
+    if job_name is not None:
+        job = ledger.get_job(job_name)
+        jobs = [job] if job else []
+    else:
+        jobs = ledger.list_jobs()
+    return {"jobs": [job_status(ledger, job) for job in jobs]}
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_duration(seconds: float | None) -> str:
+    """3725 -> '1h02m'."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """Human text for `migrator status`."""
+    if not doc["jobs"]:
+        return "no jobs in this ledger"
+    blocks = []
+    for job in doc["jobs"]:
+        counts = job["counts"]
+        lines = [
+            f"job {job['name']} ({job['kind']}): {job['source']} -> {job['target']}",
+            "  "
+            + "  ".join(f"{state} {count}" for state, count in counts.items())
+            + f"  (total {job['total']})",
+            f"  sent {human_bytes(job['bytes_sent'])}; rate {job['rate']:.1f}/s "
+            f"({human_bytes(job['bytes_rate'])}/s); ETA {human_duration(job['eta_seconds'])}"
+            + ("" if job["listing_done"] else "; listing not finished"),
+        ]
+        if job["top_errors"]:
+            lines.append("  most common reasons:")
+            lines += [
+                f"    {e['count']:>7}  {e['state']}: {e['reason']}" for e in job["top_errors"]
+            ]
+        for w in job["workers"]:
+            lines.append(
+                f"  worker {w['owner']} ({w['command']}): {w['in_flight']} in flight, "
+                f"sent {w['sent']}"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,424 @@
+"""The scheduler: lists the source into the ledger, leases pending rows, transfers them with
+N concurrent workers, and records every outcome in batches.
+
+Data flow, all in one asyncio loop::
+
+    source.listing() --pages--> ledger.save_listing
+    ledger.lease() --> queue --> N workers: source.fetch -> target.store --> outcomes
+    outcomes --batched--> ledger.record          heartbeat --> ledger.renew
+
+Ledger calls run on one dedicated thread, so a slow commit never stalls the transfers.
+A fatal error, a second Ctrl-C or the end of the run hand every unfinished lease back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from migrator.config import RetryPolicy, Settings
+from migrator.errors import FatalError, Kind, MigratorError, TransferError, Verdict
+from migrator.health import Breaker
+from migrator.ledger import Job, Lease, Ledger, Outcome
+from migrator.orthanc import OrthancClient, md5_hex
+from migrator.progress import Progress
+from migrator.sources import Source
+from migrator.states import State
+
+log = logging.getLogger("migrator")
+
+FLUSH_INTERVAL = 0.25
+FLUSH_SIZE = 256
+
+
+@dataclass
+class RunResult:
+    """What one run did."""
+
+    sent: int = 0
+    bytes: int = 0
+    rejected: int = 0
+    failed: int = 0
+    vanished: int = 0
+    retries: int = 0
+    listed: int = 0
+    interrupted: bool = False
+    fatal: str | None = None
+    elapsed: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
+    """Full-jitter exponential backoff for the `attempt`-th failure (1-based)."""
+    ceiling = min(policy.backoff_max, policy.backoff_initial * 2 ** max(attempt - 1, 0))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class Scheduler:
+    """One run of a job in this process."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        job: Job,
+        source: Source,
+        target: OrthancClient,
+        settings: Settings,
+        *,
+        owner: str,
+        progress: Progress,
+    ) -> None:
+        self.ledger = ledger
+        self.job = job
+        self.source = source
+        self.target = target
+        self.settings = settings
+        self.owner = owner
+        self.progress = progress
+        self.result = RunResult()
+        self.rng = random.Random()
+        self.queue: asyncio.Queue[Lease] = asyncio.Queue()
+        self.outcomes: list[Outcome] = []
+        self.held: set[int] = set()
+        self.stopping = asyncio.Event()
+        self.listing_done = job.listing_done
+        self.breaker = Breaker(settings.outage_timeout, self._probe)
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self._flush_lock = asyncio.Lock()
+        self._signals = 0
+        self._hard_stop = asyncio.Event()
+
+    async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a ledger call on the ledger thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, lambda: fn(*args, **kwargs))
+
+    # -- entry points -------------------------------------------------------------------
+
+    async def list_only(self) -> RunResult:
+        """Fill the ledger from the source without sending anything (dry run)."""
+        started = time.monotonic()
+        try:
+            await self._listing()
+        finally:
+            self._db_thread.shutdown(wait=True)
+        self.result.elapsed = time.monotonic() - started
+        return self.result
+
+    async def run(self) -> RunResult:
+        """List (if not done yet) and transfer until every row is final, or a stop."""
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        await self.db(self.ledger.start_run, self.job.id, self.owner, self.job.kind)
+        status = "finished"
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await self._refresh_progress()
+            listing = asyncio.create_task(self._listing_then_prepare(), name="listing")
+            tasks = [
+                listing,
+                asyncio.create_task(self._leaser(listing), name="leaser"),
+                asyncio.create_task(self._flusher(), name="flusher"),
+                asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            ]
+            workers = [
+                asyncio.create_task(self._worker(), name=f"worker-{i}")
+                for i in range(self.settings.concurrency)
+            ]
+            await self._supervise(tasks, workers)
+        except MigratorError as exc:
+            self.result.fatal = str(exc)
+            status = "fatal"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.result.interrupted and status == "finished":
+                status = "interrupted"
+            try:
+                await self._flush()
+                await self.db(self.ledger.finish_run, self.owner, status)
+            except MigratorError as exc:
+                self.result.fatal = self.result.fatal or str(exc)
+            self._remove_signals(loop)
+            self.breaker.close()
+            self._db_thread.shutdown(wait=True)
+        self.result.elapsed = time.monotonic() - started
+        return self.result
+
+    # -- listing ------------------------------------------------------------------------
+
+    async def _listing(self) -> None:
+        if self.listing_done:
+            return
+        try:
+            await self._list_pages()
+        except TransferError as exc:
+            raise FatalError(f"listing the source failed: {exc.verdict.reason}") from None
+
+    async def _list_pages(self) -> None:
+        cursor = self.job.listing_cursor
+        async for page in self.source.listing(cursor):
+            if self.stopping.is_set():
+                return
+            added = await self.db(
+                self.ledger.save_listing,
+                self.job.id,
+                page.rows,
+                page.cursor,
+                done=page.done,
+                changes_seq=page.changes_seq,
+            )
+            self.result.listed += added
+            self.result.notes.extend(page.notes)
+            if added:
+                self.progress.add_total(added)
+            if page.done:
+                self.listing_done = True
+
+    async def _listing_then_prepare(self) -> None:
+        await self._listing()
+        if self.listing_done and not self.source.send_while_listing:
+            superseded = await self.db(self.ledger.skip_superseded, self.job.id)
+            if superseded:
+                self.progress.add_total(-superseded)
+
+    # -- leasing and transfers ----------------------------------------------------------
+
+    async def _leaser(self, listing: asyncio.Task[None]) -> None:
+        batch = max(2 * self.settings.concurrency, 32)
+        last_reclaim = 0.0
+        while not self.stopping.is_set():
+            await self.breaker.wait_healthy()
+            may_send = self.source.send_while_listing or listing.done()
+            if self.queue.qsize() >= self.settings.concurrency or not may_send:
+                await self._sleep(0.05)
+                continue
+            if time.monotonic() - last_reclaim > self.settings.lease_seconds / 2:
+                last_reclaim = time.monotonic()
+                await self.db(self.ledger.reclaim_expired, self.job.id)
+            leases = await self.db(
+                self.ledger.lease, self.job.id, self.owner, batch, self.settings.lease_seconds
+            )
+            for lease in leases:
+                self.held.add(lease.id)
+                self.queue.put_nowait(lease)
+            if leases:
+                continue
+            if not listing.done():
+                await self._sleep(0.1)
+                continue
+            if listing.exception() is not None:
+                return
+            if self.held:
+                await self._sleep(0.05)
+                continue
+            await self._flush()
+            due = await self.db(self.ledger.next_due, self.job.id)
+            if due is None:
+                return
+            await self._sleep(min(max(due - time.time(), 0.05), 1.0))
+
+    async def _worker(self) -> None:
+        while True:
+            lease = await self.queue.get()
+            if self.stopping.is_set():
+                self.queue.task_done()
+                continue
+            await self.breaker.wait_healthy()
+            try:
+                outcome = await self._transfer(lease)
+                self._add_outcome(outcome)
+            finally:
+                self.queue.task_done()
+
+    async def _transfer(self, lease: Lease) -> Outcome:
+        side = "source"
+        try:
+            data = await self.source.fetch(lease)
+            self.breaker.success("source")
+            digest = md5_hex(data)
+            if lease.md5 and lease.md5 != digest:
+                return Outcome(
+                    lease.id,
+                    State.REJECTED,
+                    error=f"source file corrupt: MD5 {digest} differs from expected {lease.md5}",
+                )
+            side = "target"
+            stored = await self.target.store(data)
+            self.breaker.success("target")
+        except TransferError as exc:
+            return self._failure(lease, exc.verdict, side)
+        if lease.orthanc_id and stored.orthanc_id and stored.orthanc_id != lease.orthanc_id:
+            log.warning(
+                "%s stored as %s, not %s: does the target transcode on ingest?",
+                lease.source_key,
+                stored.orthanc_id,
+                lease.orthanc_id,
+            )
+        return Outcome(
+            lease.id, State.SENT, target_status=stored.status, md5=digest, size=len(data)
+        )
+
+    def _failure(self, lease: Lease, verdict: Verdict, side: str) -> Outcome:
+        if verdict.kind is Kind.FATAL:
+            raise FatalError(verdict.reason)
+        if verdict.kind is Kind.PERMANENT:
+            log.warning("rejected %s: %s", lease.source_key, verdict.reason)
+            return Outcome(
+                lease.id,
+                State.REJECTED,
+                http_status=verdict.http_status,
+                error=verdict.reason,
+                target_status="FilteredOut" if verdict.reason.startswith("FilteredOut") else None,
+            )
+        if verdict.kind is Kind.VANISHED:
+            log.warning("vanished %s: %s", lease.source_key, verdict.reason)
+            return Outcome(
+                lease.id, State.VANISHED, http_status=verdict.http_status, error=verdict.reason
+            )
+        outage = verdict.http_status is None and self.breaker.failure(side)
+        if outage:
+            # The endpoint is down, not the instance at fault: no attempt is charged.
+            return Outcome(lease.id, State.PENDING, error=verdict.reason, refund=True)
+        if lease.attempts >= self.settings.retry.max_attempts:
+            log.warning(
+                "failed %s after %d attempts: %s", lease.source_key, lease.attempts, verdict.reason
+            )
+            return Outcome(
+                lease.id, State.FAILED, http_status=verdict.http_status, error=verdict.reason
+            )
+        delay = backoff_delay(lease.attempts, self.settings.retry, self.rng)
+        log.info("retrying %s in %.1fs: %s", lease.source_key, delay, verdict.reason)
+        self.result.retries += 1
+        return Outcome(
+            lease.id,
+            State.PENDING,
+            http_status=verdict.http_status,
+            error=verdict.reason,
+            next_attempt_at=time.time() + delay,
+        )
+
+    def _add_outcome(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        self.held.discard(outcome.id)
+        result = self.result
+        if outcome.state is State.SENT:
+            result.sent += 1
+            result.bytes += outcome.size or 0
+        elif outcome.state is State.REJECTED:
+            result.rejected += 1
+        elif outcome.state is State.FAILED:
+            result.failed += 1
+        elif outcome.state is State.VANISHED:
+            result.vanished += 1
+        if outcome.state is not State.PENDING:
+            self.progress.advance(outcome.state, outcome.size or 0)
+
+    # -- bookkeeping tasks --------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            if not self.outcomes:
+                return
+            batch, self.outcomes = self.outcomes, []
+            await self.db(self.ledger.record, self.owner, batch)
+
+    async def _flusher(self) -> None:
+        while True:
+            deadline = time.monotonic() + FLUSH_INTERVAL
+            while time.monotonic() < deadline and len(self.outcomes) < FLUSH_SIZE:
+                await asyncio.sleep(0.02)
+            await self._flush()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            await self.db(self.ledger.renew, self.owner, self.settings.lease_seconds)
+
+    async def _refresh_progress(self) -> None:
+        from migrator.reports import job_counts
+
+        counts = await self.db(job_counts, self.ledger, self.job.id)
+        self.progress.start(counts)
+
+    async def _probe(self, side: str) -> bool:
+        client = self.target if side == "target" else getattr(self.source, "client", None)
+        if client is None:
+            return True
+        try:
+            await client.system()
+        except FatalError:
+            return False
+        return True
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def _supervise(
+        self, tasks: list[asyncio.Task[Any]], workers: list[asyncio.Task[Any]]
+    ) -> None:
+        """Wait until the work is done, a task fails (re-raised) or a second signal."""
+        leaser = tasks[1]
+        hard_stop = asyncio.create_task(self._hard_stop.wait())
+        drained: asyncio.Task[None] | None = None
+        watched: set[asyncio.Task[Any]] = {*tasks, *workers, hard_stop}
+        try:
+            while True:
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    watched.discard(task)
+                    if task is hard_stop or task is drained:
+                        return
+                    if task.cancelled():
+                        continue
+                    exc = task.exception()
+                    if isinstance(exc, MigratorError):
+                        raise exc
+                    if exc is not None:
+                        raise FatalError(f"internal error in {task.get_name()}: {exc!r}") from exc
+                    if task is leaser:
+                        # Nothing more to lease: let the workers finish what is queued.
+                        drained = asyncio.create_task(self.queue.join())
+                        watched.add(drained)
+        finally:
+            hard_stop.cancel()
+            if drained is not None:
+                drained.cancel()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, hard_stop, return_exceptions=True)
+
+    # -- signals ------------------------------------------------------------------------
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        self.result.interrupted = True
+        self.stopping.set()
+        if self._signals == 1:
+            log.warning(
+                "%s: finishing the transfers in flight (again to stop at once)",
+                signal.Signals(sig).name,
+            )
+        else:
+            log.warning("stopping now; unfinished instances go back to pending")
+            self._hard_stop.set()

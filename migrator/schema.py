@@ -1,0 +1,98 @@
+"""The ledger's tables, as SQLAlchemy Core metadata.
+
+This describes the schema at the newest alembic revision, for building queries. The
+schema itself is created only by the revisions in ``migrations/versions``; a test checks
+that the two agree. Times are UNIX epoch seconds (floats): portable, cheap to compare.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid; BIGINT would not autoincrement.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("kind", String(20), nullable=False),
+    # Display forms only: a password never gets here.
+    Column("source", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("options", Text, nullable=False, server_default="{}"),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # JSON cursor of the source listing, so that an interrupted listing resumes.
+    Column("listing_cursor", Text),
+    Column("listing_done", Boolean, nullable=False, server_default="0"),
+    # Source's /changes position taken before the listing started.
+    Column("changes_seq", BigInteger),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("source_key", Text, nullable=False),
+    Column("orthanc_id", String(44)),
+    Column("sop_uid", String(64)),
+    Column("study_uid", String(64)),
+    Column("series_uid", String(64)),
+    Column("path", Text),
+    Column("size", BigInteger),
+    Column("md5", String(32)),
+    Column("has_pixels", Boolean),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float, nullable=False, server_default="0"),
+    Column("lease_owner", String(120)),
+    Column("lease_expires", Float),
+    Column("target_status", String(20)),
+    Column("http_status", Integer),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("sent_at", Float),
+    UniqueConstraint("job_id", "source_key", name="uq_instances_job_source_key"),
+    Index("ix_instances_lease", "job_id", "state", "next_attempt_at", "id"),
+    Index("ix_instances_orthanc_id", "job_id", "orthanc_id"),
+    Index("ix_instances_sent_at", "job_id", "sent_at"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("owner", String(120), nullable=False, unique=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    # Process start time (Linux clock ticks since boot), to tell a dead pid from a reused one.
+    Column("pid_start", BigInteger),
+    Column("command", String(20), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("status", String(20), nullable=False),
+    Column("sent", BigInteger, nullable=False, server_default="0"),
+    Column("bytes", BigInteger, nullable=False, server_default="0"),
+    Index("ix_runs_job", "job_id", "status"),
+)

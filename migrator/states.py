@@ -1,0 +1,81 @@
+"""Instance states and the transitions allowed between them.
+
+One table (`TRANSITIONS`) is the whole state machine; the ledger checks every write
+against it. ``in_flight -> in_flight`` is a lease taken over from a dead worker.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class State(enum.StrEnum):
+    """Where one instance stands in a job."""
+
+    # Listed, waiting to be sent (possibly not before `next_attempt_at`).
+    PENDING = "pending"
+    # Leased by a worker that is transferring it; `lease_owner` / `lease_expires` say who.
+    IN_FLIGHT = "in_flight"
+    # The target confirmed it holds the instance (Success or AlreadyStored).
+    SENT = "sent"
+    # The target refused this content (400, 404 on POST, FilteredOut). Retrying is useless
+    # until something changes on the target.
+    REJECTED = "rejected"
+    # Retryable errors until the attempts ran out. `migrator retry` puts it back.
+    FAILED = "failed"
+    # Deliberately not sent (JSON summary, header-only copy, duplicate...): `last_error`
+    # holds the reason. Never counted as a failure.
+    SKIPPED = "skipped"
+    # The source no longer has it (deleted after it was listed).
+    VANISHED = "vanished"
+
+
+ALL_STATES: tuple[State, ...] = tuple(State)
+
+# Final states: nothing happens to them unless a user asks (`migrator retry`).
+TERMINAL: frozenset[State] = frozenset(
+    {State.SENT, State.REJECTED, State.FAILED, State.SKIPPED, State.VANISHED}
+)
+
+# States a user may put back to pending with `migrator retry`.
+RETRYABLE_BY_USER: frozenset[State] = frozenset(
+    {State.FAILED, State.REJECTED, State.VANISHED, State.SKIPPED, State.SENT}
+)
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.IN_FLIGHT, State.SKIPPED}),
+    State.IN_FLIGHT: frozenset(
+        {
+            State.SENT,
+            State.REJECTED,
+            State.FAILED,
+            State.VANISHED,
+            State.PENDING,
+            State.IN_FLIGHT,
+        }
+    ),
+    State.SENT: frozenset({State.PENDING}),
+    State.REJECTED: frozenset({State.PENDING}),
+    State.FAILED: frozenset({State.PENDING}),
+    State.SKIPPED: frozenset({State.PENDING}),
+    State.VANISHED: frozenset({State.PENDING}),
+}
+
+
+class IllegalTransition(ValueError):
+    """A write tried to move an instance along an edge the table does not have."""
+
+
+def check_transition(old: State, new: State) -> None:
+    """Raise IllegalTransition unless `old -> new` is an edge of the state machine."""
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{old.value} -> {new.value} is not allowed")
+
+
+def parse_state(text: str) -> State:
+    """Turn user text into a State, with a one-line error listing the valid names."""
+    try:
+        return State(text.strip().lower().replace("-", "_"))
+    except ValueError:
+        names = ", ".join(s.value for s in State)
+        raise ValueError(f"unknown state {text!r} (one of: {names})") from None

@@ -1,0 +1,274 @@
+"""Synthetic DICOM files for tests, demos and benchmarks.
+
+Files are small Secondary Capture images with deterministic UIDs and pixel data, so a
+test can compute every Orthanc ID locally and compare stored bytes exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from migrator.dicomid import orthanc_instance_id
+
+if TYPE_CHECKING:
+    from migrator.testkit.orthanc import OrthancProcess
+
+__all__ = [
+    "SECONDARY_CAPTURE",
+    "UID_ROOT",
+    "SyntheticInstance",
+    "iter_dataset",
+    "make_dataset",
+    "make_instance",
+    "orthanc_instance_id",
+    "upload_all",
+]
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# pydicom's registered root; fine for synthetic data that never leaves a test.
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+_PRIVATE_CREATOR = "MIGRATOR TESTKIT"
+_INSTANCES_PER_SERIES = 10
+_STUDIES_PER_PATIENT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticInstance:
+    """One generated DICOM file and the identifiers it carries."""
+
+    orthanc_id: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    data: bytes
+
+
+def make_instance(
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    *,
+    rows: int = 16,
+    cols: int = 16,
+    seed: int = 0,
+    patient_name: str = "TESTKIT^PATIENT",
+    instance_number: int = 1,
+    series_number: int = 1,
+    extra_bytes: int = 0,
+) -> bytes:
+    """Return a Part-10 DICOM file (explicit VR little endian) as bytes.
+
+    Pixel data are 16-bit MONOCHROME2 noise drawn from ``seed``, so different seeds give
+    different files. ``extra_bytes`` adds an incompressible private OB element of about
+    that size, to reach a target file size without changing the image geometry.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.ContentDate = "20240101"
+    ds.ContentTime = "120000"
+    ds.AccessionNumber = ""
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "migrator testkit"
+    ds.SeriesDescription = f"series {series_number}"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    ds.PatientOrientation = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 4096, size=(rows, cols), dtype="<u2")
+    if extra_bytes > 0:
+        padding = rng.bytes(extra_bytes + (extra_bytes & 1))
+        ds.private_block(0x0009, _PRIVATE_CREATOR, create=True).add_new(0x01, "OB", padding)
+    ds.PixelData = pixels.tobytes()
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _layout(n_instances: int, studies: int | None, series_per_study: int) -> tuple[int, int]:
+    """Return (number of studies, instances per series) for a dataset of this size."""
+    if studies is None:
+        per_series = _INSTANCES_PER_SERIES
+        studies = max(1, math.ceil(n_instances / (per_series * series_per_study)))
+    else:
+        studies = max(1, studies)
+        per_series = max(1, math.ceil(n_instances / (studies * series_per_study)))
+    return studies, per_series
+
+
+def iter_dataset(
+    n_instances: int,
+    *,
+    studies: int | None = None,
+    series_per_study: int = 2,
+    seed: int = 0,
+    size: int = 16,
+    extra_bytes: int = 0,
+) -> Iterator[SyntheticInstance]:
+    """Yield ``n_instances`` generated instances, lazily (constant memory).
+
+    Instances fill series of about ten (or evenly over ``studies`` when given),
+    ``series_per_study`` series per study and two studies per patient. UIDs live under
+    :data:`UID_ROOT` and include ``seed``, so datasets with different seeds never share
+    an instance; the same arguments always give the same bytes.
+    """
+    series_per_study = max(1, series_per_study)
+    _, per_series = _layout(n_instances, studies, series_per_study)
+    per_study = per_series * series_per_study
+    for i in range(n_instances):
+        study_no, rest = divmod(i, per_study)
+        series_no, inst_no = divmod(rest, per_series)
+        patient_id = f"TK{seed}-{study_no // _STUDIES_PER_PATIENT + 1:06d}"
+        study_uid = f"{UID_ROOT}{seed}.{study_no + 1}"
+        series_uid = f"{study_uid}.{series_no + 1}"
+        sop_uid = f"{series_uid}.{inst_no + 1}"
+        data = make_instance(
+            patient_id,
+            study_uid,
+            series_uid,
+            sop_uid,
+            rows=size,
+            cols=size,
+            # Mix in the seed so two datasets differ in pixels as well as in UIDs.
+            seed=seed * 1_000_003 + i,
+            patient_name=f"TESTKIT^{patient_id}",
+            instance_number=inst_no + 1,
+            series_number=series_no + 1,
+            extra_bytes=extra_bytes,
+        )
+        yield SyntheticInstance(
+            orthanc_id=orthanc_instance_id(patient_id, study_uid, series_uid, sop_uid),
+            patient_id=patient_id,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            data=data,
+        )
+
+
+def make_dataset(
+    n_instances: int,
+    *,
+    studies: int | None = None,
+    series_per_study: int = 2,
+    seed: int = 0,
+    size: int = 16,
+    extra_bytes: int = 0,
+) -> list[SyntheticInstance]:
+    """Return :func:`iter_dataset` as a list (fine for up to a few thousand files)."""
+    return list(
+        iter_dataset(
+            n_instances,
+            studies=studies,
+            series_per_study=series_per_study,
+            seed=seed,
+            size=size,
+            extra_bytes=extra_bytes,
+        )
+    )
+
+
+def upload_all(
+    orthanc: OrthancProcess,
+    blobs: Iterable[bytes | SyntheticInstance],
+    concurrency: int = 8,
+    *,
+    retries: int = 3,
+) -> list[dict[str, Any]]:
+    """POST every file to ``/instances`` in parallel; return the answers in input order.
+
+    ``blobs`` is consumed lazily with at most ``2 * concurrency`` files in flight, so a
+    generator of thousands of files does not have to fit in memory. Transport errors and
+    409 conflicts are retried ``retries`` times (POST /instances is idempotent); any other
+    failure raises.
+    """
+    local = threading.local()
+    clients: list[httpx.Client] = []
+    lock = threading.Lock()
+
+    def client() -> httpx.Client:
+        # One connection per worker thread: no pool contention, and a stale keep-alive
+        # connection only affects the request that trips over it.
+        if not hasattr(local, "client"):
+            local.client = orthanc.client(timeout=120.0)
+            with lock:
+                clients.append(local.client)
+        return local.client  # type: ignore[no-any-return]
+
+    def post(data: bytes) -> dict[str, Any]:
+        for attempt in range(retries + 1):
+            last = attempt == retries
+            try:
+                resp = client().post(
+                    "instances", content=data, headers={"Content-Type": "application/dicom"}
+                )
+            except httpx.TransportError:
+                if last:
+                    raise
+                continue
+            if resp.status_code == 409 and not last:
+                continue
+            resp.raise_for_status()
+            return dict(resp.json())
+        raise AssertionError("unreachable")
+
+    results: dict[int, dict[str, Any]] = {}
+    pending: dict[Future[dict[str, Any]], int] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for index, blob in enumerate(blobs):
+                data = blob.data if isinstance(blob, SyntheticInstance) else blob
+                pending[pool.submit(post, data)] = index
+                if len(pending) >= 2 * concurrency:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        results[pending.pop(fut)] = fut.result()
+            for fut in list(pending):
+                results[pending.pop(fut)] = fut.result()
+    finally:
+        for c in clients:
+            c.close()
+    return [results[i] for i in range(len(results))]
