@@ -23,6 +23,7 @@ from migrator.errors import (
     FatalError,
     UsageError,
 )
+from migrator.folder_source import FolderSource
 from migrator.ledger import Job, Ledger, make_owner
 from migrator.orthanc import OrthancClient
 from migrator.progress import NullProgress, make_progress
@@ -195,4 +196,49 @@ def replicate(
         ledger.close()
 
 
-__all__ = ["FatalError", "JobReport", "replicate", "run_job"]
+def import_path(
+    path: str,
+    target_url: str | None,
+    settings: Settings,
+    *,
+    job_name: str | None = None,
+    dry_run: bool = False,
+    show_progress: bool = True,
+) -> JobReport:
+    """Import an Orthanc storage folder or any folder of DICOM files (`migrator import`)."""
+    source = FolderSource(path)
+    target_ep = endpoint_from(target_url, "target", settings)
+    name = job_name or default_job_name("import", source.display, target_ep)
+    ledger = Ledger.open(settings.ledger, create=True)
+
+    async def main() -> JobReport:
+        target = make_client(target_ep, "target", settings)
+        try:
+            return await run_job(
+                ledger,
+                source,
+                target,
+                settings,
+                job_name=name,
+                options={"concurrency": settings.concurrency, "folder_kind": source.info.kind},
+                dry_run=dry_run,
+                show_progress=show_progress,
+            )
+        finally:
+            await target.aclose()
+
+    try:
+        report = asyncio.run(main())
+    finally:
+        ledger.close()
+    if report.job.listing_done or report.result.listed:
+        wanted = sum(report.counts[k] for k in ("pending", "in_flight", "sent", "rejected"))
+        if not wanted and not report.counts["failed"] and report.counts["skipped"]:
+            raise UsageError(
+                f"{path} holds no DICOM instance to send ({report.counts['skipped']} files "
+                f"skipped: see `migrator status --job {name}`)"
+            )
+    return report
+
+
+__all__ = ["FatalError", "JobReport", "import_path", "replicate", "run_job"]

@@ -146,6 +146,62 @@ def replicate(
     raise typer.Exit(_guard(body))
 
 
+@cli.command("import")
+def import_(
+    path: Annotated[str, typer.Argument(help="Orthanc storage folder, or any DICOM folder.")],
+    target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
+    job: JobOpt = None,
+    ledger: LedgerOpt = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
+    ] = None,
+    config: ConfigOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")
+    ] = False,
+    progress: Annotated[
+        str | None, typer.Option("--progress", help="auto, bar, plain or none.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Send the DICOM instances of a folder (an old Orthanc storage area, with or without
+    its index, or any tree of files) to TARGET_URL; rerun to resume.
+
+    Example: migrator import /var/lib/orthanc/db-v5 http://orthanc:orthanc@localhost:8042/
+    """
+    _setup_logging(verbose)
+
+    def body() -> int:
+        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress=progress)
+        report = api.import_path(path, target_url, settings, job_name=job, dry_run=dry_run)
+        typer.echo(report.summary(), err=report.exit_code != 0)
+        return report.exit_code
+
+    raise typer.Exit(_guard(body))
+
+
+@cli.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="Folder to assess.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Assess a folder before an import, sending nothing: kind, counts, missing and orphan
+    files, and the command to run.
+
+    Example: migrator inspect /var/lib/orthanc/db-v5
+    """
+    from migrator.inspect import inspect_path, render_text
+
+    def body() -> None:
+        try:
+            report = inspect_path(path)
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            raise UsageError(exc.strerror or str(exc)) from None
+        typer.echo(json.dumps(report, indent=2) if as_json else render_text(report))
+
+    _guard(body)
+
+
 @cli.command()
 def status(
     job: JobOpt = None,

@@ -103,6 +103,8 @@ def _from_env(env: dict[str, str], base: Settings) -> Settings:
     changes: dict[str, Any] = {}
     if env.get("MIGRATOR_LEDGER"):
         changes["ledger"] = env["MIGRATOR_LEDGER"]
+    if env.get("MIGRATOR_PROGRESS"):
+        changes["progress"] = env["MIGRATOR_PROGRESS"]
     for role in ("source", "target"):
         for sub in ("username", "password"):
             value = env.get(f"MIGRATOR_{role.upper()}_{sub.upper()}")

@@ -110,14 +110,13 @@ def _walk(directory: str, prefix: str, cursor: list[str], skip: set[str]) -> Ite
         if first is not None:
             if name < first:
                 continue
-            if name == first:
-                first = None
-                if not is_dir:
-                    # The cursor file itself, or a file sorting before a deeper cursor.
-                    continue
+            matched, first = name == first, None
+            if matched and not is_dir:
+                # The cursor file itself, or a file sorting before a deeper cursor.
+                continue
+            if matched:
                 # Resume inside; an empty rest means all of it sorts after the cursor.
                 rest = cursor[1:]
-            first = None
         if is_dir:
             yield from _walk(os.path.join(directory, name), f"{prefix}{name}/", rest, set())
         elif is_file:
@@ -311,20 +310,22 @@ def iter_index(
     """
     index = _index_file(path)
     storage = os.path.abspath(storage) if storage else os.path.dirname(index)
+    prefix = os.path.join(storage, "")
     conn = open_index(index)
     try:
         _schema_version(conn, index)
         cur = conn.execute(_LIST_SQL, (after if after is not None else -1,))
         while rows := cur.fetchmany(batch):
             for row in rows:
-                yield row[0], _index_candidate(row, storage, check_files)
+                yield row[0], _index_candidate(row, prefix, check_files)
     finally:
         conn.close()
 
 
-def _index_candidate(row: tuple, storage: str, check_files: bool) -> Candidate:
+def _index_candidate(row: tuple, prefix: str, check_files: bool) -> Candidate:
     _, public_id, uuid, ctype, usize, md5, sop, series, study = row
-    path = storage_path(storage, uuid)
+    # Same result as storage_path(), without os.path.join's cost on millions of rows.
+    path = f"{prefix}{uuid[0:2]}{os.sep}{uuid[2:4]}{os.sep}{uuid}"
     skip = None if ctype in (1, 2) else f"unsupported compression type {ctype}"
     return Candidate(
         source_key=public_id,

@@ -199,7 +199,8 @@ class Ledger:
                 params = [
                     (
                         job_id,
-                        State.SKIPPED.value if r.get("skip_reason") else State.PENDING.value,
+                        r.get("state")
+                        or (State.SKIPPED.value if r.get("skip_reason") else State.PENDING.value),
                         r.get("skip_reason"),
                         now,
                         now,

@@ -212,13 +212,17 @@ def make_dataset(
 
 
 def upload_all(
-    orthanc: OrthancProcess,
+    orthanc: OrthancProcess | str,
     blobs: Iterable[bytes | SyntheticInstance],
     concurrency: int = 8,
     *,
+    auth: tuple[str, str] | None = None,
     retries: int = 3,
 ) -> list[dict[str, Any]]:
     """POST every file to ``/instances`` in parallel; return the answers in input order.
+
+    ``orthanc`` is a running :class:`OrthancProcess` or a base URL (e.g. a proxy's), in
+    which case ``auth`` gives the credentials.
 
     ``blobs`` is consumed lazily with at most ``2 * concurrency`` files in flight, so a
     generator of thousands of files does not have to fit in memory. Transport errors and
@@ -233,7 +237,15 @@ def upload_all(
         # One connection per worker thread: no pool contention, and a stale keep-alive
         # connection only affects the request that trips over it.
         if not hasattr(local, "client"):
-            local.client = orthanc.client(timeout=120.0)
+            if isinstance(orthanc, str):
+                local.client = httpx.Client(
+                    base_url=orthanc,
+                    auth=auth,
+                    timeout=120.0,
+                    limits=httpx.Limits(keepalive_expiry=0.5),
+                )
+            else:
+                local.client = orthanc.client(timeout=120.0)
             with lock:
                 clients.append(local.client)
         return local.client  # type: ignore[no-any-return]

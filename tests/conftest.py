@@ -1,0 +1,133 @@
+"""Shared fixtures: throwaway Orthanc processes, synthetic data, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migrator.testkit.dicomgen import SyntheticInstance, make_dataset, upload_all
+from migrator.testkit.orthanc import OrthancProcess
+
+MIGRATOR = [sys.executable, "-m", "migrator"]
+
+
+@dataclass
+class CliResult:
+    """A finished `migrator` subprocess."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    def assert_one_line_error(self) -> None:
+        """The failure was reported as one clear line, without a traceback."""
+        assert self.code != 0
+        assert "Traceback" not in self.stderr + self.stdout
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("migrator: error:")]
+        assert len(errors) == 1, self.stderr
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
+    """Run `migrator ARGS` to completion."""
+    full_env = {**os.environ, "MIGRATOR_PROGRESS": "none", **(env or {})}
+    proc = subprocess.run(
+        [*MIGRATOR, *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `migrator ARGS` in the background."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [*MIGRATOR, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+
+
+def ledger_rows(path: Path, sql: str = "SELECT state, COUNT(*) FROM instances GROUP BY state"):
+    """Query an SQLite ledger directly (read-only), independently of migrator's code."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def state_counts(path: Path) -> dict[str, int]:
+    """Rows per state in an SQLite ledger."""
+    return dict(ledger_rows(path))
+
+
+def wait_for_sent(path: Path, n: int, timeout: float = 60) -> int:
+    """Poll a ledger being written by another process until `n` rows are sent."""
+    deadline = time.monotonic() + timeout
+    sent = 0
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            sent = state_counts(path).get("sent", 0)
+        except sqlite3.Error:
+            continue  # not created yet
+        if sent >= n:
+            return sent
+    raise AssertionError(f"only {sent} rows sent after {timeout} s")
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancProcess]]:
+    """Start Orthanc processes on free ports; all are stopped at the end of the test."""
+    started: list[OrthancProcess] = []
+
+    def make(name: str = "orthanc", **kwargs: Any) -> OrthancProcess:
+        workdir = tmp_path / f"{name}-{len(started)}"
+        workdir.mkdir()
+        server = OrthancProcess(workdir, name=name, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        # Throwaway servers: no need for Orthanc's 3 s graceful shutdown.
+        server.stop(graceful=False)
+
+
+@pytest.fixture
+def source_target(
+    orthanc_factory: Callable[..., OrthancProcess],
+) -> tuple[OrthancProcess, OrthancProcess]:
+    """An empty source and an empty target Orthanc."""
+    return orthanc_factory("source"), orthanc_factory("target")
+
+
+def fill(server: OrthancProcess, n: int, *, seed: int = 0) -> list[SyntheticInstance]:
+    """Upload `n` synthetic instances; returns them."""
+    data = make_dataset(n, seed=seed)
+    upload_all(server, data)
+    assert server.count() == n
+    return data
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    """Where the test's SQLite ledger lives."""
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def ledger_url(ledger_path: Path) -> str:
+    """SQLite URL of the test's ledger."""
+    return f"sqlite:///{ledger_path}"
