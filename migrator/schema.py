@@ -44,6 +44,9 @@ jobs = Table(
     Column("listing_done", Boolean, nullable=False, server_default="0"),
     # Source's /changes position taken before the listing started.
     Column("changes_seq", BigInteger),
+    # Which worker lists the source of a shared job, and until when (revision 0003).
+    Column("listing_owner", String(120)),
+    Column("listing_expires", Float),
 )
 
 instances = Table(
@@ -71,10 +74,15 @@ instances = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("sent_at", Float),
+    # Outcome of `migrator verify` (revision 0003): match, missing, differ or error.
+    Column("verify_result", String(10)),
+    Column("verified_at", Float),
+    Column("verify_detail", Text),
     UniqueConstraint("job_id", "source_key", name="uq_instances_job_source_key"),
     Index("ix_instances_lease", "job_id", "state", "next_attempt_at", "id"),
     Index("ix_instances_orthanc_id", "job_id", "orthanc_id"),
     Index("ix_instances_sent_at", "job_id", "sent_at"),
+    Index("ix_instances_verify", "job_id", "verify_result"),
 )
 
 runs = Table(
