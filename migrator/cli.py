@@ -288,6 +288,24 @@ def retry(
     _guard(body)
 
 
+@cli.command()
+def demo(
+    instances: Annotated[int, typer.Option("--instances", "-n", help="Synthetic instances.")] = 500,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 8,
+    keep: Annotated[
+        Path | None, typer.Option("--keep", help="Keep the Orthancs' folders and ledger here.")
+    ] = None,
+) -> None:
+    """Replicate synthetic studies between two throwaway local Orthancs, end to end.
+
+    Example: migrator demo --instances 1000
+    """
+    _setup_logging(False)
+    from migrator.demo import run_demo
+
+    raise typer.Exit(_guard(lambda: run_demo(instances, concurrency, keep)))
+
+
 @db_cli.command("upgrade")
 def db_upgrade(ledger: LedgerOpt = None, config: ConfigOpt = None) -> None:
     """Upgrade the ledger's schema to this version of migrator (back it up first).
