@@ -198,6 +198,8 @@ class CpuMeter:
         diff = {k: round(after[k] - self.before[k], 2) for k in after}
         total = diff.pop("machine_total")
         busy = diff.pop("machine_busy")
+        # Whatever else ran on the machine meanwhile (other jobs, the kernel): noise.
+        diff["other"] = round(max(busy - sum(diff.values()), 0.0), 2)
         diff["machine_utilisation"] = round(busy / total, 3) if total else float("nan")
         return diff
 
@@ -484,6 +486,26 @@ def cpu_line(measure: Measure) -> str:
     return f"  CPU seconds: {parts}; machine busy {util:.0%} of all cores"
 
 
+def _versions() -> dict[str, str | None]:
+    """Versions of the HTTP stack; sniffio matters: without it httpcore retries a failing
+    ``import sniffio`` on every lock it creates (several per request)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("httpx", "httpcore", "anyio", "h11", "sniffio"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _client_cpu(measure: Measure) -> float:
+    """CPU seconds the client process used, per instance, in milliseconds."""
+    cpu = measure.detail.get("cpu_seconds", {}).get("client", float("nan"))
+    return 1000 * cpu / measure.instances if measure.instances else float("nan")
+
+
 def _median(measures: list[Measure]) -> Measure:
     """The run with the median wall time (the lower middle one for an even count)."""
     ordered = sorted(measures, key=lambda m: m.seconds)
@@ -595,7 +617,10 @@ def main() -> None:
             "instances": bare.instances,
             "seconds": bare.seconds,
             "rate": bare.rate,
-            "note": f"in-process {inner_bare:.2f} s; target count {bare.target_count}",
+            "note": (
+                f"in-process {inner_bare:.2f} s; client CPU {_client_cpu(bare):.1f} ms/inst; "
+                f"target count {bare.target_count}"
+            ),
         },
         {
             "run": "migrator replicate (wall)",
@@ -604,8 +629,8 @@ def main() -> None:
             "rate": mig.rate,
             "note": (
                 f"exit {mig.detail['exit_code']}; startup {startup:.2f} s; scheduler "
-                f"{sched} s; target count {mig.target_count}; x{ratio:.2f} of bare "
-                "(goal <= 1.1)"
+                f"{sched} s; client CPU {_client_cpu(mig):.1f} ms/inst; target count "
+                f"{mig.target_count}; x{ratio:.2f} of bare (goal <= 1.1)"
             ),
         },
     ]
@@ -637,9 +662,29 @@ def main() -> None:
         f"in-process: scheduler {sched} s / bare loop {inner_bare:.2f} s"
         + (f" = {sched / inner_bare:.2f}" if sched else "")
     )
+    cpu_ratio = _client_cpu(mig) / _client_cpu(bare)
+    print(
+        f"client CPU per instance: migrator {_client_cpu(mig):.1f} ms, bare "
+        f"{_client_cpu(bare):.1f} ms (x{cpu_ratio:.2f}; less sensitive to other load)"
+    )
     if repl is not None:
         print(f"Replicate.py / migrator = {repl_ratio:.1f} (extrapolated)")
-        print(f"Replicate.py: {repl.detail['how']}.")
+        print(
+            f"Replicate.py: {repl.detail['how']}. It opens a new connection per request; "
+            "the proxy does not delay TCP handshakes, so a real network would cost it one "
+            "more round trip per request (the ratio above is conservative)."
+        )
+    noisy = [
+        m
+        for m in [*bares, *migrators, *([repl] if repl else [])]
+        if m.detail.get("cpu_seconds", {}).get("other", 0) > 0.1 * m.seconds * affinity
+    ]
+    if noisy:
+        print(
+            "WARNING: other processes used over 10% of the CPUs during "
+            + ", ".join(sorted({m.name for m in noisy}))
+            + " (see 'other' CPU seconds): the timings are noisy; use --repeats 3."
+        )
     print(
         f"Note: {affinity} CPU(s) shared by {3 if repl else 2}+ Orthanc processes, "
         "the Python delay proxies and the client under test."
@@ -651,7 +696,7 @@ def main() -> None:
             "cpus": cpus,
             "usable_cpus": affinity,
             "python": platform.python_version(),
-            "httpx": httpx.__version__,
+            "packages": _versions(),
             "migrator_rev": _git_rev(),
             "note": "Orthanc processes, delay proxies and the client share the CPUs",
         },
@@ -671,6 +716,7 @@ def main() -> None:
         "replicate_py": asdict(repl) | {"rate": repl.rate} if repl else None,
         "ratios": {
             "migrator_over_bare": round(ratio, 3),
+            "migrator_over_bare_client_cpu": round(cpu_ratio, 3),
             "migrator_over_bare_goal": 1.1,
             "replicate_py_over_migrator": round(repl_ratio, 2) if repl_ratio else None,
             "replicate_py_over_migrator_goal": 20,

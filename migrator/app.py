@@ -131,8 +131,10 @@ async def run_job(
     options: dict[str, Any],
     dry_run: bool = False,
     show_progress: bool = True,
+    follow: float | None = None,
 ) -> JobReport:
-    """Preflight both ends, then create or resume the job and run it to the end."""
+    """Preflight both ends, then create or resume the job and run it to the end (with
+    `follow`, keep listing new source data every `follow` seconds until stopped)."""
     log.info(await source.preflight())
     info = await target.system()
     log.info("target %s: Orthanc %s (%s)", target.endpoint.display, info.version, info.name)
@@ -141,7 +143,7 @@ async def run_job(
     )
     progress = make_progress(settings.progress) if show_progress else NullProgress()
     scheduler = Scheduler(
-        ledger, job, source, target, settings, owner=make_owner(), progress=progress
+        ledger, job, source, target, settings, owner=make_owner(), progress=progress, follow=follow
     )
     try:
         result = await (scheduler.list_only() if dry_run else scheduler.run())
@@ -169,7 +171,31 @@ def replicate(
         "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
     )
     ledger = Ledger.open(settings.ledger, create=True)
+    try:
+        return _run_rest(
+            ledger,
+            source_ep,
+            target_ep,
+            settings,
+            name=name,
+            dry_run=dry_run,
+            show_progress=show_progress,
+        )
+    finally:
+        ledger.close()
 
+
+def _run_rest(
+    ledger: Ledger,
+    source_ep: Endpoint,
+    target_ep: Endpoint,
+    settings: Settings,
+    *,
+    name: str,
+    dry_run: bool = False,
+    show_progress: bool = True,
+    follow: float | None = None,
+) -> JobReport:
     async def main() -> JobReport:
         source = RestSource(
             make_client(source_ep, "source", settings), settings.retry, settings.page_size
@@ -185,12 +211,93 @@ def replicate(
                 options={"concurrency": settings.concurrency},
                 dry_run=dry_run,
                 show_progress=show_progress,
+                follow=follow,
             )
         finally:
             await source.aclose()
             await target.aclose()
 
+    return asyncio.run(main())
+
+
+def mirror(
+    source_url: str | None,
+    target_url: str | None,
+    settings: Settings,
+    *,
+    job_name: str | None = None,
+    poll: float = 2.0,
+    show_progress: bool = True,
+) -> JobReport:
+    """Copy everything, then keep following the source's change log (`migrator mirror`).
+
+    Runs until stopped (Ctrl-C, SIGTERM) or a fatal error; the change position lives in
+    the ledger, so a restart continues where it stopped.
+    """
+    if poll <= 0:
+        raise UsageError("--poll must be positive")
+    source_ep = endpoint_from(source_url, "source", settings)
+    target_ep = endpoint_from(target_url, "target", settings)
+    if source_ep.url == target_ep.url:
+        raise UsageError("source and target are the same URL")
+    name = job_name or default_job_name(
+        "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
+    )
+    ledger = Ledger.open(settings.ledger, create=True)
     try:
+        return _run_rest(
+            ledger,
+            source_ep,
+            target_ep,
+            settings,
+            name=name,
+            show_progress=show_progress,
+            follow=poll,
+        )
+    finally:
+        ledger.close()
+
+
+def work(
+    job_name: str,
+    settings: Settings,
+    *,
+    show_progress: bool = True,
+) -> JobReport:
+    """Join an existing job and drain it beside other workers (`migrator worker`).
+
+    The job's ends come from the ledger (without passwords); credentials come from the
+    config file or the environment.
+    """
+    ledger = Ledger.open(settings.ledger)
+    try:
+        job = ledger.get_job(job_name)
+        if job is None:
+            known = ", ".join(j.name for j in ledger.list_jobs()) or "none"
+            raise UsageError(f"no job named {job_name!r} in the ledger (jobs: {known})")
+        target_ep = endpoint_from(job.target, "target", settings)
+        if job.kind == "replicate":
+            source_ep = endpoint_from(job.source, "source", settings)
+            return _run_rest(
+                ledger, source_ep, target_ep, settings, name=job.name, show_progress=show_progress
+            )
+        source = FolderSource(job.source)
+
+        async def main() -> JobReport:
+            target = make_client(target_ep, "target", settings)
+            try:
+                return await run_job(
+                    ledger,
+                    source,
+                    target,
+                    settings,
+                    job_name=job.name,
+                    options=job.options,
+                    show_progress=show_progress,
+                )
+            finally:
+                await target.aclose()
+
         return asyncio.run(main())
     finally:
         ledger.close()
@@ -241,4 +348,4 @@ def import_path(
     return report
 
 
-__all__ = ["FatalError", "JobReport", "import_path", "replicate", "run_job"]
+__all__ = ["FatalError", "JobReport", "import_path", "mirror", "replicate", "run_job", "work"]

@@ -23,7 +23,12 @@ from migrator.config import Settings, load_settings
 from migrator.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, MigratorError, UsageError
 from migrator.ledger import Job, Ledger
 from migrator.reports import render_status, status_document
-from migrator.states import RETRYABLE_BY_USER, State, parse_state
+from migrator.states import (
+    RETRYABLE_BY_USER,
+    State,
+    VerifyResult,
+    parse_state_or_result,
+)
 
 cli = typer.Typer(
     name="migrator",
@@ -146,6 +151,66 @@ def replicate(
     raise typer.Exit(_guard(body))
 
 
+@cli.command()
+def worker(
+    job: Annotated[str, typer.Option("--job", help="Name of the job to join (see `jobs`).")],
+    ledger: LedgerOpt = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
+    ] = None,
+    config: ConfigOpt = None,
+    progress: Annotated[
+        str | None, typer.Option("--progress", help="auto, bar, plain or none.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Join an existing job and drain it; run any number of workers, on any hosts, on one
+    PostgreSQL ledger. Passwords come from the config file or the environment.
+
+    Example: migrator worker --job 'replicate:old:8042->new:8042' --ledger postgresql://db/mig
+    """
+    _setup_logging(verbose)
+
+    def body() -> int:
+        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress=progress)
+        report = api.work(job, settings)
+        typer.echo(report.summary(), err=report.exit_code != 0)
+        return report.exit_code
+
+    raise typer.Exit(_guard(body))
+
+
+@cli.command()
+def mirror(
+    source_url: Annotated[str | None, typer.Argument(help="Source Orthanc URL.")] = None,
+    target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
+    job: JobOpt = None,
+    poll: Annotated[
+        float, typer.Option("--poll", help="Seconds between looks at the source's changes.")
+    ] = 2.0,
+    ledger: LedgerOpt = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
+    ] = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Copy everything, then keep the target in step with a source that keeps receiving
+    studies, following its change log; runs until stopped (SIGTERM / Ctrl-C).
+
+    Example: migrator mirror http://main:8042/ http://mirror:8042/ --poll 1
+    """
+    _setup_logging(verbose)
+
+    def body() -> int:
+        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress="plain")
+        report = api.mirror(source_url, target_url, settings, job_name=job, poll=poll)
+        typer.echo(report.summary(), err=True)
+        return report.exit_code
+
+    raise typer.Exit(_guard(body))
+
+
 @cli.command("import")
 def import_(
     path: Annotated[str, typer.Argument(help="Orthanc storage folder, or any DICOM folder.")],
@@ -255,10 +320,18 @@ def retry(
     job: JobOpt = None,
     state: Annotated[
         list[str] | None,
-        typer.Option("--state", help="State(s) to retry: failed (default), rejected, ..."),
+        typer.Option(
+            "--state",
+            help="State(s) to retry: failed (default), rejected, ...; or the verify results "
+            "missing / differ (sent rows that `migrator verify` found missing or different).",
+        ),
     ] = None,
     error: Annotated[
-        str | None, typer.Option("--error", help="Only rows whose last error contains this.")
+        str | None,
+        typer.Option(
+            "--error",
+            help="Only rows whose last error (verify detail, for missing/differ) contains this.",
+        ),
     ] = None,
     ledger: LedgerOpt = None,
     config: ConfigOpt = None,
@@ -270,19 +343,26 @@ def retry(
 
     def body() -> None:
         try:
-            states = [parse_state(s) for s in (state or ["failed"])]
+            picked = [parse_state_or_result(s) for s in (state or ["failed"])]
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        states = [s for s in picked if isinstance(s, State)]
+        results = [r for r in picked if isinstance(r, VerifyResult)]
         for s in states:
             if s not in RETRYABLE_BY_USER:
                 raise UsageError(f"rows in state {s.value} cannot be retried")
+        for r in results:
+            if r not in (VerifyResult.MISSING, VerifyResult.DIFFER):
+                raise UsageError(f"only missing and differ rows can be retried, not {r.value}")
         led = _open(_settings(config, ledger=ledger))
         try:
             target = _pick_job(led, job)
-            moved = led.retry(target.id, states, error)
+            moved = led.retry(target.id, states, error) if states else 0
+            if results:
+                moved += led.retry_verification(target.id, results, error)
         finally:
             led.close()
-        names = ", ".join(s.value for s in states)
+        names = ", ".join(s.value for s in picked)
         typer.echo(f"{moved} rows ({names}) of job {target.name} are pending again")
 
     _guard(body)
@@ -304,6 +384,153 @@ def demo(
     from migrator.demo import run_demo
 
     raise typer.Exit(_guard(lambda: run_demo(instances, concurrency, keep)))
+
+
+@cli.command()
+def verify(
+    job: JobOpt = None,
+    target_url: Annotated[
+        str | None,
+        typer.Option(
+            "--target-url",
+            help="Target URL, with credentials if needed (default: the job's target, with "
+            "the password from the config or MIGRATOR_TARGET_PASSWORD).",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Concurrent checks (default 16).")
+    ] = None,
+    all_rows: Annotated[
+        bool, typer.Option("--all", help="Re-verify every sent row, verified or not.")
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Re-verify rows last verified before this time (ISO 8601 or epoch "
+            "seconds): resumes an interrupted --all pass.",
+        ),
+    ] = None,
+    no_studies: Annotated[
+        bool, typer.Option("--no-studies", help="Skip the per-study instance counts.")
+    ] = False,
+    max_list: Annotated[
+        int, typer.Option("--max-list", help="List at most this many rows per problem.")
+    ] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    ledger: LedgerOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check that the target holds every sent instance with the same bytes (MD5), and the
+    same number of instances per study. Exit 0 only when everything matches.
+
+    Example: migrator verify --job nightly --json
+    """
+    from migrator import verify_report
+
+    _setup_logging(verbose)
+
+    def body() -> int:
+        if concurrency is not None and not 1 <= concurrency <= 512:
+            raise UsageError("concurrency must be between 1 and 512")
+        if all_rows and since:
+            raise UsageError("give --all or --since, not both")
+        start = verify_report.parse_since(since) if since else None
+        if all_rows:
+            import time
+
+            start = time.time()
+            typer.echo(
+                f"verifying every sent row; if interrupted, resume with "
+                f"--since {verify_report.iso(start)}",
+                err=True,
+            )
+        settings = _settings(config, ledger=ledger)
+        reports = verify_report.verify_jobs(
+            settings,
+            job_name=job,
+            target_url=target_url,
+            concurrency=concurrency,
+            since=start,
+            studies=not no_studies,
+            max_list=max(max_list, 0),
+            progress=not as_json or verbose,
+        )
+        if as_json:
+            typer.echo(json.dumps({"jobs": [r.as_json() for r in reports]}, indent=2))
+        else:
+            typer.echo(verify_report.render_text(reports))
+        return verify_report.exit_code(reports)
+
+    raise typer.Exit(_guard(body))
+
+
+@cli.command()
+def report(
+    job: JobOpt = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state", help="Only rows in this state, or with this verify result (repeatable)."
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="csv or jsonl.")] = "csv",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")
+    ] = None,
+    ledger: LedgerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """One line per instance: source key, Orthanc ID, UIDs, state, target answer,
+    verification, attempts, last error and times (ISO 8601 UTC), streamed in id order.
+
+    Example: migrator report --state failed --format csv -o failed.csv
+    """
+    from migrator.export import export
+
+    def body() -> None:
+        try:
+            filters = [parse_state_or_result(s) for s in (state or [])]
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        led = _open(_settings(config, ledger=ledger))
+        try:
+            selected = [_pick_job(led, job)] if job is not None else led.list_jobs()
+            n = export(led, selected, fmt.lower(), output, sys.stdout, filters)
+        finally:
+            led.close()
+        if output is not None:
+            typer.echo(f"{n} rows written to {output}", err=True)
+
+    _guard(body)
+
+
+@cli.command()
+def serve(
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 8080,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    ledger: LedgerOpt = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A read-only web page of the ledger's jobs (progress, rate, ETA, errors), with
+    /api/status (as `status --json`), /api/history and Prometheus /metrics.
+
+    Example: migrator serve --port 8080 --ledger postgresql://migrator@db/migrator
+    """
+    from migrator.web import serve as run_server
+
+    _setup_logging(verbose)
+
+    def body() -> None:
+        if not 0 <= port <= 65535:
+            raise UsageError("port must be between 0 and 65535")
+        run_server(_settings(config, ledger=ledger).ledger, host, port)
+
+    _guard(body)
 
 
 @db_cli.command("upgrade")

@@ -24,8 +24,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from migrator import db
 from migrator.errors import LedgerError, UsageError
+from migrator.ledger_runs import RunsMixin
 from migrator.schema import instances, jobs, runs
-from migrator.states import State, check_transition
+from migrator.states import State, VerifyResult, check_transition
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,7 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of a process (clock ticks after boot) on Linux, None elsewhere or if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read().decode(errors="replace")
-        return int(raw.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class Ledger:
+class Ledger(RunsMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:
@@ -472,58 +463,61 @@ class Ledger:
             )
         return result.rowcount
 
-    # -- runs -----------------------------------------------------------------------------
+    # -- verification (`migrator verify`) -------------------------------------------------
 
-    def start_run(self, job_id: int, owner: str, command: str) -> None:
-        """Register this process as working on the job, and take back the leases of
-        processes on this host that died without releasing them (kill -9, power cut)."""
+    def record_verification(self, results: Sequence[tuple[int, VerifyResult, str | None]]) -> None:
+        """Store a batch of (row id, result, detail) in one transaction.
+
+        Only rows still `sent` are touched: a row retried meanwhile must not keep a
+        verdict about bytes that are about to be sent again.
+        """
+        if not results:
+            return
         now = time.time()
-        host = socket.gethostname()
-        pid = os.getpid()
-        with self._write() as conn:
-            stale = conn.execute(
-                select(runs.c.owner, runs.c.pid, runs.c.pid_start).where(
-                    runs.c.job_id == job_id, runs.c.status == "running", runs.c.host == host
-                )
-            ).all()
-            dead = [o for o, p, start in stale if not _alive(p, start)]
-            if dead:
-                conn.execute(
-                    update(instances)
-                    .where(
-                        instances.c.lease_owner.in_(dead),
-                        instances.c.state == State.IN_FLIGHT.value,
-                    )
-                    .values(state="pending", lease_owner=None, lease_expires=None, updated_at=now)
-                )
-                conn.execute(
-                    update(runs)
-                    .where(runs.c.owner.in_(dead))
-                    .values(status="crashed", finished_at=now)
-                )
-            conn.execute(
-                insert(runs).values(
-                    job_id=job_id,
-                    owner=owner,
-                    host=host,
-                    pid=pid,
-                    pid_start=process_start_ticks(pid),
-                    command=command,
-                    started_at=now,
-                    heartbeat_at=now,
-                    status="running",
-                )
+        stmt = (
+            update(instances)
+            .where(instances.c.id == bindparam("b_id"), instances.c.state == State.SENT.value)
+            .values(
+                verify_result=bindparam("b_result"),
+                verify_detail=bindparam("b_detail"),
+                verified_at=now,
             )
+        )
+        params = [
+            {"b_id": row_id, "b_result": VerifyResult(result).value, "b_detail": detail}
+            for row_id, result, detail in results
+        ]
+        with self._write() as conn:
+            conn.execute(stmt, params)
 
-    def finish_run(self, owner: str, status: str) -> None:
-        """Mark this process's run as ended, releasing anything it still holds."""
-        self.release(owner)
+    def retry_verification(
+        self, job_id: int, results: Sequence[VerifyResult], error_contains: str | None = None
+    ) -> int:
+        """Put `sent` rows whose verification found `results` (missing, differ) back to
+        pending, clearing the verification, so that the next run sends them again."""
+        check_transition(State.SENT, State.PENDING)
+        conditions = [
+            instances.c.job_id == job_id,
+            instances.c.state == State.SENT.value,
+            instances.c.verify_result.in_([VerifyResult(r).value for r in results]),
+        ]
+        if error_contains:
+            conditions.append(instances.c.verify_detail.contains(error_contains, autoescape=True))
         with self._write() as conn:
-            conn.execute(
-                update(runs)
-                .where(runs.c.owner == owner)
-                .values(status=status, finished_at=time.time())
+            result = conn.execute(
+                update(instances)
+                .where(*conditions)
+                .values(
+                    state=State.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=0.0,
+                    verify_result=None,
+                    verify_detail=None,
+                    verified_at=None,
+                    updated_at=time.time(),
+                )
             )
+        return result.rowcount
 
 
 _LISTED_COLUMNS = (
@@ -571,16 +565,6 @@ class _Tx:
             raise LedgerError(
                 f"ledger {self.display_url} could not be written: {_short(exc)}"
             ) from None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or process_start_ticks(pid) in (None, start)
 
 
 def _job(row: Any) -> Job:

@@ -97,7 +97,7 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
         "remaining": remaining,
         "bytes_sent": int(sent_bytes),
         "rate": round(rate, 2),
-        "bytes_rate": round(recent_bytes / span, 1) if recent else 0.0,
+        "bytes_rate": round(float(recent_bytes) / span, 1) if recent else 0.0,
         "eta_seconds": round(remaining / rate, 1) if rate > 0 and remaining else None,
         "top_errors": [
             {"state": state, "reason": reason, "count": n} for state, reason, n in errors

@@ -74,6 +74,7 @@ class Scheduler:
         *,
         owner: str,
         progress: Progress,
+        follow: float | None = None,
     ) -> None:
         self.ledger = ledger
         self.job = job
@@ -82,6 +83,8 @@ class Scheduler:
         self.settings = settings
         self.owner = owner
         self.progress = progress
+        # Seconds between listings of new source data (mirror); None: stop when done.
+        self.follow = follow
         self.result = RunResult()
         self.rng = random.Random()
         self.queue: asyncio.Queue[Lease] = asyncio.Queue()
@@ -105,9 +108,11 @@ class Scheduler:
     async def list_only(self) -> RunResult:
         """Fill the ledger from the source without sending anything (dry run)."""
         started = time.monotonic()
+        await self.db(self.ledger.start_run, self.job.id, self.owner, "dry-run")
         try:
             await self._listing()
         finally:
+            await self.db(self.ledger.finish_run, self.owner, "finished")
             self._db_thread.shutdown(wait=True)
         self.result.elapsed = time.monotonic() - started
         return self.result
@@ -157,15 +162,25 @@ class Scheduler:
     # -- listing ------------------------------------------------------------------------
 
     async def _listing(self) -> None:
-        if self.listing_done:
-            return
-        try:
-            await self._list_pages()
-        except TransferError as exc:
-            raise FatalError(f"listing the source failed: {exc.verdict.reason}") from None
+        """List the source into the ledger unless that is done. With several workers on
+        one job, only the holder of the listing lease lists; the others wait for it (and
+        take over, from the saved cursor, if it dies)."""
+        lease = self.settings.lease_seconds
+        while not self.listing_done and not self.stopping.is_set():
+            if await self.db(self.ledger.claim_listing, self.job.id, self.owner, lease):
+                try:
+                    await self._list_pages()
+                except TransferError as exc:
+                    raise FatalError(f"listing the source failed: {exc.verdict.reason}") from None
+                if self.listing_done:
+                    await self.db(self.ledger.release_listing, self.job.id, self.owner)
+                return
+            await self._sleep(1.0)
+            self.listing_done, _ = await self.db(self.ledger.listing_state, self.job.id)
 
     async def _list_pages(self) -> None:
-        cursor = self.job.listing_cursor
+        _, cursor = await self.db(self.ledger.listing_state, self.job.id)
+        renewed = time.monotonic()
         async for page in self.source.listing(cursor):
             if self.stopping.is_set():
                 return
@@ -183,6 +198,11 @@ class Scheduler:
                 self.progress.add_total(added)
             if page.done:
                 self.listing_done = True
+            elif time.monotonic() - renewed > self.settings.lease_seconds / 3:
+                renewed = time.monotonic()
+                await self.db(
+                    self.ledger.claim_listing, self.job.id, self.owner, self.settings.lease_seconds
+                )
 
     async def _listing_then_prepare(self) -> None:
         await self._listing()
@@ -190,6 +210,12 @@ class Scheduler:
             superseded = await self.db(self.ledger.skip_superseded, self.job.id)
             if superseded:
                 self.progress.add_total(-superseded)
+        while self.follow is not None and not self.stopping.is_set():
+            # Mirror mode: keep listing what the source receives, every `follow` seconds.
+            await self._sleep(self.follow)
+            await self.db(self.ledger.reopen_listing, self.job.id)
+            self.listing_done = False
+            await self._listing()
 
     # -- leasing and transfers ----------------------------------------------------------
 
@@ -202,8 +228,9 @@ class Scheduler:
             if self.queue.qsize() >= self.settings.concurrency or not may_send:
                 await self._sleep(0.05)
                 continue
-            if time.monotonic() - last_reclaim > self.settings.lease_seconds / 2:
+            if time.monotonic() - last_reclaim > min(self.settings.lease_seconds / 2, 5.0):
                 last_reclaim = time.monotonic()
+                await self.db(self.ledger.reclaim_dead_local, self.job.id)
                 await self.db(self.ledger.reclaim_expired, self.job.id)
             leases = await self.db(
                 self.ledger.lease, self.job.id, self.owner, batch, self.settings.lease_seconds
@@ -224,7 +251,14 @@ class Scheduler:
             await self._flush()
             due = await self.db(self.ledger.next_due, self.job.id)
             if due is None:
-                return
+                _, in_flight = await self.db(self.ledger.active_rows, self.job.id)
+                if not in_flight:
+                    return
+                # Other workers hold rows: stay, in case they die and their rows come back.
+                await self.db(self.ledger.reclaim_dead_local, self.job.id)
+                await self.db(self.ledger.reclaim_expired, self.job.id)
+                await self._sleep(0.5)
+                continue
             await self._sleep(min(max(due - time.time(), 0.05), 1.0))
 
     async def _worker(self) -> None:

@@ -79,3 +79,32 @@ def parse_state(text: str) -> State:
     except ValueError:
         names = ", ".join(s.value for s in State)
         raise ValueError(f"unknown state {text!r} (one of: {names})") from None
+
+
+class VerifyResult(enum.StrEnum):
+    """What `migrator verify` found on the target for one `sent` row (not a state: the
+    row stays `sent`; `migrator retry --state missing|differ` sends it again)."""
+
+    # The target holds the instance and its DICOM attachment has the MD5 that was sent.
+    MATCH = "match"
+    # The target does not know the instance (deleted, recycled, never really stored).
+    MISSING = "missing"
+    # The target holds other bytes under that ID (it kept an older version and answered
+    # AlreadyStored, or transcoded on ingest).
+    DIFFER = "differ"
+    # The check could not tell (no MD5 recorded, network errors after retries...).
+    ERROR = "error"
+
+
+def parse_state_or_result(text: str) -> State | VerifyResult:
+    """A state name, or one of the verify results (match, missing, differ, error)."""
+    word = text.strip().lower().replace("-", "_")
+    try:
+        return VerifyResult(word)
+    except ValueError:
+        pass
+    try:
+        return parse_state(word)
+    except ValueError:
+        names = ", ".join([*(s.value for s in State), *(r.value for r in VerifyResult)])
+        raise ValueError(f"unknown state {text!r} (one of: {names})") from None

@@ -1,0 +1,273 @@
+"""`migrator serve`: a read-only web page and API for people watching a migration.
+
+Routes (GET only; the server never writes the ledger, so it can run beside the workers):
+
+    /              the page (`migrator.web_page`), which polls the two APIs every 2 s
+    /api/status    the same JSON as ``migrator status --json``
+    /api/history   instances sent per minute, from ``sent_at`` (``?minutes=60``)
+    /api/verify    verification results per job
+    /metrics       Prometheus text format
+
+Standard library only (``ThreadingHTTPServer``): no CDN, nothing to install. Answers are
+cached for a second, so ten open pages cost the ledger what one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy import Integer, cast, func, select
+
+from migrator.errors import MigratorError, UsageError
+from migrator.ledger import Ledger
+from migrator.reports import status_document
+from migrator.schema import instances
+from migrator.web_page import PAGE
+
+log = logging.getLogger("migrator")
+
+CACHE_SECONDS = 1.0
+BUCKET = 60
+MAX_MINUTES = 24 * 60
+
+
+def history(ledger: Ledger, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+    """Instances sent per minute over the last `minutes`, per job (oldest bucket first).
+
+    Served by the (job_id, sent_at) index: only the window is read.
+    """
+    now = time.time() if now is None else now
+    first = (int(now) // BUCKET - minutes + 1) * BUCKET
+    c = instances.c
+    # PostgreSQL rounds when casting to integer; SQLite truncates (and may lack floor()).
+    if ledger.dialect == "postgresql":
+        bucket = func.floor(c.sent_at / BUCKET).label("m")
+    else:
+        bucket = cast(c.sent_at / BUCKET, Integer).label("m")
+    jobs = ledger.list_jobs()
+    out = []
+    with ledger._read() as conn:
+        for job in jobs:
+            rows = conn.execute(
+                select(bucket, func.count())
+                .where(c.job_id == job.id, c.sent_at >= first)
+                .group_by(bucket)
+            ).all()
+            counts = {int(m): n for m, n in rows}
+            points = [
+                [m * BUCKET, counts.get(m, 0)]
+                for m in range(first // BUCKET, int(now) // BUCKET + 1)
+            ]
+            out.append({"name": job.name, "points": points})
+    return {"bucket_seconds": BUCKET, "now": now, "jobs": out}
+
+
+def verify_counts(ledger: Ledger) -> dict[str, Any]:
+    """Latest verification result counts per job (from the verify index only)."""
+    c = instances.c
+    out = []
+    with ledger._read() as conn:
+        for job in ledger.list_jobs():
+            rows = conn.execute(
+                select(c.verify_result, func.count())
+                .where(c.job_id == job.id, c.verify_result.is_not(None))
+                .group_by(c.verify_result)
+            ).all()
+            out.append({"name": job.name, "results": dict(rows)})
+    return {"jobs": out}
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics(status: dict[str, Any], verified: dict[str, Any]) -> str:
+    """Prometheus text exposition (format 0.0.4) of the status and verify documents."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{{{labels}}} {value}" for labels, value in samples)
+
+    jobs = status["jobs"]
+    family(
+        "migrator_instances",
+        "gauge",
+        "Instances per job and state.",
+        [
+            (f'job="{_label(j["name"])}",state="{s}"', n)
+            for j in jobs
+            for s, n in j["counts"].items()
+        ],
+    )
+    one = [("bytes_sent", "migrator_bytes_sent_total", "counter", "Bytes sent.")]
+    one += [
+        ("rate", "migrator_rate", "gauge", "Instances per second over the last 5 minutes."),
+        ("bytes_rate", "migrator_bytes_rate", "gauge", "Bytes per second, last 5 minutes."),
+        ("remaining", "migrator_remaining", "gauge", "Instances pending or in flight."),
+        ("total", "migrator_total", "gauge", "Instances listed."),
+        ("eta_seconds", "migrator_eta_seconds", "gauge", "Estimated seconds to finish."),
+    ]
+    for key, name, kind, help_text in one:
+        family(
+            name,
+            kind,
+            help_text,
+            [(f'job="{_label(j["name"])}"', j[key]) for j in jobs if j[key] is not None],
+        )
+    family(
+        "migrator_listing_done",
+        "gauge",
+        "1 when the source listing is complete.",
+        [(f'job="{_label(j["name"])}"', int(bool(j["listing_done"]))) for j in jobs],
+    )
+    family(
+        "migrator_workers",
+        "gauge",
+        "Worker processes running on the job.",
+        [(f'job="{_label(j["name"])}"', len(j["workers"])) for j in jobs],
+    )
+    family(
+        "migrator_verified",
+        "gauge",
+        "Latest verification result per job and result.",
+        [
+            (f'job="{_label(v["name"])}",result="{_label(r)}"', n)
+            for v in verified["jobs"]
+            for r, n in v["results"].items()
+        ],
+    )
+    return "\n".join(lines) + "\n"
+
+
+class _Cache:
+    """Remembers each computed answer for CACHE_SECONDS (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: dict[str, tuple[float, Any]] = {}
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        with self.lock:
+            hit = self.items.get(key)
+            if hit and time.monotonic() - hit[0] < CACHE_SECONDS:
+                return hit[1]
+            value = compute()
+            self.items[key] = (time.monotonic(), value)
+            return value
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves the page, the JSON APIs and /metrics from one ledger."""
+
+    server: DashboardServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        """Route a GET."""
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        """Like GET, without the body."""
+        self._answer(send_body=False)
+
+    def _answer(self, *, send_body: bool) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        cache, ledger = self.server.cache, self.server.ledger
+        try:
+            if url.path in ("/", "/index.html"):
+                body, ctype = PAGE.encode(), "text/html; charset=utf-8"
+            elif url.path == "/api/status":
+                body = _json(cache.get("status", lambda: status_document(ledger)))
+                ctype = "application/json"
+            elif url.path == "/api/history":
+                minutes = _minutes(query)
+                body = _json(cache.get(f"history{minutes}", lambda: history(ledger, minutes)))
+                ctype = "application/json"
+            elif url.path == "/api/verify":
+                body = _json(cache.get("verify", lambda: verify_counts(ledger)))
+                ctype = "application/json"
+            elif url.path == "/metrics":
+                status = cache.get("status", lambda: status_document(ledger))
+                verified = cache.get("verify", lambda: verify_counts(ledger))
+                body = metrics(status, verified).encode()
+                ctype = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                self._send(404, b"not found\n", "text/plain", send_body)
+                return
+        except UsageError as exc:
+            self._send(400, _json({"error": str(exc)}), "application/json", send_body)
+            return
+        except MigratorError as exc:
+            # The ledger is unreachable for a moment: the page shows it and keeps polling.
+            self._send(503, _json({"error": str(exc)}), "application/json", send_body)
+            return
+        self._send(200, body, ctype, send_body)
+
+    def do_POST(self) -> None:
+        """Read-only server: nothing accepts a POST."""
+        self._send(405, b"read-only\n", "text/plain", True)
+
+    def _send(self, code: int, body: bytes, ctype: str, send_body: bool) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests go to the debug log, not to stderr."""
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class DashboardServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer holding the ledger and the answer cache."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], ledger: Ledger) -> None:
+        super().__init__(address, Handler)
+        self.ledger = ledger
+        self.cache = _Cache()
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _minutes(query: dict[str, list[str]]) -> int:
+    raw = query.get("minutes", ["60"])[0]
+    try:
+        minutes = int(raw)
+    except ValueError:
+        raise UsageError(f"minutes must be a whole number, not {raw!r}") from None
+    return min(max(minutes, 1), MAX_MINUTES)
+
+
+def serve(ledger_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve until interrupted (`migrator serve`)."""
+    ledger = Ledger.open(ledger_url, create=False)
+    try:
+        server = DashboardServer((host, port), ledger)
+    except OSError as exc:
+        ledger.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s on http://%s:%d/ (Ctrl-C to stop)", ledger.display_url, shown, port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        ledger.close()

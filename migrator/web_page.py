@@ -1,0 +1,212 @@
+"""The HTML page of `migrator serve`: one self-contained document, no external assets.
+
+Every 2 s it fetches /api/status, /api/history and /api/verify and redraws one card per
+job: progress bar, counts by state, rate, ETA, a per-minute rate chart (inline SVG), the
+top error reasons and the workers. Text from the ledger is inserted with textContent only,
+since error messages come from remote servers.
+"""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>migrator</title>
+<style>
+  :root { --bg:#f4f5f7; --card:#fff; --ink:#1d2430; --mute:#667085; --line:#e3e6ea;
+          --sent:#2e9e5b; --pending:#9aa4b2; --in_flight:#3b82f6; --failed:#d64545;
+          --rejected:#e07b24; --skipped:#b49ad6; --vanished:#8d6e63; }
+  * { box-sizing: border-box; }
+  body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+         background:var(--bg); color:var(--ink); }
+  header { display:flex; align-items:baseline; gap:16px; padding:14px 24px;
+           background:#1d2430; color:#fff; }
+  header h1 { font-size:18px; margin:0; font-weight:600; }
+  header .meta { color:#b8c0cc; font-size:13px; }
+  header .meta.stale { color:#ffb4a8; }
+  main { padding:20px 24px; display:grid; gap:20px; max-width:1200px; }
+  .card { background:var(--card); border:1px solid var(--line); border-radius:8px;
+          padding:16px 20px; }
+  .title { display:flex; justify-content:space-between; align-items:baseline; gap:12px; }
+  .title h2 { margin:0; font-size:16px; word-break:break-all; }
+  .route { color:var(--mute); font-size:12px; word-break:break-all; }
+  .bar { height:14px; background:#eceef1; border-radius:7px; overflow:hidden;
+         display:flex; margin:12px 0 6px; }
+  .bar span { display:block; height:100%; }
+  .figures { display:flex; flex-wrap:wrap; gap:6px 22px; margin:6px 0 10px; }
+  .fig .v { font-size:20px; font-weight:600; font-variant-numeric:tabular-nums; }
+  .fig .k { color:var(--mute); font-size:12px; }
+  .counts { display:flex; flex-wrap:wrap; gap:6px; margin:4px 0 12px; }
+  .chip { border:1px solid var(--line); border-radius:12px; padding:1px 10px;
+          font-size:12px; font-variant-numeric:tabular-nums; }
+  .chip i { display:inline-block; width:8px; height:8px; border-radius:4px;
+            margin-right:6px; }
+  .chip.zero { opacity:.45; }
+  h3 { font-size:12px; text-transform:uppercase; letter-spacing:.04em; color:var(--mute);
+       margin:14px 0 6px; font-weight:600; }
+  svg.chart { width:100%; height:130px; display:block; }
+  table { border-collapse:collapse; width:100%; font-size:13px; }
+  td { padding:3px 8px 3px 0; border-top:1px solid var(--line); vertical-align:top; }
+  td.n { text-align:right; font-variant-numeric:tabular-nums; width:80px; }
+  td.s { width:80px; color:var(--mute); }
+  .none { color:var(--mute); font-size:13px; }
+  #empty { color:var(--mute); }
+</style>
+</head>
+<body>
+<header><h1>migrator</h1><span class="meta" id="updated">loading&hellip;</span></header>
+<main id="jobs"><p id="empty">Loading&hellip;</p></main>
+<script>
+"use strict";
+const STATES = ["sent","in_flight","pending","failed","rejected","skipped","vanished"];
+const POLL_MS = 2000;
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+const fmt = n => Number(n).toLocaleString("en-US");
+function bytes(n) {
+  const u = ["B","KiB","MiB","GiB","TiB"]; let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n.toFixed(0)) + " " + u[i];
+}
+function duration(s) {
+  if (s === null || s === undefined) return "\\u2013";
+  s = Math.round(s);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+  const h = Math.floor(s / 3600);
+  return h + " h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + " min";
+}
+function figure(key, value, label) {
+  const f = el("div", "fig"); f.dataset.key = key;
+  f.append(el("div", "v", value), el("div", "k", label));
+  return f;
+}
+function chart(points) {
+  const NS = "http://www.w3.org/2000/svg", W = 600, H = 130, P = 22;
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`); svg.setAttribute("class", "chart");
+  svg.setAttribute("preserveAspectRatio", "none");
+  const rates = points.map(p => p[1] / 60);
+  const top = Math.max(...rates, 0.001);
+  const bw = (W - P) / Math.max(points.length, 1);
+  rates.forEach((r, i) => {
+    const h = (H - 16) * r / top, rect = document.createElementNS(NS, "rect");
+    rect.setAttribute("x", P + i * bw + 0.5); rect.setAttribute("width", Math.max(bw - 1, 1));
+    rect.setAttribute("y", H - 14 - h); rect.setAttribute("height", h);
+    rect.setAttribute("fill", "var(--sent)");
+    const t = document.createElementNS(NS, "title");
+    t.textContent = new Date(points[i][0] * 1000).toLocaleTimeString() + ": " +
+      r.toFixed(1) + "/s";
+    rect.append(t); svg.append(rect);
+  });
+  const label = (x, y, text, anchor) => {
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "10");
+    t.setAttribute("fill", "#667085"); t.setAttribute("text-anchor", anchor || "start");
+    t.textContent = text; svg.append(t);
+  };
+  label(0, 10, top.toFixed(1) + "/s");
+  label(P, H - 2, "-" + points.length + " min");
+  label(W, H - 2, "now", "end");
+  return svg;
+}
+function card(job, points, verified) {
+  const c = el("section", "card"); c.dataset.job = job.name;
+  const title = el("div", "title");
+  title.append(el("h2", "", job.name), el("span", "route", job.kind + ": " + job.source +
+    " \\u2192 " + job.target));
+  c.append(title);
+  const bar = el("div", "bar"), total = Math.max(job.total, 1);
+  for (const s of ["sent","skipped","rejected","failed","vanished","in_flight"]) {
+    const n = job.counts[s] || 0; if (!n) continue;
+    const seg = el("span"); seg.style.width = (100 * n / total) + "%";
+    seg.style.background = `var(--${s})`; seg.title = s + " " + fmt(n); bar.append(seg);
+  }
+  c.append(bar);
+  const pct = job.total ? (100 * job.done / job.total) : 0;
+  const figs = el("div", "figures");
+  figs.append(
+    figure("progress", pct.toFixed(1) + " %", fmt(job.done) + " of " + fmt(job.total) +
+      " done" + (job.listing_done ? "" : " (listing\\u2026)")),
+    figure("rate", job.rate.toFixed(1) + "/s", bytes(job.bytes_rate) + "/s, last 5 min"),
+    figure("eta", duration(job.eta_seconds), "ETA, " + fmt(job.remaining) + " to go"),
+    figure("bytes", bytes(job.bytes_sent), "sent"));
+  c.append(figs);
+  const counts = el("div", "counts");
+  for (const s of STATES) {
+    const n = job.counts[s] || 0;
+    const chip = el("span", "chip" + (n ? "" : " zero"));
+    const dot = el("i"); dot.style.background = `var(--${s})`;
+    const v = el("span", "count", fmt(n)); v.dataset.state = s;
+    chip.append(dot, s.replace("_", " ") + " ", v); counts.append(chip);
+  }
+  c.append(counts);
+  c.append(el("h3", "", "Rate, instances per second (per minute)"));
+  c.append(points && points.length ? chart(points) : el("p", "none", "no history"));
+  if (verified && Object.keys(verified).length) {
+    c.append(el("h3", "", "Verification"));
+    const v = el("div", "counts");
+    for (const r of ["match","missing","differ","error"]) {
+      const chip = el("span", "chip" + (verified[r] ? "" : " zero"));
+      const n = el("span", "count", fmt(verified[r] || 0)); n.dataset.verify = r;
+      chip.append(r + " ", n); v.append(chip);
+    }
+    c.append(v);
+  }
+  c.append(el("h3", "", "Top error reasons"));
+  if (job.top_errors.length) {
+    const t = el("table");
+    for (const e of job.top_errors) {
+      const tr = el("tr");
+      tr.append(el("td", "n", fmt(e.count)), el("td", "s", e.state), el("td", "", e.reason));
+      t.append(tr);
+    }
+    c.append(t);
+  } else c.append(el("p", "none", "none"));
+  if (job.workers.length) {
+    c.append(el("h3", "", "Workers"));
+    const t = el("table");
+    for (const w of job.workers) {
+      const tr = el("tr");
+      tr.append(el("td", "", w.owner + " (" + w.command + ")"),
+        el("td", "n", fmt(w.in_flight) + " in flight"), el("td", "n", fmt(w.sent) + " sent"));
+      t.append(tr);
+    }
+    c.append(t);
+  }
+  return c;
+}
+let okAt = 0;
+async function refresh() {
+  try {
+    const get = u => fetch(u, {cache: "no-store"}).then(r => {
+      if (!r.ok) throw new Error(u + ": HTTP " + r.status); return r.json(); });
+    const [status, hist, ver] = await Promise.all(
+      [get("/api/status"), get("/api/history?minutes=60"), get("/api/verify")]);
+    const points = Object.fromEntries(hist.jobs.map(j => [j.name, j.points]));
+    const verified = Object.fromEntries(ver.jobs.map(j => [j.name, j.results]));
+    const main = document.getElementById("jobs");
+    const cards = status.jobs.map(j => card(j, points[j.name], verified[j.name]));
+    main.replaceChildren(...(cards.length ? cards : [el("p", "", "No jobs in this ledger yet.")]));
+    okAt = Date.now();
+    const u = document.getElementById("updated");
+    u.className = "meta"; u.textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+  } catch (err) {
+    const u = document.getElementById("updated");
+    u.className = "meta stale";
+    u.textContent = "cannot refresh (" + err.message + ")" +
+      (okAt ? "; last update " + new Date(okAt).toLocaleTimeString() : "");
+  } finally {
+    setTimeout(refresh, POLL_MS);
+  }
+}
+refresh();
+</script>
+</body>
+</html>
+"""
