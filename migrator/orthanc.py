@@ -7,6 +7,7 @@ instance) or a `FatalError` (per run) by `migrator.errors`, never interpreted he
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from migrator.errors import (
 # Orthanc closes idle keep-alive connections after one second; reusing one just as it
 # closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
 KEEPALIVE_EXPIRY = 0.7
+SHARD_CONNECTIONS = 4
 
 
 @dataclass(frozen=True)
@@ -61,21 +63,35 @@ class OrthancClient:
     ) -> None:
         self.endpoint = endpoint
         self.role = role
-        self.http = httpx.AsyncClient(
-            base_url=endpoint.url,
-            auth=endpoint.auth,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(
-                max_connections=connections,
-                max_keepalive_connections=connections,
-                keepalive_expiry=KEEPALIVE_EXPIRY,
-            ),
-            headers={"User-Agent": "migrator"},
-        )
+        # httpcore scans its whole pool on every request; several small pools cost far
+        # less CPU per request than one big one (measured: ~17% of the client's CPU at 32).
+        shards = max(1, -(-connections // SHARD_CONNECTIONS))
+        per_shard = -(-connections // shards)
+        self._shards = [
+            httpx.AsyncClient(
+                base_url=endpoint.url,
+                auth=endpoint.auth,
+                timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                limits=httpx.Limits(
+                    max_connections=per_shard,
+                    max_keepalive_connections=per_shard,
+                    keepalive_expiry=KEEPALIVE_EXPIRY,
+                ),
+                headers={"User-Agent": "migrator"},
+            )
+            for _ in range(shards)
+        ]
+        self._next = itertools.cycle(self._shards)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """An httpx client for one request (the pools are used in turn)."""
+        return next(self._next)
 
     async def aclose(self) -> None:
         """Close every connection."""
-        await self.http.aclose()
+        for shard in self._shards:
+            await shard.aclose()
 
     async def __aenter__(self) -> OrthancClient:
         return self
