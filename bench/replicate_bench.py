@@ -12,9 +12,13 @@ target Orthanc:
    instances (stopped once the target holds M), extrapolated linearly to N.
 
 The table is printed and written as JSON to ``bench/results/replicate-<timestamp>.json``.
+Every run also records the CPU seconds of each component (client, proxies, Orthancs and
+"other": whatever else ran on the machine), because on a small shared machine the client
+is CPU-bound and wall clocks are noisy; the client CPU per instance is the steadier figure.
 
     .venv/bin/python bench/replicate_bench.py [--instances 2000] [--rtt 0.02]
-        [--replicate-py-instances 300] [--concurrency 32] [--repeats 1] [--keep]
+        [--replicate-py-instances 300] [--concurrency 32] [--repeats 1]
+        [--wait-quiet 120] [--py-spy-profile] [--skip-replicate-py] [--keep]
 """
 
 from __future__ import annotations
@@ -167,6 +171,23 @@ def _machine_cpu() -> tuple[float, float]:
     return (sum(values) - idle) / _TICK, sum(values) / _TICK
 
 
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (up to ``max_wait`` s) until the machine is at most ``threshold`` busy.
+
+    Samples /proc/stat over one second at a time; returns the last busy fraction. On a
+    shared machine other jobs (test suites...) otherwise land in the middle of a run.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0, total0 = _machine_cpu()
+        time.sleep(1.0)
+        busy1, total1 = _machine_cpu()
+        load = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+        if load <= threshold or time.monotonic() >= deadline:
+            return load
+        time.sleep(2.0)
+
+
 class CpuMeter:
     """CPU seconds used during one measurement, per component.
 
@@ -312,6 +333,7 @@ class Bench:
                 "--concurrency",
                 str(self.args.concurrency),
             ]
+            background = wait_quiet(self.args.wait_quiet)
             cpu = CpuMeter({"source orthanc": self.source, "target orthanc": orthanc})
             started = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -331,14 +353,19 @@ class Bench:
                     "in_process_seconds": round(inner["elapsed"], 3),
                     "retries": inner["retries"],
                     "cpu_seconds": cpu_used,
+                    "busy_before_start": round(background, 3),
                     "requests": self._requests(proxy),
                 },
             )
 
-    def run_migrator(self, startup: float) -> Measure:
-        """``migrator replicate`` as a subprocess with a fresh SQLite ledger."""
+    def run_migrator(self, startup: float, profile: Path | None = None) -> Measure:
+        """``migrator replicate`` as a subprocess with a fresh SQLite ledger.
+
+        With ``profile``, the run happens under ``py-spy record`` (raw collapsed stacks
+        written there); its timings are then inflated by the sampling.
+        """
         assert self.source_proxy is not None
-        with self.target("migrator") as (orthanc, proxy):
+        with self.target("migrator-profiled" if profile else "migrator") as (orthanc, proxy):
             self.source_proxy.reset_counts()
             ledger = orthanc.workdir / "bench.db"
             cmd = [
@@ -353,6 +380,10 @@ class Bench:
                 "--progress",
                 "none",
             ]
+            if profile is not None:
+                spy = [str(self.args.py_spy), "record", "-r", "100", "-f", "raw"]
+                cmd = [*spy, "-o", str(profile), "--", *cmd]
+            background = wait_quiet(self.args.wait_quiet)
             cpu = CpuMeter({"source orthanc": self.source, "target orthanc": orthanc})
             started = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -362,7 +393,7 @@ class Bench:
             out = (proc.stdout + proc.stderr).strip()
             match = re.search(r"sent (\d+) \(.*?\) in ([\d.]+) s", out)
             return Measure(
-                "migrator",
+                "migrator under py-spy" if profile else "migrator",
                 self.args.instances,
                 wall,
                 count,
@@ -374,6 +405,7 @@ class Bench:
                     "wall_minus_startup": round(wall - startup, 3),
                     "summary": out.splitlines()[-3:],
                     "cpu_seconds": cpu_used,
+                    "busy_before_start": round(background, 3),
                     "requests": self._requests(proxy),
                 },
             )
@@ -391,6 +423,7 @@ class Bench:
                 self.src_url.rstrip("/"),
                 proxy.url.rstrip("/"),
             ]
+            background = wait_quiet(self.args.wait_quiet)
             cpu = CpuMeter({"source orthanc": self.source, "target orthanc": orthanc})
             started = time.perf_counter()
             proc = subprocess.Popen(
@@ -432,6 +465,7 @@ class Bench:
                     "extrapolated_seconds": round(elapsed * n / max(count, 1), 2),
                     "stopped_early": stopped_early,
                     "cpu_seconds": cpu_used,
+                    "busy_before_start": round(background, 3),
                     "how": (
                         f"run unmodified with {self.args.replicate_python} "
                         f"(Python {_python_version(self.args.replicate_python)}, system "
@@ -483,7 +517,47 @@ def cpu_line(measure: Measure) -> str:
     cpu = dict(measure.detail.get("cpu_seconds", {}))
     util = cpu.pop("machine_utilisation", float("nan"))
     parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
-    return f"  CPU seconds: {parts}; machine busy {util:.0%} of all cores"
+    before = measure.detail.get("busy_before_start", float("nan"))
+    return (
+        f"  CPU seconds: {parts}; machine busy {util:.0%} of all cores "
+        f"(was {before:.0%} just before the start)"
+    )
+
+
+def summarize_profile(path: Path, top: int = 15) -> list[tuple[float, str]]:
+    """Group py-spy's collapsed stacks into coarse buckets; return (share, bucket) pairs.
+
+    Samples whose leaf is a thread-pool worker waiting for work (the idle ledger thread)
+    are left out.
+    """
+    buckets: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith("_worker (concurrent/futures/thread.py"):
+            continue
+        n = int(count)
+        total += n
+        if "_find_and_load" in stack and "current_async_library (httpcore" in stack:
+            key = "httpcore: failing `import sniffio` on every lock/event"
+        elif "has_expired (httpcore" in stack or "_assign_requests_to_connections" in stack:
+            key = "httpcore: connection-pool scans (has_expired, assign)"
+        elif "Runner.run" not in stack and "Thread._bootstrap" not in stack:
+            key = "start-up: imports, CLI"
+        elif "ledger.py" in stack or "Scheduler.db" in stack or "sqlalchemy" in stack:
+            key = "ledger (SQLite via SQLAlchemy, own thread)"
+        elif any(m in stack for m in ("httpx", "httpcore", "h11", "anyio")):
+            key = "httpx/httpcore/h11/anyio: other request work"
+        elif "asyncio" in stack:
+            key = "asyncio event loop, sockets"
+        else:
+            key = "other (migrator code, md5, ...)"
+        buckets[key] = buckets.get(key, 0) + n
+    ranked = sorted(buckets.items(), key=lambda kv: -kv[1])[:top]
+    return [(n / total, key) for key, n in ranked] if total else []
 
 
 def _versions() -> dict[str, str | None]:
@@ -548,11 +622,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="bare+migrator pairs")
     parser.add_argument("--size", type=int, default=16, help="image rows = columns")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=120,
+        help="before each run, wait up to this many seconds for the CPUs to be idle",
+    )
+    parser.add_argument(
+        "--py-spy-profile",
+        action="store_true",
+        help="also run migrator once under py-spy and summarise where its CPU goes",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     venv_migrator = Path(sys.executable).with_name("migrator")
     found = str(venv_migrator) if venv_migrator.exists() else shutil.which("migrator")
     args.migrator_cmd = [found] if found else [sys.executable, "-m", "migrator.cli"]
+    args.py_spy = Path(sys.executable).with_name("py-spy")
+    if args.py_spy_profile and not args.py_spy.exists():
+        parser.error(f"--py-spy-profile needs {args.py_spy} (pip install py-spy)")
 
     cpus = os.cpu_count() or 0
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
@@ -593,6 +681,19 @@ def main() -> None:
                 f"target holds {mig.target_count}"
             )
             print(cpu_line(mig))
+        profiled: Measure | None = None
+        profile_summary: list[tuple[float, str]] = []
+        if args.py_spy_profile:
+            profile_path = RESULTS / f"replicate-{stamp}-migrator.pyspy.txt"
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            print("migrator replicate under py-spy (not used in the ratios)...", flush=True)
+            profiled = bench.run_migrator(startup, profile=profile_path)
+            print(f"  {profiled.seconds:.2f} s, exit {profiled.detail['exit_code']}")
+            if profile_path.exists():
+                profile_summary = summarize_profile(profile_path)
+                print(f"  samples in {profile_path.relative_to(REPO)}; where the CPU went:")
+                for share, key in profile_summary:
+                    print(f"  {share:6.1%}  {key}")
         repl: Measure | None = None
         if not args.skip_replicate_py:
             m = min(args.replicate_py_instances, args.instances)
@@ -714,6 +815,10 @@ def main() -> None:
         "bare": [asdict(b) | {"rate": b.rate} for b in bares],
         "migrator": [asdict(m) | {"rate": m.rate} for m in migrators],
         "replicate_py": asdict(repl) | {"rate": repl.rate} if repl else None,
+        "migrator_profiled": asdict(profiled) if profiled else None,
+        "migrator_profile_buckets": [
+            {"share": round(share, 4), "bucket": key} for share, key in profile_summary
+        ],
         "ratios": {
             "migrator_over_bare": round(ratio, 3),
             "migrator_over_bare_client_cpu": round(cpu_ratio, 3),

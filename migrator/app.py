@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from migrator.config import Settings
 from migrator.endpoints import Endpoint, parse_endpoint
 from migrator.errors import (
@@ -21,11 +23,12 @@ from migrator.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     FatalError,
+    LedgerError,
     UsageError,
 )
-from migrator.folder_source import FolderSource
 from migrator.ledger import Job, Ledger, make_owner
 from migrator.orthanc import OrthancClient
+from migrator.preflight import warn_about_target
 from migrator.progress import NullProgress, make_progress
 from migrator.reports import job_counts
 from migrator.scheduler import RunResult, Scheduler
@@ -138,6 +141,7 @@ async def run_job(
     log.info(await source.preflight())
     info = await target.system()
     log.info("target %s: Orthanc %s (%s)", target.endpoint.display, info.version, info.name)
+    warn_about_target(info.raw, target.endpoint.display)
     job = await asyncio.to_thread(
         ledger.ensure_job, job_name, source.kind, source.display, target.endpoint.display, options
     )
@@ -149,7 +153,14 @@ async def run_job(
         result = await (scheduler.list_only() if dry_run else scheduler.run())
     finally:
         progress.close()
-    counts = await asyncio.to_thread(job_counts, ledger, job.id)
+    try:
+        counts = await asyncio.to_thread(job_counts, ledger, job.id)
+    except SQLAlchemyError as exc:
+        # The ledger went away during the run (which stopped because of it): say why in
+        # one line rather than fail on the closing count.
+        raise LedgerError(
+            result.fatal or f"ledger {ledger.display_url} cannot be read: {exc.__class__.__name__}"
+        ) from None
     return JobReport(job, result, counts, dry_run=dry_run)
 
 
@@ -281,6 +292,8 @@ def work(
             return _run_rest(
                 ledger, source_ep, target_ep, settings, name=job.name, show_progress=show_progress
             )
+        from migrator.folder_source import FolderSource
+
         source = FolderSource(job.source)
 
         async def main() -> JobReport:
@@ -313,6 +326,8 @@ def import_path(
     show_progress: bool = True,
 ) -> JobReport:
     """Import an Orthanc storage folder or any folder of DICOM files (`migrator import`)."""
+    from migrator.folder_source import FolderSource  # pydicom: only imports need it
+
     source = FolderSource(path)
     target_ep = endpoint_from(target_url, "target", settings)
     name = job_name or default_job_name("import", source.display, target_ep)

@@ -52,6 +52,22 @@ ConfigOpt = Annotated[
 ]
 JobOpt = Annotated[str | None, typer.Option("--job", help="Job name.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log every retry.")]
+MaxRateOpt = Annotated[
+    str | None,
+    typer.Option("--max-rate", help="At most this many instances: 50 (per second), 3000/min."),
+]
+MaxBandwidthOpt = Annotated[
+    str | None,
+    typer.Option("--max-bandwidth", help="At most this many bytes per second: 10M, 500K, 1Gi."),
+]
+WindowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--window",
+        help='Run only then, e.g. "Mon-Fri 19:00-07:00" or "Sat-Sun 00:00-24:00=unlimited" '
+        "(repeatable; =LIMIT sets the pace inside; paused outside every window).",
+    ),
+]
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -74,7 +90,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"migrator: error: {message}", err=True)
+    # Hostile input echoed in a message (a path or URL with a newline or a terminal escape)
+    # must neither break the one-line promise nor drive the terminal: escape it.
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+    typer.echo(f"migrator: error: {text}", err=True)
     raise typer.Exit(code)
 
 
@@ -97,6 +116,15 @@ def _guard(fn: Callable[[], T]) -> T:
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     return load_settings(config, **overrides)
+
+
+def _throttle(rate: str | None, bandwidth: str | None, windows: list[str] | None) -> Any:
+    """Throttle settings from the command line (None: not given, the config decides)."""
+    return {
+        "max_rate": rate,
+        "max_bandwidth": bandwidth,
+        "windows": tuple(windows) if windows else None,
+    }
 
 
 def _open(settings: Settings) -> Ledger:
@@ -128,6 +156,9 @@ def replicate(
         int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
     ] = None,
     config: ConfigOpt = None,
+    max_rate: MaxRateOpt = None,
+    max_bandwidth: MaxBandwidthOpt = None,
+    window: WindowOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")
     ] = False,
@@ -143,7 +174,13 @@ def replicate(
     _setup_logging(verbose)
 
     def body() -> int:
-        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress=progress)
+        settings = _settings(
+            config,
+            ledger=ledger,
+            concurrency=concurrency,
+            progress=progress,
+            **_throttle(max_rate, max_bandwidth, window),
+        )
         report = api.replicate(source_url, target_url, settings, job_name=job, dry_run=dry_run)
         typer.echo(report.summary(), err=report.exit_code != 0)
         return report.exit_code
@@ -159,6 +196,9 @@ def worker(
         int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
     ] = None,
     config: ConfigOpt = None,
+    max_rate: MaxRateOpt = None,
+    max_bandwidth: MaxBandwidthOpt = None,
+    window: WindowOpt = None,
     progress: Annotated[
         str | None, typer.Option("--progress", help="auto, bar, plain or none.")
     ] = None,
@@ -172,7 +212,13 @@ def worker(
     _setup_logging(verbose)
 
     def body() -> int:
-        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress=progress)
+        settings = _settings(
+            config,
+            ledger=ledger,
+            concurrency=concurrency,
+            progress=progress,
+            **_throttle(max_rate, max_bandwidth, window),
+        )
         report = api.work(job, settings)
         typer.echo(report.summary(), err=report.exit_code != 0)
         return report.exit_code
@@ -193,6 +239,9 @@ def mirror(
         int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
     ] = None,
     config: ConfigOpt = None,
+    max_rate: MaxRateOpt = None,
+    max_bandwidth: MaxBandwidthOpt = None,
+    window: WindowOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Copy everything, then keep the target in step with a source that keeps receiving
@@ -203,7 +252,13 @@ def mirror(
     _setup_logging(verbose)
 
     def body() -> int:
-        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress="plain")
+        settings = _settings(
+            config,
+            ledger=ledger,
+            concurrency=concurrency,
+            progress="plain",
+            **_throttle(max_rate, max_bandwidth, window),
+        )
         report = api.mirror(source_url, target_url, settings, job_name=job, poll=poll)
         typer.echo(report.summary(), err=True)
         return report.exit_code
@@ -221,6 +276,9 @@ def import_(
         int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
     ] = None,
     config: ConfigOpt = None,
+    max_rate: MaxRateOpt = None,
+    max_bandwidth: MaxBandwidthOpt = None,
+    window: WindowOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")
     ] = False,
@@ -237,7 +295,13 @@ def import_(
     _setup_logging(verbose)
 
     def body() -> int:
-        settings = _settings(config, ledger=ledger, concurrency=concurrency, progress=progress)
+        settings = _settings(
+            config,
+            ledger=ledger,
+            concurrency=concurrency,
+            progress=progress,
+            **_throttle(max_rate, max_bandwidth, window),
+        )
         report = api.import_path(path, target_url, settings, job_name=job, dry_run=dry_run)
         typer.echo(report.summary(), err=report.exit_code != 0)
         return report.exit_code

@@ -6,12 +6,14 @@ usage errors (one line, exit 2), so a typo never silently falls back to a defaul
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from migrator import timetable
 from migrator.errors import UsageError
 
 DEFAULT_LEDGER = "sqlite:///migrator.db"
@@ -46,6 +48,12 @@ class Settings:
     lease_seconds: float = 120.0
     page_size: int = 1000
     progress: str = "auto"
+    # Throttling (see migrator.throttle / migrator.timetable): kept as the user wrote
+    # them, parsed by the scheduler's gate; validated below.
+    max_rate: str | None = None
+    max_bandwidth: str | None = None
+    windows: tuple[str, ...] = ()
+    adaptive: bool = True
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {
@@ -85,6 +93,8 @@ def _from_mapping(data: dict[str, Any], base: Settings) -> Settings:
                 if sub not in _ENDPOINT_KEYS:
                     raise UsageError(f"config: unknown key {key}.{sub}")
                 changes[f"{key}_{sub}"] = _check(f"{key}.{sub}", subval, str)
+        elif key == "throttle":
+            changes.update(timetable.settings_from_toml(value))
         elif key == "retry":
             if not isinstance(value, dict):
                 raise UsageError("config: [retry] must be a table")
@@ -161,14 +171,16 @@ def validate(settings: Settings) -> None:
     if settings.page_size < 1 or settings.page_size > 100_000:
         raise UsageError("page_size must be between 1 and 100000")
     for name in ("timeout", "connect_timeout", "lease_seconds", "outage_timeout"):
-        if getattr(settings, name) <= 0:
-            raise UsageError(f"{name} must be positive")
+        # TOML has nan and inf: `nan <= 0` is False, so test the good range instead.
+        if not 0 < getattr(settings, name) < math.inf:
+            raise UsageError(f"{name} must be a positive number of seconds")
     retry = settings.retry
     if retry.max_attempts < 1:
         raise UsageError("retry.max_attempts must be at least 1")
-    if retry.backoff_initial < 0 or retry.backoff_max < retry.backoff_initial:
-        raise UsageError("retry: need 0 <= backoff_initial <= backoff_max")
+    if not 0 <= retry.backoff_initial <= retry.backoff_max < math.inf:
+        raise UsageError("retry: need 0 <= backoff_initial <= backoff_max (in seconds)")
     if settings.progress not in ("auto", "bar", "plain", "none"):
         raise UsageError("progress must be one of auto, bar, plain, none")
     if not settings.ledger.strip():
         raise UsageError("ledger URL is empty")
+    timetable.validate_settings(settings)

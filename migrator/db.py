@@ -8,12 +8,13 @@ database until ``--upgrade``. Read-only commands never create a ledger.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
@@ -113,7 +114,8 @@ def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> No
             current = MigrationContext.configure(conn).get_current_revision()
             has_tables = bool(inspect(conn).get_table_names())
     except SQLAlchemyError as exc:
-        raise LedgerError(f"cannot open the ledger {url_for_messages}: {_short(exc)}") from None
+        reason = short_error(exc)
+        raise LedgerError(f"cannot open the ledger {url_for_messages}: {reason}") from None
     if current == head:
         return
     if current is None:
@@ -136,20 +138,33 @@ def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> No
     )
 
 
+def _migrate(engine: Engine, step: Any, revision: str) -> None:
+    cfg = alembic_config()
+    with engine.connect() as conn:
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            # On SQLite, alembic rebuilds a table to alter it (copy, drop, rename). With
+            # foreign keys on, dropping `jobs` would cascade into `instances` and empty
+            # the ledger. The pragma only works outside a transaction, hence the raw
+            # DBAPI connection before BEGIN.
+            conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                step(cfg, revision)
+        finally:
+            if sqlite:
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply alembic revisions up to `revision` on this engine."""
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    _migrate(engine, command.upgrade, revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Revert alembic revisions down to `revision` (used by tests and by hand)."""
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
+    _migrate(engine, command.downgrade, revision)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -158,6 +173,50 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
+    """The first line of a database error, for one-line messages."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+class Transaction:
+    """A transaction that turns database failures into one-line LedgerErrors."""
+
+    def __init__(self, conn: Connection, display_url: str) -> None:
+        self.conn = conn
+        self.display_url = display_url
+
+    def __enter__(self) -> Connection:
+        try:
+            self.conn.begin()
+        except SQLAlchemyError as exc:
+            self.conn.close()
+            reason = short_error(exc)
+            raise LedgerError(f"ledger {self.display_url} is unusable: {reason}") from None
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        except SQLAlchemyError as err:
+            if exc_type is None:
+                raise LedgerError(
+                    f"ledger {self.display_url} could not be written: {short_error(err)}"
+                ) from None
+        finally:
+            self.conn.close()
+        if isinstance(exc, SQLAlchemyError):
+            raise LedgerError(
+                f"ledger {self.display_url} could not be written: {short_error(exc)}"
+            ) from None
+
+
+def display_url(url: str) -> str:
+    """A ledger URL with any password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<invalid ledger URL>"

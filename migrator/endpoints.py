@@ -67,6 +67,9 @@ def parse_endpoint(text: str, *, role: str) -> Endpoint:
         raise UsageError(f"{role} URL is empty")
     if "://" not in raw:
         raise UsageError(f"{role} URL {redact(raw)!r} has no scheme: use http://host:port/")
+    if not raw.isprintable():
+        # httpx refuses control characters later, with an exception of its own.
+        raise UsageError(f"{role} URL {redact(raw)!r} contains control characters")
     try:
         parts = urlsplit(raw)
         port = parts.port
@@ -89,4 +92,6 @@ def parse_endpoint(text: str, *, role: str) -> Endpoint:
 
 def redact(text: str) -> str:
     """Hide any password embedded in URLs inside `text` (for messages about bad input)."""
-    return re.sub(r"(://[^/@:\s]*):[^/@\s]*@", r"\1:***@", text)
+    # The password runs to the LAST '@' before the path, as urlsplit reads it: a password
+    # with an unescaped '@' or a space in it ("p@ss word") must not be half shown.
+    return re.sub(r"(://[^/?#:]*):[^/?#]*@", r"\1:***@", text)

@@ -17,16 +17,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator import db
 from migrator.errors import LedgerError, UsageError
 from migrator.ledger_runs import RunsMixin
+from migrator.ledger_verify import VerifyMixin
 from migrator.schema import instances, jobs, runs
-from migrator.states import State, VerifyResult, check_transition
+from migrator.states import State, check_transition
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,11 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Ledger(RunsMixin):
+class Ledger(RunsMixin, VerifyMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:
-        self.display_url = _display(url)
+        self.display_url = db.display_url(url)
         self.engine = db.make_engine(url, must_exist=not create)
         db.check_revision(self.engine, create=create, url_for_messages=self.display_url)
         self.dialect = self.engine.dialect.name
@@ -111,15 +111,17 @@ class Ledger(RunsMixin):
         try:
             conn = self.engine.connect().execution_options(immediate=True)
         except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger {self.display_url} is unusable: {_short(exc)}") from None
-        return _Tx(conn, self.display_url)
+            reason = db.short_error(exc)
+            raise LedgerError(f"ledger {self.display_url} is unusable: {reason}") from None
+        return db.Transaction(conn, self.display_url)
 
     def _read(self) -> Any:
         try:
             conn = self.engine.connect()
         except SQLAlchemyError as exc:
-            raise LedgerError(f"ledger {self.display_url} is unusable: {_short(exc)}") from None
-        return _Tx(conn, self.display_url)
+            reason = db.short_error(exc)
+            raise LedgerError(f"ledger {self.display_url} is unusable: {reason}") from None
+        return db.Transaction(conn, self.display_url)
 
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
@@ -465,60 +467,6 @@ class Ledger(RunsMixin):
 
     # -- verification (`migrator verify`) -------------------------------------------------
 
-    def record_verification(self, results: Sequence[tuple[int, VerifyResult, str | None]]) -> None:
-        """Store a batch of (row id, result, detail) in one transaction.
-
-        Only rows still `sent` are touched: a row retried meanwhile must not keep a
-        verdict about bytes that are about to be sent again.
-        """
-        if not results:
-            return
-        now = time.time()
-        stmt = (
-            update(instances)
-            .where(instances.c.id == bindparam("b_id"), instances.c.state == State.SENT.value)
-            .values(
-                verify_result=bindparam("b_result"),
-                verify_detail=bindparam("b_detail"),
-                verified_at=now,
-            )
-        )
-        params = [
-            {"b_id": row_id, "b_result": VerifyResult(result).value, "b_detail": detail}
-            for row_id, result, detail in results
-        ]
-        with self._write() as conn:
-            conn.execute(stmt, params)
-
-    def retry_verification(
-        self, job_id: int, results: Sequence[VerifyResult], error_contains: str | None = None
-    ) -> int:
-        """Put `sent` rows whose verification found `results` (missing, differ) back to
-        pending, clearing the verification, so that the next run sends them again."""
-        check_transition(State.SENT, State.PENDING)
-        conditions = [
-            instances.c.job_id == job_id,
-            instances.c.state == State.SENT.value,
-            instances.c.verify_result.in_([VerifyResult(r).value for r in results]),
-        ]
-        if error_contains:
-            conditions.append(instances.c.verify_detail.contains(error_contains, autoescape=True))
-        with self._write() as conn:
-            result = conn.execute(
-                update(instances)
-                .where(*conditions)
-                .values(
-                    state=State.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    verify_result=None,
-                    verify_detail=None,
-                    verified_at=None,
-                    updated_at=time.time(),
-                )
-            )
-        return result.rowcount
-
 
 _LISTED_COLUMNS = (
     "source_key",
@@ -531,40 +479,6 @@ _LISTED_COLUMNS = (
     "md5",
     "has_pixels",
 )
-
-
-class _Tx:
-    """A transaction that turns database failures into one-line LedgerErrors."""
-
-    def __init__(self, conn: Connection, display_url: str) -> None:
-        self.conn = conn
-        self.display_url = display_url
-
-    def __enter__(self) -> Connection:
-        try:
-            self.conn.begin()
-        except SQLAlchemyError as exc:
-            self.conn.close()
-            raise LedgerError(f"ledger {self.display_url} is unusable: {_short(exc)}") from None
-        return self.conn
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            if exc_type is None:
-                self.conn.commit()
-            else:
-                self.conn.rollback()
-        except SQLAlchemyError as err:
-            if exc_type is None:
-                raise LedgerError(
-                    f"ledger {self.display_url} could not be written: {_short(err)}"
-                ) from None
-        finally:
-            self.conn.close()
-        if isinstance(exc, SQLAlchemyError):
-            raise LedgerError(
-                f"ledger {self.display_url} could not be written: {_short(exc)}"
-            ) from None
 
 
 def _job(row: Any) -> Job:
@@ -580,15 +494,3 @@ def _job(row: Any) -> Job:
         listing_done=bool(row["listing_done"]),
         changes_seq=row["changes_seq"],
     )
-
-
-def _display(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<invalid ledger URL>"
-
-
-def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

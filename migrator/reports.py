@@ -7,6 +7,7 @@ shape is documented in the README and is the contract of the `status --json` out
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import func, select
@@ -35,16 +36,24 @@ def job_counts(ledger: Ledger, job_id: int) -> dict[str, int]:
     return counts
 
 
+def _sent_bytes(ledger: Ledger, job_id: int) -> int:
+    with ledger.engine.connect() as conn:
+        return conn.execute(
+            select(func.coalesce(func.sum(instances.c.size), 0)).where(
+                instances.c.job_id == job_id, instances.c.state == State.SENT.value
+            )
+        ).scalar_one()
+
+
 def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, Any]:
     """Everything `status` shows about one job, as plain JSON-ready data."""
     now = time.time() if now is None else now
-    counts = job_counts(ledger, job.id)
-    with ledger.engine.connect() as conn:
-        sent_bytes = conn.execute(
-            select(func.coalesce(func.sum(instances.c.size), 0)).where(
-                instances.c.job_id == job.id, instances.c.state == State.SENT.value
-            )
-        ).scalar_one()
+    # On millions of rows the state counts and the byte sum are the two long scans: run
+    # them beside the other queries, each on its own connection (SQLite's WAL lets readers
+    # run together, and sqlite3 releases the GIL while it scans).
+    with ThreadPoolExecutor(2) as pool, ledger.engine.connect() as conn:
+        counts_done = pool.submit(job_counts, ledger, job.id)
+        bytes_done = pool.submit(_sent_bytes, ledger, job.id)
         recent, recent_bytes, first = conn.execute(
             select(
                 func.count(),
@@ -80,6 +89,7 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
                 .group_by(instances.c.lease_owner)
             ).all()
         )
+        counts, sent_bytes = counts_done.result(), bytes_done.result()
     span = min(RATE_WINDOW, max(now - first, 1.0)) if recent else RATE_WINDOW
     rate = recent / span if recent else 0.0
     remaining = sum(counts[s.value] for s in ACTIVE_STATES)

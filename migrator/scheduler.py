@@ -24,13 +24,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from migrator.config import RetryPolicy, Settings
-from migrator.errors import FatalError, Kind, MigratorError, TransferError, Verdict
+from migrator.errors import (
+    FatalError,
+    Kind,
+    LedgerError,
+    MigratorError,
+    TransferError,
+    Verdict,
+)
 from migrator.health import Breaker
 from migrator.ledger import Job, Lease, Ledger, Outcome
 from migrator.orthanc import OrthancClient, md5_hex
 from migrator.progress import Progress
 from migrator.sources import Source
 from migrator.states import State
+from migrator.throttle import Gate
 
 log = logging.getLogger("migrator")
 
@@ -53,6 +61,9 @@ class RunResult:
     fatal: str | None = None
     elapsed: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # Endpoint outages (circuit breaker trips) and time paused outside the windows.
+    outages: int = 0
+    paused: float = 0.0
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
@@ -93,6 +104,7 @@ class Scheduler:
         self.stopping = asyncio.Event()
         self.listing_done = job.listing_done
         self.breaker = Breaker(settings.outage_timeout, self._probe)
+        self.gate = Gate.from_settings(settings, self.stopping)
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self._flush_lock = asyncio.Lock()
         self._signals = 0
@@ -155,6 +167,8 @@ class Scheduler:
                 self.result.fatal = self.result.fatal or str(exc)
             self._remove_signals(loop)
             self.breaker.close()
+            self.result.outages = self.breaker.outages
+            self.result.paused = self.gate.paused_seconds
             self._db_thread.shutdown(wait=True)
         self.result.elapsed = time.monotonic() - started
         return self.result
@@ -268,10 +282,17 @@ class Scheduler:
                 self.queue.task_done()
                 continue
             await self.breaker.wait_healthy()
+            # Throttle hook: rate, bandwidth, time windows and adaptive concurrency.
+            if not await self.gate.before():
+                self.queue.task_done()  # stopping: the lease is handed back at the end
+                continue
+            outcome: Outcome | None = None
+            started = time.monotonic()
             try:
                 outcome = await self._transfer(lease)
                 self._add_outcome(outcome)
             finally:
+                self.gate.after(outcome, time.monotonic() - started)
                 self.queue.task_done()
 
     async def _transfer(self, lease: Lease) -> Outcome:
@@ -364,7 +385,17 @@ class Scheduler:
             if not self.outcomes:
                 return
             batch, self.outcomes = self.outcomes, []
-            await self.db(self.ledger.record, self.owner, batch)
+            try:
+                await self.db(self.ledger.record, self.owner, batch)
+            except LedgerError as exc:
+                # Nothing of this batch was recorded: its rows stay in flight under this
+                # run, and the next run redoes them (the target answers AlreadyStored).
+                lost = [o for o in batch if o.state is State.SENT]
+                self.result.sent -= len(lost)
+                self.result.bytes -= sum(o.size or 0 for o in lost)
+                raise LedgerError(
+                    f"{exc} ({len(batch)} outcomes not recorded: rerun to redo them)"
+                ) from None
 
     async def _flusher(self) -> None:
         while True:

@@ -83,6 +83,9 @@ instances = Table(
     Index("ix_instances_orthanc_id", "job_id", "orthanc_id"),
     Index("ix_instances_sent_at", "job_id", "sent_at"),
     Index("ix_instances_verify", "job_id", "verify_result"),
+    # Revision 0004: `status` reads sizes and error reasons from indexes only.
+    Index("ix_instances_state_size", "job_id", "state", "size"),
+    Index("ix_instances_state_error", "job_id", "state", "last_error"),
 )
 
 runs = Table(

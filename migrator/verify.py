@@ -89,7 +89,9 @@ def select_page(ledger: Ledger, job_id: int, after_id: int, since: float | None)
         stale.append(c.verified_at < since)
     query = (
         select(c.id, c.source_key, c.orthanc_id, c.md5, c.target_status)
-        .where(c.job_id == job_id, c.state == State.SENT.value, c.id > after_id, or_(*stale))
+        # `job_id + 0` keeps SQLite on the primary key from `after_id` (see export.py):
+        # through the (job_id, state) index it would sort every sent row for each page.
+        .where((c.job_id + 0) == job_id, c.state == State.SENT.value, c.id > after_id, or_(*stale))
         .order_by(c.id)
         .limit(PAGE)
     )

@@ -38,35 +38,73 @@ BUCKET = 60
 MAX_MINUTES = 24 * 60
 
 
-def history(ledger: Ledger, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
-    """Instances sent per minute over the last `minutes`, per job (oldest bucket first).
-
-    Served by the (job_id, sent_at) index: only the window is read.
-    """
-    now = time.time() if now is None else now
-    first = (int(now) // BUCKET - minutes + 1) * BUCKET
+def _minute_counts(ledger: Ledger, job_id: int, since: float) -> dict[int, int]:
+    """Instances sent per minute (minute = epoch // 60) from `since` on, for one job."""
     c = instances.c
     # PostgreSQL rounds when casting to integer; SQLite truncates (and may lack floor()).
     if ledger.dialect == "postgresql":
         bucket = func.floor(c.sent_at / BUCKET).label("m")
     else:
         bucket = cast(c.sent_at / BUCKET, Integer).label("m")
-    jobs = ledger.list_jobs()
-    out = []
     with ledger._read() as conn:
-        for job in jobs:
-            rows = conn.execute(
-                select(bucket, func.count())
-                .where(c.job_id == job.id, c.sent_at >= first)
-                .group_by(bucket)
-            ).all()
-            counts = {int(m): n for m, n in rows}
-            points = [
-                [m * BUCKET, counts.get(m, 0)]
-                for m in range(first // BUCKET, int(now) // BUCKET + 1)
-            ]
-            out.append({"name": job.name, "points": points})
-    return {"bucket_seconds": BUCKET, "now": now, "jobs": out}
+        rows = conn.execute(
+            select(bucket, func.count())
+            .where(c.job_id == job_id, c.sent_at >= since)
+            .group_by(bucket)
+        ).all()
+    return {int(m): n for m, n in rows}
+
+
+class History:
+    """Instances sent per minute, per job, computed incrementally.
+
+    Counting a busy hour reads millions of index entries, too slow for a page polled
+    every 2 s. Minutes that are over do not change (except for rows sent again, which
+    move to a later minute), so they are counted once and kept; each request re-reads only
+    the minutes since the last one. A full recount every REFRESH seconds corrects the
+    rows sent again.
+    """
+
+    REFRESH = 300.0
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.lock = threading.Lock()
+        self.closed: dict[int, dict[int, int]] = {}
+        self.start: dict[int, int] = {}
+        self.until: dict[int, int] = {}
+        self.counted_at: dict[int, float] = {}
+
+    def get(self, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+        """Per job, `[minute start (epoch s), instances sent]` for the last `minutes`."""
+        now = time.time() if now is None else now
+        current = int(now) // BUCKET
+        first = current - minutes + 1
+        out = []
+        with self.lock:
+            for job in self.ledger.list_jobs():
+                closed = self._update(job.id, first, current)
+                points = [[m * BUCKET, closed.get(m, 0)] for m in range(first, current + 1)]
+                out.append({"name": job.name, "points": points})
+        return {"bucket_seconds": BUCKET, "now": now, "jobs": out}
+
+    def _update(self, job_id: int, first: int, current: int) -> dict[int, int]:
+        stale = time.monotonic() - self.counted_at.get(job_id, -self.REFRESH) >= self.REFRESH
+        if stale or first < self.start.get(job_id, first + 1):
+            self.closed[job_id], self.start[job_id] = {}, first
+            self.until[job_id], self.counted_at[job_id] = first, time.monotonic()
+        closed = self.closed[job_id]
+        fresh = _minute_counts(self.ledger, job_id, self.until[job_id] * BUCKET)
+        for minute in range(self.until[job_id], current + 1):
+            closed[minute] = fresh.get(minute, 0)
+        # The current minute is still filling: count it again next time.
+        self.until[job_id] = current
+        return closed
+
+
+def history(ledger: Ledger, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+    """Instances sent per minute over the last `minutes`, per job (oldest bucket first)."""
+    return History(ledger).get(minutes, now)
 
 
 def verify_counts(ledger: Ledger) -> dict[str, Any]:
@@ -149,20 +187,54 @@ def metrics(status: dict[str, Any], verified: dict[str, Any]) -> str:
 
 
 class _Cache:
-    """Remembers each computed answer for CACHE_SECONDS (thread-safe)."""
+    """Each answer, per key, is fresh for CACHE_SECONDS or twice as long as it took to
+    compute, so a slow ledger is not kept busy by pages polling it. A stale answer is
+    served at once while one background thread computes the next (stale-while-
+    revalidate): on millions of rows the page never waits for the ledger after its
+    first load."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.guard = threading.Lock()
+        self.locks: dict[str, threading.Lock] = {}
         self.items: dict[str, tuple[float, Any]] = {}
+        self.refreshing: set[str] = set()
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        with self.lock:
+        with self.guard:
+            lock = self.locks.setdefault(key, threading.Lock())
             hit = self.items.get(key)
-            if hit and time.monotonic() - hit[0] < CACHE_SECONDS:
+            if hit is not None:
+                if time.monotonic() >= hit[0] and key not in self.refreshing:
+                    self.refreshing.add(key)
+                    threading.Thread(
+                        target=self._refresh, args=(key, lock, compute), daemon=True
+                    ).start()
                 return hit[1]
-            value = compute()
-            self.items[key] = (time.monotonic(), value)
-            return value
+        # First request for this key: compute it (one computation for concurrent callers).
+        with lock:
+            hit = self.items.get(key)
+            return hit[1] if hit is not None else self._compute(key, compute)
+
+    def _refresh(self, key: str, lock: threading.Lock, compute: Callable[[], Any]) -> None:
+        try:
+            with lock:
+                self._compute(key, compute)
+        except Exception as exc:
+            # Forget the old answer: the next request computes it and reports the error.
+            log.debug("refreshing %s failed: %s", key, exc)
+            with self.guard:
+                self.items.pop(key, None)
+        finally:
+            with self.guard:
+                self.refreshing.discard(key)
+
+    def _compute(self, key: str, compute: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        value = compute()
+        took = time.monotonic() - started
+        with self.guard:
+            self.items[key] = (time.monotonic() + max(CACHE_SECONDS, 2 * took), value)
+        return value
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -170,6 +242,9 @@ class Handler(BaseHTTPRequestHandler):
 
     server: DashboardServer
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm and
+    # delayed ACKs add 40 ms to every answer.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         """Route a GET."""
@@ -191,7 +266,9 @@ class Handler(BaseHTTPRequestHandler):
                 ctype = "application/json"
             elif url.path == "/api/history":
                 minutes = _minutes(query)
-                body = _json(cache.get(f"history{minutes}", lambda: history(ledger, minutes)))
+                body = _json(
+                    cache.get(f"history{minutes}", lambda: self.server.history.get(minutes))
+                )
                 ctype = "application/json"
             elif url.path == "/api/verify":
                 body = _json(cache.get("verify", lambda: verify_counts(ledger)))
@@ -241,6 +318,21 @@ class DashboardServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.ledger = ledger
         self.cache = _Cache()
+        self.history = History(ledger)
+
+    def prime(self) -> None:
+        """Compute the page's answers once in the background, so that even the first
+        load of the page is served from the cache."""
+
+        def work() -> None:
+            try:
+                self.cache.get("status", lambda: status_document(self.ledger))
+                self.cache.get("history60", lambda: self.history.get(60))
+                self.cache.get("verify", lambda: verify_counts(self.ledger))
+            except MigratorError as exc:
+                log.warning("cannot read the ledger yet: %s", exc)
+
+        threading.Thread(target=work, name="prime", daemon=True).start()
 
 
 def _json(doc: Any) -> bytes:
@@ -265,6 +357,7 @@ def serve(ledger_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
         ledger.close()
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     shown = f"[{host}]" if ":" in host else host
+    server.prime()
     log.info("serving %s on http://%s:%d/ (Ctrl-C to stop)", ledger.display_url, shown, port)
     try:
         server.serve_forever()

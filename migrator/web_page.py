@@ -44,7 +44,9 @@ PAGE = """<!doctype html>
   .chip.zero { opacity:.45; }
   h3 { font-size:12px; text-transform:uppercase; letter-spacing:.04em; color:var(--mute);
        margin:14px 0 6px; font-weight:600; }
-  svg.chart { width:100%; height:130px; display:block; }
+  svg.chart { width:100%; height:110px; display:block; border-bottom:1px solid #c9ced6; }
+  .axis { display:flex; justify-content:space-between; color:var(--mute); font-size:11px;
+          margin-top:2px; }
   table { border-collapse:collapse; width:100%; font-size:13px; }
   td { padding:3px 8px 3px 0; border-top:1px solid var(--line); vertical-align:top; }
   td.n { text-align:right; font-variant-numeric:tabular-nums; width:80px; }
@@ -86,33 +88,37 @@ function figure(key, value, label) {
   return f;
 }
 function chart(points) {
-  const NS = "http://www.w3.org/2000/svg", W = 600, H = 130, P = 22;
+  // Bars in a stretched SVG; the labels are HTML so that the stretch does not warp them.
+  const NS = "http://www.w3.org/2000/svg", W = 600, H = 110;
+  const wrap = el("div", "chartwrap");
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`); svg.setAttribute("class", "chart");
   svg.setAttribute("preserveAspectRatio", "none");
   const rates = points.map(p => p[1] / 60);
   const top = Math.max(...rates, 0.001);
-  const bw = (W - P) / Math.max(points.length, 1);
+  const bw = W / Math.max(points.length, 1);
+  for (const y of [0.25, 0.5, 0.75]) {
+    const g = document.createElementNS(NS, "line");
+    g.setAttribute("x1", 0); g.setAttribute("x2", W);
+    g.setAttribute("y1", H * y); g.setAttribute("y2", H * y);
+    g.setAttribute("stroke", "#eceef1"); g.setAttribute("stroke-width", 1);
+    svg.append(g);
+  }
   rates.forEach((r, i) => {
-    const h = (H - 16) * r / top, rect = document.createElementNS(NS, "rect");
-    rect.setAttribute("x", P + i * bw + 0.5); rect.setAttribute("width", Math.max(bw - 1, 1));
-    rect.setAttribute("y", H - 14 - h); rect.setAttribute("height", h);
+    const h = H * r / top, rect = document.createElementNS(NS, "rect");
+    rect.setAttribute("x", i * bw + 0.5); rect.setAttribute("width", Math.max(bw - 1, 1));
+    rect.setAttribute("y", H - h); rect.setAttribute("height", h);
     rect.setAttribute("fill", "var(--sent)");
     const t = document.createElementNS(NS, "title");
     t.textContent = new Date(points[i][0] * 1000).toLocaleTimeString() + ": " +
       r.toFixed(1) + "/s";
     rect.append(t); svg.append(rect);
   });
-  const label = (x, y, text, anchor) => {
-    const t = document.createElementNS(NS, "text");
-    t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "10");
-    t.setAttribute("fill", "#667085"); t.setAttribute("text-anchor", anchor || "start");
-    t.textContent = text; svg.append(t);
-  };
-  label(0, 10, top.toFixed(1) + "/s");
-  label(P, H - 2, "-" + points.length + " min");
-  label(W, H - 2, "now", "end");
-  return svg;
+  const axis = el("div", "axis");
+  axis.append(el("span", "", "\u2212" + points.length + " min"),
+    el("span", "", "peak " + top.toFixed(1) + "/s"), el("span", "", "now"));
+  wrap.append(svg, axis);
+  return wrap;
 }
 function card(job, points, verified) {
   const c = el("section", "card"); c.dataset.job = job.name;

@@ -1,0 +1,349 @@
+"""Throttling: how fast a run may go, and when.
+
+Three brakes, applied by one `Gate` that the scheduler awaits before every transfer:
+
+- limits: ``--max-rate`` (instances per second) and ``--max-bandwidth`` (bytes per
+  second), each a `TokenBucket`;
+- a weekly timetable (``--window``, repeatable; syntax in `migrator.timetable`): inside
+  a window the run goes at the window's limits, outside every window it pauses, and
+  says until when;
+- adaptive concurrency (`AdaptiveLimit`, AIMD): when the target answers 5xx, times out or
+  slows down, fewer transfers run at once; as answers come back healthy, more again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from migrator.states import State
+from migrator.timetable import (
+    Limits,
+    Schedule,
+    Window,
+    human_wait,
+    parse_bandwidth,
+    parse_rate,
+)
+
+if TYPE_CHECKING:
+    from migrator.config import Settings
+    from migrator.ledger import Outcome
+
+log = logging.getLogger("migrator")
+
+# Re-check the timetable at least this often while paused (clock changes, DST).
+MAX_PAUSE_STEP = 30.0
+# Seconds between two log lines about adaptive concurrency (debug level in between).
+LOG_EVERY = 60.0
+
+
+# -- buckets and the AIMD limiter --------------------------------------------------------
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up (0.1 s worth, at least 1).
+
+    A take larger than the burst is allowed and leaves the bucket in debt, so a 50 MB
+    file under a 10 MB/s limit goes through and the next transfer waits 5 s.
+    """
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.rate: float | None = None
+        self.burst = 1.0
+        self.tokens = 0.0
+        self.stamp = clock()
+        self._lock = asyncio.Lock()
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float | None) -> None:
+        """Change the rate (None: unlimited); saved tokens are kept up to the new burst."""
+        self._refill()
+        if rate != self.rate:
+            self.rate = rate
+            self.burst = max(1.0, (rate or 0.0) * 0.1)
+            self.tokens = min(self.tokens, self.burst) if self.rate else 0.0
+
+    def _refill(self) -> None:
+        now = self.clock()
+        if self.rate:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def delay(self, amount: float) -> float:
+        """Seconds until `amount` (capped at the burst) may be taken; 0 if now."""
+        self._refill()
+        if not self.rate:
+            return 0.0
+        need = min(amount, self.burst)
+        return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
+
+    def charge(self, amount: float) -> None:
+        """Spend `amount` now, going into debt if need be (bytes, known after a send)."""
+        self._refill()
+        if self.rate:
+            self.tokens -= amount
+
+    async def take(self, amount: float = 1.0, stop: asyncio.Event | None = None) -> bool:
+        """Wait until `amount` may be spent, then spend it; waiters are served in order.
+        Returns False, spending nothing, if `stop` is set meanwhile."""
+        async with self._lock:
+            while (wait := self.delay(amount)) > 0:
+                if stop is not None and stop.is_set():
+                    return False
+                # Short steps: a window change may lift or lower the rate meanwhile.
+                await asyncio.sleep(min(wait, 0.5))
+            self.charge(amount)
+            return True
+
+
+class AdaptiveLimit:
+    """Additive-increase / multiplicative-decrease limit on concurrent transfers.
+
+    Each healthy answer adds 1/limit (one more slot per `limit` answers); an overload
+    signal (5xx, 429, timeout, network error) halves the limit, a slow answer (over 3x
+    the usual latency and 1 s more) takes a quarter off; at most one cut per `cooldown`
+    seconds, since the transfers already running all report the same trouble.
+    """
+
+    def __init__(
+        self,
+        maximum: int,
+        minimum: int = 1,
+        *,
+        cooldown: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self.cooldown = cooldown
+        self.clock = clock
+        self.limit = float(maximum)
+        self.in_use = 0
+        self.baseline: float | None = None
+        self.lowest = maximum
+        self.cuts = 0
+        self._last_cut = float("-inf")
+        self._logged: dict[str, float] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def allowed(self) -> int:
+        """How many transfers may run at once right now."""
+        return max(self.minimum, int(self.limit))
+
+    async def acquire(self) -> None:
+        """Wait for a free slot."""
+        while self.in_use >= self.allowed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self.in_use += 1
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.in_use -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        # Wake everyone; each re-checks. Waiters are at most the run's workers.
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def record(self, latency: float | None, overloaded: bool, reason: str = "") -> None:
+        """Feed one transfer's result: `latency` of a success, or an overload signal."""
+        before = self.allowed
+        if overloaded:
+            self._cut(0.5, reason or "errors")
+        elif latency is not None:
+            base = self.baseline
+            slow = base is not None and latency > max(3 * base, base + 1.0)
+            # The baseline follows the usual latency slowly, so a lasting change of pace
+            # (bigger files, a busier network) becomes the new normal.
+            alpha = 0.02 if slow else 0.1
+            self.baseline = latency if base is None else (1 - alpha) * base + alpha * latency
+            if slow:
+                self._cut(0.75, f"answers slowed to {latency:.1f} s")
+            else:
+                self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        if self.allowed > before:
+            self._wake()
+            if self.allowed == self.maximum and "cut" in self._logged:
+                self._say(
+                    "up",
+                    logging.INFO,
+                    "target keeps up again: back to %d concurrent transfers",
+                    self.maximum,
+                )
+
+    def _cut(self, factor: float, reason: str) -> None:
+        now = self.clock()
+        if now - self._last_cut < self.cooldown or self.limit <= self.minimum:
+            return
+        before = self.allowed
+        self._last_cut = now
+        self.limit = max(float(self.minimum), self.limit * factor)
+        self.cuts += 1
+        self.lowest = min(self.lowest, self.allowed)
+        if self.allowed < before:
+            self._say(
+                "cut",
+                logging.WARNING,
+                "target struggling (%s): %d concurrent transfers instead of %d",
+                reason,
+                self.allowed,
+                before,
+            )
+
+    def _say(self, key: str, level: int, message: str, *args: object) -> None:
+        # Random faults can cut and restore the limit every second: say it once a
+        # minute at most (debug level in between), but always the first time.
+        now = self.clock()
+        if now - self._logged.get(key, float("-inf")) < LOG_EVERY:
+            level = logging.DEBUG
+        else:
+            self._logged[key] = now
+        log.log(level, message, *args)
+
+
+# -- the gate ---------------------------------------------------------------------------
+
+
+def is_overload(outcome: Outcome | None) -> tuple[bool, str]:
+    """Whether a transfer's outcome says the far end is overloaded, and a short why."""
+    if outcome is None or outcome.state not in (State.PENDING, State.FAILED):
+        return False, ""
+    status = outcome.http_status
+    if status is None:
+        return True, "timeouts or network errors"
+    if status == 429 or status >= 500:
+        return True, f"HTTP {status}"
+    return False, ""
+
+
+class Gate:
+    """What the scheduler awaits before each transfer and reports to after it."""
+
+    def __init__(
+        self,
+        defaults: Limits,
+        schedule: Schedule,
+        concurrency: int,
+        stop: asyncio.Event,
+        *,
+        adaptive: bool = True,
+        clock: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        self.defaults = defaults
+        self.schedule = schedule
+        self.stop = stop
+        self.clock = clock
+        self.instances = TokenBucket(defaults.rate)
+        self.bytes = TokenBucket(defaults.bandwidth)
+        self.adaptive = AdaptiveLimit(concurrency) if adaptive else None
+        self.window: Window | None = None
+        self.paused_seconds = 0.0
+        self.pauses = 0
+        self._checked = float("-inf")
+        self._announced = False
+        self._paused_since: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, stop: asyncio.Event) -> Gate:
+        """A gate for the throttle settings (already validated by `config.validate`)."""
+        defaults = Limits(
+            parse_rate(settings.max_rate) if settings.max_rate else None,
+            parse_bandwidth(settings.max_bandwidth) if settings.max_bandwidth else None,
+        )
+        return cls(
+            defaults,
+            Schedule.parse(settings.windows),
+            settings.concurrency,
+            stop,
+            adaptive=settings.adaptive,
+        )
+
+    def describe(self) -> str:
+        """One line for the log at the start of a run."""
+        text = f"throttle: {self.defaults.describe()}"
+        if self.schedule.windows:
+            text += "; windows: " + "; ".join(w.text for w in self.schedule.windows)
+        return text
+
+    async def before(self) -> bool:
+        """Wait until a transfer may start; False when the run is stopping instead."""
+        if not self._announced:
+            self._announced = True
+            if self.defaults != Limits() or self.schedule.windows:
+                log.info(self.describe())
+        while not await self._window_open():
+            if self.stop.is_set():
+                return False
+        if self.adaptive is not None:
+            await self.adaptive.acquire()
+        ready = await self.instances.take(1, self.stop) and await self.bytes.take(0, self.stop)
+        if not ready or self.stop.is_set():
+            if self.adaptive is not None:
+                self.adaptive.release()
+            return False
+        return True
+
+    def after(self, outcome: Outcome | None, latency: float) -> None:
+        """Account for a finished transfer (outcome None: it raised)."""
+        sent = outcome is not None and outcome.state is State.SENT
+        if sent:
+            self.bytes.charge(outcome.size or 0)  # type: ignore[union-attr]
+        if self.adaptive is not None:
+            overloaded, reason = is_overload(outcome)
+            self.adaptive.record(latency if sent else None, overloaded, reason)
+            self.adaptive.release()
+
+    async def _window_open(self) -> bool:
+        """Apply the current window's limits; when outside every window, pause (up to
+        MAX_PAUSE_STEP at a time) and return False."""
+        if not self.schedule.windows:
+            return True
+        if time.monotonic() - self._checked < 1.0 and self._paused_since is None:
+            return True
+        self._checked = time.monotonic()
+        now = self.clock()
+        window = self.schedule.active(now)
+        if window is not None:
+            if self._paused_since is not None:
+                self.paused_seconds += time.monotonic() - self._paused_since
+                self._paused_since = None
+            if window is not self.window:
+                limits = window.limits(self.defaults)
+                log.warning(
+                    "transfer window %r open: running at %s", window.text, limits.describe()
+                )
+                self.window = window
+                self.instances.set_rate(limits.rate)
+                self.bytes.set_rate(limits.bandwidth)
+            return True
+        opening = self.schedule.next_opening(now)
+        assert opening is not None
+        wait = (opening - now).total_seconds()
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+            self.pauses += 1
+            self.window = None
+            log.warning(
+                "outside the transfer windows: pausing until %s (in %s)",
+                opening.strftime("%a %H:%M:%S" if opening.second else "%a %H:%M"),
+                human_wait(wait),
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), max(0.05, min(wait, MAX_PAUSE_STEP)))
+        return False
