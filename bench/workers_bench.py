@@ -28,10 +28,12 @@ measurements alternates between repeats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,6 +82,26 @@ def wait_job(url: str, timeout: float = 60) -> float:
             pass
         time.sleep(0.02)
     raise RuntimeError("the job row never appeared")
+
+
+class InFlightProbe(threading.Thread):
+    """Samples the rows each process holds in flight (a lease should take at most
+    max(2 x concurrency, 32) rows at a time)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True, name="in-flight-probe")
+        self.url = url
+        self.stop_event = threading.Event()
+        self.max_held = 0
+
+    def run(self) -> None:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop_event.wait(0.25):
+                row = conn.execute(
+                    "SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM instances "
+                    "WHERE state = 'in_flight' GROUP BY lease_owner) AS held"
+                ).fetchone()
+                self.max_held = max(self.max_held, int(row[0] or 0))
 
 
 def ledger_facts(url: str) -> dict[str, Any]:
@@ -147,8 +169,10 @@ def measure(
                 )
             ]
             second_at = None
+            wait_job(url)
+            probe = InFlightProbe(url)
+            probe.start()
             if workers > 1:
-                wait_job(url)
                 for k in range(workers - 1):
                     children.append(
                         Child.start(
@@ -159,6 +183,8 @@ def measure(
                 second_at = children[1].started - started
             codes = [c.finish(timeout=args.timeout) for c in children]
             ended = max(c.ended or 0 for c in children)
+            probe.stop_event.set()
+            probe.join(5)
             cpu = {
                 "source orthanc": proc_cpu_seconds(source.pid) - cpu0["source"],
                 "target orthanc": proc_cpu_seconds(target.pid) - cpu0["target"],
@@ -179,6 +205,7 @@ def measure(
         "label": label,
         "wall_seconds": round(wall, 2),
         "rate": round(args.instances / wall, 1),
+        "max_in_flight_per_process": probe.max_held,
         "second_worker_started_at": round(second_at, 2) if second_at is not None else None,
         "exit_codes": codes,
         "target_count": count,
@@ -238,7 +265,8 @@ def main() -> None:
                         f"  {r['wall_seconds']} s wall ({r['rate']}/s), steady "
                         f"{r['steady_rate']}/s, exits {r['exit_codes']}, target "
                         f"{r['target_count']}, per run sent "
-                        f"{[x['sent'] for x in r['runs']]}, CPU {r['cpu_seconds']}, machine "
+                        f"{[x['sent'] for x in r['runs']]}, max in flight per process "
+                        f"{r['max_in_flight_per_process']}, CPU {r['cpu_seconds']}, machine "
                         f"busy {r['machine']['machine_busy_fraction']:.0%} (other "
                         f"{r['machine']['other_cpu_s']} s)",
                         flush=True,
@@ -262,6 +290,7 @@ def main() -> None:
         "speedup wall",
         "speedup steady",
         "sent per process",
+        "max in flight/process",
         "machine busy",
         "runs ok",
     ]
@@ -297,6 +326,7 @@ def main() -> None:
                     f"x{sp_wall:.2f}",
                     f"x{sp_steady:.2f}",
                     " / ".join(str([x["sent"] for x in r["runs"]]) for r in rs),
+                    " ".join(str(r.get("max_in_flight_per_process", "?")) for r in rs),
                     " ".join(f"{r['machine']['machine_busy_fraction']:.0%}" for r in rs),
                     f"{sum(r['ok'] for r in rs)}/{len(rs)}",
                 ]

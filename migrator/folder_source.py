@@ -4,15 +4,17 @@ of DICOM files, for `migrator import`.
 With an index, the listing follows the index (DICOM attachments only, so JSON summaries
 and header-only copies are left out by type), then reports the storage files the index
 does not know as skipped orphans. Without one, every file is classified from its bytes;
-after the listing, copies of one instance are reduced to the best one (with pixel data)
-by the ledger, which is why nothing is sent before the listing ends.
+copies of one instance are reduced to one by the ledger: it leases one copy per Orthanc ID
+at a time and marks the others skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,7 +25,8 @@ from migrator.ledger import Lease
 from migrator.sources import ListingPage
 from migrator.states import State
 
-PAGE = 1000
+# Rows per ledger transaction: large pages keep commits (and fsyncs) few.
+PAGE = 5000
 MISSING = "file missing from the storage folder (the index lists it)"
 ORPHAN = "orphan: the index does not know this file (retry --state skipped --error orphan)"
 
@@ -60,7 +63,10 @@ class FolderSource:
     """Files on disk; rows are keyed by Orthanc ID (index) or relative path (bare folder)."""
 
     kind = "import"
-    send_while_listing = False
+    # Sending starts with the first page: header-only copies are skipped as they are
+    # listed, and the ledger leases one copy per instance at a time.
+    send_while_listing = True
+    copies_possible = True
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
@@ -88,12 +94,37 @@ class FolderSource:
     async def listing(self, cursor: str | None) -> AsyncIterator[ListingPage]:
         state: dict[str, Any] = json.loads(cursor) if cursor else {}
         pages = self._index_pages(state) if self.info.index else self._tree_pages(state)
-        iterator = iter(pages)
-        while True:
-            page = await asyncio.to_thread(next, iterator, None)
-            if page is None:
-                return
-            yield page
+        # Read (and classify) the next pages in a thread while the ledger saves this one.
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ListingPage | BaseException | None] = asyncio.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for page in pages:
+                    if stop.is_set():
+                        return
+                    asyncio.run_coroutine_threadsafe(queue.put(page), loop).result()
+                item: ListingPage | BaseException | None = None
+            except BaseException as exc:  # handed to the consumer, raised there
+                item = exc
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+        producer = loop.run_in_executor(None, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while not queue.empty():
+                queue.get_nowait()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(producer), 5)
 
     def _index_pages(self, state: dict[str, Any]) -> Iterator[ListingPage]:
         assert self.info.index is not None

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -222,16 +222,26 @@ class Ledger(RunsMixin, VerifyMixin):
 
     # -- leases ---------------------------------------------------------------------------
 
-    def lease(self, job_id: int, owner: str, limit: int, lease_seconds: float) -> list[Lease]:
+    def lease(
+        self,
+        job_id: int,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        one_per_instance: bool = False,
+    ) -> list[Lease]:
         """Atomically take up to `limit` due pending rows for `owner`.
 
         PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets workers lease side by side. SQLite: the
-        whole statement runs under the database write lock (BEGIN IMMEDIATE).
+        whole transaction runs under the database write lock (BEGIN IMMEDIATE).
+        `one_per_instance` (folders, where several files may hold one instance) never
+        leases a row whose Orthanc ID another row is sending or has sent.
         """
         check_transition(State.PENDING, State.IN_FLIGHT)
         now = time.time()
         due = (
-            select(instances.c.id)
+            select(instances.c.id, instances.c.orthanc_id)
             .where(
                 instances.c.job_id == job_id,
                 instances.c.state == State.PENDING.value,
@@ -240,11 +250,21 @@ class Ledger(RunsMixin, VerifyMixin):
             .order_by(instances.c.next_attempt_at, instances.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
+        if one_per_instance:
+            other = instances.alias("other")
+            due = due.where(
+                ~exists().where(
+                    other.c.job_id == instances.c.job_id,
+                    other.c.orthanc_id == instances.c.orthanc_id,
+                    other.c.id != instances.c.id,
+                    other.c.state.in_([State.IN_FLIGHT.value, State.SENT.value]),
+                )
+            )
         stmt = (
             update(instances)
-            .where(instances.c.id.in_(due), instances.c.state == State.PENDING.value)
+            .where(instances.c.id.in_(bindparam("ids", expanding=True)))
+            .where(instances.c.state == State.PENDING.value)
             .values(
                 state=State.IN_FLIGHT.value,
                 lease_owner=owner,
@@ -263,7 +283,15 @@ class Ledger(RunsMixin, VerifyMixin):
             )
         )
         with self._write() as conn:
-            rows = conn.execute(stmt).all()
+            candidates = conn.execute(due).all()
+            ids, seen = [], set()
+            for row_id, orthanc_id in candidates:
+                if one_per_instance and orthanc_id is not None:
+                    if orthanc_id in seen:
+                        continue  # a copy of an instance leased in this very batch
+                    seen.add(orthanc_id)
+                ids.append(row_id)
+            rows = conn.execute(stmt, {"ids": ids}).all() if ids else []
         leases = [Lease(*row) for row in rows]
         leases.sort(key=lambda lease: lease.id)
         return leases
@@ -408,17 +436,19 @@ class Ledger(RunsMixin, VerifyMixin):
             )
 
     def skip_superseded(self, job_id: int) -> int:
-        """Among pending rows sharing an Orthanc ID, keep the best copy (with pixel data,
-        then the largest) and mark the others skipped: a header-only copy must never
-        reach the target before the full instance."""
+        """Among rows sharing an Orthanc ID, keep one copy and mark the pending others
+        skipped: a copy already sent wins, then one with pixel data, then the largest.
+        (Header-only copies are skipped when listed, so they never reach the target.)"""
         check_transition(State.PENDING, State.SKIPPED)
         ranked = (
             select(
                 instances.c.id,
+                instances.c.state,
                 func.row_number()
                 .over(
                     partition_by=instances.c.orthanc_id,
                     order_by=(
+                        case((instances.c.state == State.SENT.value, 0), else_=1),
                         func.coalesce(instances.c.has_pixels, False).desc(),
                         func.coalesce(instances.c.size, 0).desc(),
                         instances.c.id,
@@ -428,12 +458,12 @@ class Ledger(RunsMixin, VerifyMixin):
             )
             .where(
                 instances.c.job_id == job_id,
-                instances.c.state == State.PENDING.value,
+                instances.c.state.in_([State.PENDING.value, State.SENT.value]),
                 instances.c.orthanc_id.is_not(None),
             )
             .subquery()
         )
-        losers = select(ranked.c.id).where(ranked.c.rank > 1)
+        losers = select(ranked.c.id).where(ranked.c.rank > 1, ranked.c.state == State.PENDING.value)
         with self._write() as conn:
             result = conn.execute(
                 update(instances)

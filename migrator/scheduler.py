@@ -220,16 +220,19 @@ class Scheduler:
 
     async def _listing_then_prepare(self) -> None:
         await self._listing()
-        if self.listing_done and not self.source.send_while_listing:
-            superseded = await self.db(self.ledger.skip_superseded, self.job.id)
-            if superseded:
-                self.progress.add_total(-superseded)
+        await self._skip_copies()
         while self.follow is not None and not self.stopping.is_set():
             # Mirror mode: keep listing what the source receives, every `follow` seconds.
             await self._sleep(self.follow)
             await self.db(self.ledger.reopen_listing, self.job.id)
             self.listing_done = False
             await self._listing()
+
+    async def _skip_copies(self) -> None:
+        if self.listing_done and self.source.copies_possible:
+            superseded = await self.db(self.ledger.skip_superseded, self.job.id)
+            if superseded:
+                self.progress.add_total(-superseded)
 
     # -- leasing and transfers ----------------------------------------------------------
 
@@ -247,7 +250,12 @@ class Scheduler:
                 await self.db(self.ledger.reclaim_dead_local, self.job.id)
                 await self.db(self.ledger.reclaim_expired, self.job.id)
             leases = await self.db(
-                self.ledger.lease, self.job.id, self.owner, batch, self.settings.lease_seconds
+                self.ledger.lease,
+                self.job.id,
+                self.owner,
+                batch,
+                self.settings.lease_seconds,
+                one_per_instance=self.source.copies_possible,
             )
             for lease in leases:
                 self.held.add(lease.id)
@@ -263,6 +271,8 @@ class Scheduler:
                 await self._sleep(0.05)
                 continue
             await self._flush()
+            # Copies held back while their twin was in flight are settled now.
+            await self._skip_copies()
             due = await self.db(self.ledger.next_due, self.job.id)
             if due is None:
                 _, in_flight = await self.db(self.ledger.active_rows, self.job.id)

@@ -57,9 +57,11 @@ class Source(Protocol):
 
     kind: str
     display: str
-    # True when rows can be sent while the listing goes on (False when a later page may
-    # supersede an earlier row, as with header-only copies in a folder).
+    # True when rows can be sent while the listing goes on.
     send_while_listing: bool
+    # True when several rows may hold the same instance (files in a folder): then only
+    # one copy per Orthanc ID is leased at a time, and the others end `skipped`.
+    copies_possible: bool
 
     async def preflight(self) -> str:
         """Check the source is usable; return a one-line description. Raise FatalError."""
@@ -90,6 +92,7 @@ class RestSource:
 
     kind = "replicate"
     send_while_listing = True
+    copies_possible = False
 
     def __init__(self, client: OrthancClient, retry: RetryPolicy, page_size: int = 1000) -> None:
         self.client = client
