@@ -113,6 +113,21 @@ def urlpath(url: str) -> str:
     return urlsplit(url).path.rstrip("/")
 
 
+def check_endpoints(settings: Settings, **endpoints: Endpoint) -> None:
+    """Make sure each endpoint is an Orthanc that accepts us, before anything is written:
+    an unreachable or wrong server must not leave a new ledger behind."""
+
+    async def check() -> None:
+        for role, endpoint in endpoints.items():
+            client = make_client(endpoint, role, settings)
+            try:
+                await client.system()
+            finally:
+                await client.aclose()
+
+    asyncio.run(check())
+
+
 def make_client(endpoint: Endpoint, role: str, settings: Settings) -> OrthancClient:
     """A REST client sized for the run's concurrency."""
     return OrthancClient(
@@ -181,6 +196,7 @@ def replicate(
     name = job_name or default_job_name(
         "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
     )
+    check_endpoints(settings, source=source_ep, target=target_ep)
     ledger = Ledger.open(settings.ledger, create=True)
     try:
         return _run_rest(
@@ -254,6 +270,7 @@ def mirror(
     name = job_name or default_job_name(
         "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
     )
+    check_endpoints(settings, source=source_ep, target=target_ep)
     ledger = Ledger.open(settings.ledger, create=True)
     try:
         return _run_rest(
@@ -331,6 +348,8 @@ def import_path(
     source = FolderSource(path)
     target_ep = endpoint_from(target_url, "target", settings)
     name = job_name or default_job_name("import", source.display, target_ep)
+    asyncio.run(source.preflight())
+    check_endpoints(settings, target=target_ep)
     ledger = Ledger.open(settings.ledger, create=True)
 
     async def main() -> JobReport:

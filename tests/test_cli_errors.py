@@ -108,6 +108,8 @@ def test_unreachable_host_is_fatal(ledger_url):
     assert result.code == 3
     result.assert_one_line_error()
     assert "unreachable" in result.stderr
+    # Nothing was written: no ledger for a run that could not start.
+    assert not Path(ledger_url.removeprefix("sqlite:///")).exists()
 
 
 def test_port_that_is_not_orthanc_is_fatal(source_target, ledger_url):
