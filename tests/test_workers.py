@@ -126,7 +126,7 @@ def test_expired_lease_comes_back(pg_url):
 def _workers_with_one_killed(ledger_url: str, tmp_path: Path, source, target, n_workers: int):
     config = tmp_path / "workers.toml"
     config.write_text(FAST_LEASES)
-    n = 900
+    n = 600
     data = fill(source, n)
     with Proxy("127.0.0.1", target.http_port, delay=0.03) as proxy:
         first = start_cli(
