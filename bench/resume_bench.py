@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import os
 import random
 import shutil
@@ -394,10 +395,21 @@ def ledger_calls(fx: Fixture) -> list[dict[str, Any]]:
             lambda: ledger.renew(owner, 120),
             f"{len(leases)} rows leased",
         )
+        if "job_id" in inspect.signature(ledger.renew).parameters:  # scoped variant (patch)
+            timed(
+                "renew(owner, job_id=...) [scoped]",
+                lambda: ledger.renew(owner, 120, job_id=fx.job_id),
+                f"{len(leases)} rows leased",
+            )
         timed("active_rows", lambda: ledger.active_rows(fx.job_id))
         timed("next_due", lambda: ledger.next_due(fx.job_id))
         timed("listing_state", lambda: ledger.listing_state(fx.job_id))
         timed("release(owner) [finish_run, shutdown]", lambda: ledger.release(owner))
+        if "job_id" in inspect.signature(ledger.release).parameters:
+            timed(
+                "release(owner, job_id=...) [scoped]",
+                lambda: ledger.release(owner, job_id=fx.job_id),
+            )
         timed("finish_run(owner)", lambda: ledger.finish_run(owner, "finished"))
         timed("status_document (migrator status)", lambda: status_document(ledger, JOB))
     finally:

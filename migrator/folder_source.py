@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from migrator.states import State
 
 # Rows per ledger transaction: large pages keep commits (and fsyncs) few.
 PAGE = 5000
+TREE_PAGE_SECONDS = 0.25
 MISSING = "file missing from the storage folder (the index lists it)"
 ORPHAN = "orphan: the index does not know this file (retry --state skipped --error orphan)"
 
@@ -157,12 +159,16 @@ class FolderSource:
 
     def _tree_pages(self, state: dict[str, Any]) -> Iterator[ListingPage]:
         rows: list[dict[str, Any]] = []
+        started = time.monotonic()
         for cand in iter_folder(self.root, state.get("after")):
             rows.append(_row(cand))
             state["after"] = cand.source_key
-            if len(rows) >= PAGE:
+            # Classifying files is slow (they are parsed): hand rows over often, so that
+            # sending starts at once instead of after a whole page.
+            if len(rows) >= PAGE or time.monotonic() - started > TREE_PAGE_SECONDS:
                 yield ListingPage(rows, json.dumps(state))
                 rows = []
+                started = time.monotonic()
         yield ListingPage(rows, json.dumps(state), done=True)
 
     async def fetch(self, lease: Lease) -> bytes:
