@@ -321,7 +321,9 @@ class Ledger(RunsMixin, VerifyMixin):
             )
         return result.rowcount
 
-    def release(self, owner: str, ids: Iterable[int] | None = None) -> int:
+    def release(
+        self, owner: str, ids: Iterable[int] | None = None, *, job_id: int | None = None
+    ) -> int:
         """Hand leased rows back untouched (shutdown, fatal error): pending again, and the
         attempt they were charged is refunded since the instance was not at fault."""
         check_transition(State.IN_FLIGHT, State.PENDING)
@@ -329,6 +331,9 @@ class Ledger(RunsMixin, VerifyMixin):
             instances.c.lease_owner == owner,
             instances.c.state == State.IN_FLIGHT.value,
         ]
+        if job_id is not None:
+            # With the job, the search uses an index instead of reading the whole table.
+            conditions.append(instances.c.job_id == job_id)
         if ids is not None:
             id_list = list(ids)
             if not id_list:
@@ -350,13 +355,15 @@ class Ledger(RunsMixin, VerifyMixin):
             )
         return result.rowcount
 
-    def renew(self, owner: str, lease_seconds: float) -> None:
+    def renew(self, owner: str, lease_seconds: float, *, job_id: int | None = None) -> None:
         """Extend every lease `owner` holds, and beat its run's heartbeat."""
         now = time.time()
+        scope = [] if job_id is None else [instances.c.job_id == job_id]
         with self._write() as conn:
             conn.execute(
                 update(instances)
                 .where(
+                    *scope,
                     instances.c.lease_owner == owner,
                     instances.c.state == State.IN_FLIGHT.value,
                 )

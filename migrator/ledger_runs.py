@@ -83,6 +83,7 @@ class RunsMixin:
             result = conn.execute(
                 update(instances)
                 .where(
+                    instances.c.job_id == job_id,
                     instances.c.lease_owner.in_(dead),
                     instances.c.state == State.IN_FLIGHT.value,
                 )
@@ -155,9 +156,9 @@ class RunsMixin:
             )
         return rows.get(State.PENDING.value, 0), rows.get(State.IN_FLIGHT.value, 0)
 
-    def finish_run(self, owner: str, status: str) -> None:
+    def finish_run(self, owner: str, status: str, *, job_id: int | None = None) -> None:
         """Mark this process's run as ended, releasing anything it still holds."""
-        self.release(owner)
+        self.release(owner, job_id=job_id)
         with self._write() as conn:
             conn.execute(
                 update(jobs)

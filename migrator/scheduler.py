@@ -124,7 +124,7 @@ class Scheduler:
         try:
             await self._listing()
         finally:
-            await self.db(self.ledger.finish_run, self.owner, "finished")
+            await self.db(self.ledger.finish_run, self.owner, "finished", job_id=self.job.id)
             self._db_thread.shutdown(wait=True)
         self.result.elapsed = time.monotonic() - started
         return self.result
@@ -162,7 +162,7 @@ class Scheduler:
                 status = "interrupted"
             try:
                 await self._flush()
-                await self.db(self.ledger.finish_run, self.owner, status)
+                await self.db(self.ledger.finish_run, self.owner, status, job_id=self.job.id)
             except MigratorError as exc:
                 self.result.fatal = self.result.fatal or str(exc)
             self._remove_signals(loop)
@@ -417,7 +417,9 @@ class Scheduler:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
-            await self.db(self.ledger.renew, self.owner, self.settings.lease_seconds)
+            await self.db(
+                self.ledger.renew, self.owner, self.settings.lease_seconds, job_id=self.job.id
+            )
 
     async def _refresh_progress(self) -> None:
         from migrator.reports import job_counts

@@ -205,3 +205,15 @@ def test_status_json_on_postgresql(pg_url, source_target):
     assert retried.code == 0 and "10 rows" in retried.stdout
     assert run_cli("replicate", source.url, target.url, "--ledger", pg_url).code == 0
     assert target.count() == 10
+
+
+def test_lease_takes_at_most_limit_rows(pg_url):
+    # A planner that reruns a LIMIT subquery per row once let one lease take every row.
+    ledger = Ledger.open(pg_url, create=True)
+    try:
+        job = ledger.ensure_job("j", "replicate", "http://a/", "http://b/", {})
+        rows = [{"source_key": f"k{i}"} for i in range(600)]
+        ledger.save_listing(job.id, rows, None, done=True)
+        assert [len(ledger.lease(job.id, "w", 32, 60)) for _ in range(3)] == [32, 32, 32]
+    finally:
+        ledger.close()
