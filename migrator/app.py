@@ -179,6 +179,21 @@ async def run_job(
     return JobReport(job, result, counts, dry_run=dry_run)
 
 
+def _rest_ends(
+    source_url: str | None, target_url: str | None, settings: Settings, job_name: str | None
+) -> tuple[Endpoint, Endpoint, str]:
+    """Both ends of a REST job, checked, and the job's name (from the URLs by default)."""
+    source_ep = endpoint_from(source_url, "source", settings)
+    target_ep = endpoint_from(target_url, "target", settings)
+    if source_ep.url == target_ep.url:
+        raise UsageError("source and target are the same URL")
+    name = job_name or default_job_name(
+        "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
+    )
+    check_endpoints(settings, source=source_ep, target=target_ep)
+    return source_ep, target_ep, name
+
+
 def replicate(
     source_url: str | None,
     target_url: str | None,
@@ -189,14 +204,7 @@ def replicate(
     show_progress: bool = True,
 ) -> JobReport:
     """Replicate one Orthanc into another through the ledger (`migrator replicate`)."""
-    source_ep = endpoint_from(source_url, "source", settings)
-    target_ep = endpoint_from(target_url, "target", settings)
-    if source_ep.url == target_ep.url:
-        raise UsageError("source and target are the same URL")
-    name = job_name or default_job_name(
-        "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
-    )
-    check_endpoints(settings, source=source_ep, target=target_ep)
+    source_ep, target_ep, name = _rest_ends(source_url, target_url, settings, job_name)
     ledger = Ledger.open(settings.ledger, create=True)
     try:
         return _run_rest(
@@ -263,14 +271,7 @@ def mirror(
     """
     if poll <= 0:
         raise UsageError("--poll must be positive")
-    source_ep = endpoint_from(source_url, "source", settings)
-    target_ep = endpoint_from(target_url, "target", settings)
-    if source_ep.url == target_ep.url:
-        raise UsageError("source and target are the same URL")
-    name = job_name or default_job_name(
-        "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
-    )
-    check_endpoints(settings, source=source_ep, target=target_ep)
+    source_ep, target_ep, name = _rest_ends(source_url, target_url, settings, job_name)
     ledger = Ledger.open(settings.ledger, create=True)
     try:
         return _run_rest(

@@ -51,6 +51,11 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="TOML config file (see config.example.toml)."),
 ]
 JobOpt = Annotated[str | None, typer.Option("--job", help="Job name.")]
+ConcurrencyOpt = Annotated[
+    int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")]
+ProgressOpt = Annotated[str | None, typer.Option("--progress", help="auto, bar, plain or none.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log every retry.")]
 MaxRateOpt = Annotated[
     str | None,
@@ -146,42 +151,20 @@ def _pick_job(ledger: Ledger, name: str | None) -> Job:
     raise UsageError("the ledger has several jobs: name one with --job (see `migrator jobs`)")
 
 
-@cli.command()
-def replicate(
-    source_url: Annotated[str | None, typer.Argument(help="Source Orthanc URL.")] = None,
-    target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
-    job: JobOpt = None,
-    ledger: LedgerOpt = None,
-    concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
-    ] = None,
-    config: ConfigOpt = None,
-    max_rate: MaxRateOpt = None,
-    max_bandwidth: MaxBandwidthOpt = None,
-    window: WindowOpt = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")
-    ] = False,
-    progress: Annotated[
-        str | None, typer.Option("--progress", help="auto, bar, plain or none.")
-    ] = None,
-    verbose: VerboseOpt = False,
+def _job_command(
+    start: Callable[[Settings], api.JobReport],
+    *,
+    verbose: bool,
+    config: Path | None,
+    throttle: tuple[str | None, str | None, list[str] | None],
+    **overrides: Any,
 ) -> None:
-    """Replicate every instance of SOURCE_URL into TARGET_URL; rerun to resume.
-
-    Example: migrator replicate http://orthanc:orthanc@old:8042/ http://new:8042/ -c 16
-    """
+    """The body shared by the commands that run a job: settings, run, summary, exit code."""
     _setup_logging(verbose)
 
     def body() -> int:
-        settings = _settings(
-            config,
-            ledger=ledger,
-            concurrency=concurrency,
-            progress=progress,
-            **_throttle(max_rate, max_bandwidth, window),
-        )
-        report = api.replicate(source_url, target_url, settings, job_name=job, dry_run=dry_run)
+        settings = _settings(config, **overrides, **_throttle(*throttle))
+        report = start(settings)
         typer.echo(report.summary(), err=report.exit_code != 0)
         return report.exit_code
 
@@ -189,19 +172,45 @@ def replicate(
 
 
 @cli.command()
-def worker(
-    job: Annotated[str, typer.Option("--job", help="Name of the job to join (see `jobs`).")],
+def replicate(
+    source_url: Annotated[str | None, typer.Argument(help="Source Orthanc URL.")] = None,
+    target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
+    job: JobOpt = None,
     ledger: LedgerOpt = None,
-    concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
-    ] = None,
+    concurrency: ConcurrencyOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
     window: WindowOpt = None,
-    progress: Annotated[
-        str | None, typer.Option("--progress", help="auto, bar, plain or none.")
-    ] = None,
+    dry_run: DryRunOpt = False,
+    progress: ProgressOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Replicate every instance of SOURCE_URL into TARGET_URL; rerun to resume.
+
+    Example: migrator replicate http://orthanc:orthanc@old:8042/ http://new:8042/ -c 16
+    """
+    _job_command(
+        lambda s: api.replicate(source_url, target_url, s, job_name=job, dry_run=dry_run),
+        verbose=verbose,
+        config=config,
+        throttle=(max_rate, max_bandwidth, window),
+        ledger=ledger,
+        concurrency=concurrency,
+        progress=progress,
+    )
+
+
+@cli.command()
+def worker(
+    job: Annotated[str, typer.Option("--job", help="Name of the job to join (see `jobs`).")],
+    ledger: LedgerOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    config: ConfigOpt = None,
+    max_rate: MaxRateOpt = None,
+    max_bandwidth: MaxBandwidthOpt = None,
+    window: WindowOpt = None,
+    progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Join an existing job and drain it; run any number of workers, on any hosts, on one
@@ -209,21 +218,15 @@ def worker(
 
     Example: migrator worker --job 'replicate:old:8042->new:8042' --ledger postgresql://db/mig
     """
-    _setup_logging(verbose)
-
-    def body() -> int:
-        settings = _settings(
-            config,
-            ledger=ledger,
-            concurrency=concurrency,
-            progress=progress,
-            **_throttle(max_rate, max_bandwidth, window),
-        )
-        report = api.work(job, settings)
-        typer.echo(report.summary(), err=report.exit_code != 0)
-        return report.exit_code
-
-    raise typer.Exit(_guard(body))
+    _job_command(
+        lambda s: api.work(job, s),
+        verbose=verbose,
+        config=config,
+        throttle=(max_rate, max_bandwidth, window),
+        ledger=ledger,
+        concurrency=concurrency,
+        progress=progress,
+    )
 
 
 @cli.command()
@@ -235,9 +238,7 @@ def mirror(
         float, typer.Option("--poll", help="Seconds between looks at the source's changes.")
     ] = 2.0,
     ledger: LedgerOpt = None,
-    concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
-    ] = None,
+    concurrency: ConcurrencyOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
@@ -249,21 +250,15 @@ def mirror(
 
     Example: migrator mirror http://main:8042/ http://mirror:8042/ --poll 1
     """
-    _setup_logging(verbose)
-
-    def body() -> int:
-        settings = _settings(
-            config,
-            ledger=ledger,
-            concurrency=concurrency,
-            progress="plain",
-            **_throttle(max_rate, max_bandwidth, window),
-        )
-        report = api.mirror(source_url, target_url, settings, job_name=job, poll=poll)
-        typer.echo(report.summary(), err=True)
-        return report.exit_code
-
-    raise typer.Exit(_guard(body))
+    _job_command(
+        lambda s: api.mirror(source_url, target_url, s, job_name=job, poll=poll),
+        verbose=verbose,
+        config=config,
+        throttle=(max_rate, max_bandwidth, window),
+        ledger=ledger,
+        concurrency=concurrency,
+        progress="plain",
+    )
 
 
 @cli.command("import")
@@ -272,19 +267,13 @@ def import_(
     target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
     job: JobOpt = None,
     ledger: LedgerOpt = None,
-    concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
-    ] = None,
+    concurrency: ConcurrencyOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
     window: WindowOpt = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")
-    ] = False,
-    progress: Annotated[
-        str | None, typer.Option("--progress", help="auto, bar, plain or none.")
-    ] = None,
+    dry_run: DryRunOpt = False,
+    progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Send the DICOM instances of a folder (an old Orthanc storage area, with or without
@@ -292,21 +281,15 @@ def import_(
 
     Example: migrator import /var/lib/orthanc/db-v5 http://orthanc:orthanc@localhost:8042/
     """
-    _setup_logging(verbose)
-
-    def body() -> int:
-        settings = _settings(
-            config,
-            ledger=ledger,
-            concurrency=concurrency,
-            progress=progress,
-            **_throttle(max_rate, max_bandwidth, window),
-        )
-        report = api.import_path(path, target_url, settings, job_name=job, dry_run=dry_run)
-        typer.echo(report.summary(), err=report.exit_code != 0)
-        return report.exit_code
-
-    raise typer.Exit(_guard(body))
+    _job_command(
+        lambda s: api.import_path(path, target_url, s, job_name=job, dry_run=dry_run),
+        verbose=verbose,
+        config=config,
+        throttle=(max_rate, max_bandwidth, window),
+        ledger=ledger,
+        concurrency=concurrency,
+        progress=progress,
+    )
 
 
 @cli.command()
