@@ -312,26 +312,47 @@ def work(
             )
         from migrator.folder_source import FolderSource
 
-        source = FolderSource(job.source)
-
-        async def main() -> JobReport:
-            target = make_client(target_ep, "target", settings)
-            try:
-                return await run_job(
-                    ledger,
-                    source,
-                    target,
-                    settings,
-                    job_name=job.name,
-                    options=job.options,
-                    show_progress=show_progress,
-                )
-            finally:
-                await target.aclose()
-
-        return asyncio.run(main())
+        return _run_folder(
+            ledger,
+            FolderSource(job.source),
+            target_ep,
+            settings,
+            name=job.name,
+            options=job.options,
+            show_progress=show_progress,
+        )
     finally:
         ledger.close()
+
+
+def _run_folder(
+    ledger: Ledger,
+    source: Source,
+    target_ep: Endpoint,
+    settings: Settings,
+    *,
+    name: str,
+    options: dict[str, Any],
+    dry_run: bool = False,
+    show_progress: bool = True,
+) -> JobReport:
+    async def main() -> JobReport:
+        target = make_client(target_ep, "target", settings)
+        try:
+            return await run_job(
+                ledger,
+                source,
+                target,
+                settings,
+                job_name=name,
+                options=options,
+                dry_run=dry_run,
+                show_progress=show_progress,
+            )
+        finally:
+            await target.aclose()
+
+    return asyncio.run(main())
 
 
 def import_path(
@@ -352,25 +373,17 @@ def import_path(
     asyncio.run(source.preflight())
     check_endpoints(settings, target=target_ep)
     ledger = Ledger.open(settings.ledger, create=True)
-
-    async def main() -> JobReport:
-        target = make_client(target_ep, "target", settings)
-        try:
-            return await run_job(
-                ledger,
-                source,
-                target,
-                settings,
-                job_name=name,
-                options={"concurrency": settings.concurrency, "folder_kind": source.info.kind},
-                dry_run=dry_run,
-                show_progress=show_progress,
-            )
-        finally:
-            await target.aclose()
-
     try:
-        report = asyncio.run(main())
+        report = _run_folder(
+            ledger,
+            source,
+            target_ep,
+            settings,
+            name=name,
+            options={"concurrency": settings.concurrency, "folder_kind": source.info.kind},
+            dry_run=dry_run,
+            show_progress=show_progress,
+        )
     finally:
         ledger.close()
     if report.job.listing_done or report.result.listed:
