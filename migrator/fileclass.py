@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
-from pydicom.filereader import read_partial
-
+from migrator.dicomhead import PIXEL_TAGS, Header, Unsupported, read_header
 from migrator.dicomid import orthanc_instance_id
 
 __all__ = [
@@ -41,7 +41,6 @@ SKIP_HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
 SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
 
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 # Explicit-VR elements whose header carries a 4-byte length (12-byte header in total).
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"
@@ -50,6 +49,8 @@ _JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 _DEFER_SIZE = 64 * 1024
 # JSON summaries are small; a bigger file starting with "{" is not one of them.
 _MAX_JSON_SIZE = 64 * 1024 * 1024
+# Files up to this size are read whole; bigger ones are mapped (headers only are read).
+_READ_WHOLE = 1 << 20
 # Guards decompression against a corrupt size prefix claiming terabytes.
 _MAX_DECLARED_SIZE = 1 << 40
 
@@ -147,17 +148,23 @@ def classify_file(path: str, root: str | None = None) -> Candidate:
     """Classify one file of a bare folder (no index) without sending anything.
 
     ``source_key`` is ``path`` relative to ``root`` in posix form (the absolute path when
-    ``root`` is None). Only the DICOM header is parsed for uncompressed files; compressed
-    files are decompressed in memory. Raises ``OSError`` only when the file cannot be read.
+    ``root`` is None). Only the DICOM header is parsed; compressed files are decompressed
+    in memory, big files are mapped rather than read. Raises ``OSError`` only when the
+    file cannot be read.
     """
     abspath = os.path.abspath(path)
     key = _source_key(abspath, root)
     with open(abspath, "rb") as fh:
-        head = fh.read(132)
+        size = os.fstat(fh.fileno()).st_size
+        if size <= _READ_WHOLE:
+            head = fh.read()
+            size = len(head)
+        else:
+            head = fh.read(132)
         if not head:
             return _skipped(key, abspath, SKIP_EMPTY, size=0)
         if is_zlib_with_size(head):
-            raw = head + fh.read()
+            raw = head + fh.read() if size > _READ_WHOLE else head
             try:
                 data = decompress_zlib_with_size(raw)
             except CorruptFile as exc:
@@ -165,10 +172,16 @@ def classify_file(path: str, root: str | None = None) -> Candidate:
                     return _skipped(key, abspath, f"corrupt compressed file: {exc}", True)
             else:
                 md5 = hashlib.md5(data).hexdigest()
-                return _classify_stream(key, abspath, io.BytesIO(data), len(data), True, md5)
-        size = os.fstat(fh.fileno()).st_size
-        fh.seek(0)
-        return _classify_stream(key, abspath, fh, size, False, None)
+                return _classify_bytes(key, abspath, data, True, md5)
+        if size <= _READ_WHOLE:
+            return _classify_bytes(key, abspath, head, False, None)
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system without mmap: read it
+            fh.seek(0)
+            return _classify_bytes(key, abspath, fh.read(), False, None)
+        with mapped:
+            return _classify_bytes(key, abspath, mapped, False, None)
 
 
 def _source_key(abspath: str, root: str | None) -> str:
@@ -195,50 +208,56 @@ def _skipped(
     )
 
 
-def _classify_stream(
-    key: str, path: str, fh: BinaryIO, size: int, compressed: bool, md5: str | None
+def _classify_bytes(
+    key: str, path: str, data: bytes | mmap.mmap, compressed: bool, md5: str | None
 ) -> Candidate:
-    head = fh.read(132)
-    fh.seek(0)
+    size = len(data)
+    head = data[:132]
     if size == 0:
         return _skipped(key, path, SKIP_EMPTY, compressed, 0)
     if head.lstrip()[:1] == b"{":
-        return _skipped(key, path, _json_reason(fh, size), compressed, size)
+        return _skipped(key, path, _json_reason(data), compressed, size)
     part10 = head[128:132] == b"DICM"
     if not part10 and not _looks_like_raw_dataset(head):
         return _skipped(key, path, "not DICOM: no DICM marker", compressed, size)
     try:
-        ds, pixel = _parse_header(fh, force=not part10)
-    except Exception as exc:  # pydicom raises many types on garbage input
-        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        return _skipped(key, path, f"not DICOM: {why}", compressed, size)
+        header = read_header(data)
+    except Unsupported:
+        try:
+            header = _pydicom_header(data, force=not part10)
+        except Exception as exc:  # pydicom raises many types on garbage input
+            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            return _skipped(key, path, f"not DICOM: {why}", compressed, size)
 
-    meta = getattr(ds, "file_meta", None)
-    sop_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
-    if sop_class == DICOMDIR_SOP_CLASS:
+    if header.sop_class == DICOMDIR_SOP_CLASS:
         return _skipped(key, path, SKIP_DICOMDIR, compressed, size)
-    uids = {k: _text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    uids = {
+        "StudyInstanceUID": header.study_uid,
+        "SeriesInstanceUID": header.series_uid,
+        "SOPInstanceUID": header.sop_uid,
+    }
     absent = [k for k, v in uids.items() if not v]
     if absent:
         label = "incomplete DICOM" if part10 else "not DICOM"
         return _skipped(key, path, f"{label}: no {', '.join(absent)}", compressed, size)
 
-    has_pixels = pixel is not None
+    has_pixels = header.pixel is not None
     skip = None
-    if not has_pixels and "Rows" in ds and "Columns" in ds:
+    if not has_pixels and header.rows_and_columns:
         # An image without its pixels is what Orthanc writes as DicomUntilPixelData.
         # Sending it would store a pixel-less instance and make the real file
         # "AlreadyStored" later, so it is never sent, even when no full copy exists.
         skip = SKIP_HEADER_ONLY
-    problem = _truncation(ds, pixel, size) if pixel is not None else None
-    study, series, sop = uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+    problem = _truncation(header, size)
     return Candidate(
         source_key=key,
         path=path,
-        orthanc_id=orthanc_instance_id(_text(ds, "PatientID"), study, series, sop),
-        sop_uid=sop,
-        study_uid=study,
-        series_uid=series,
+        orthanc_id=orthanc_instance_id(
+            header.patient_id, header.study_uid, header.series_uid, header.sop_uid
+        ),
+        sop_uid=header.sop_uid,
+        study_uid=header.study_uid,
+        series_uid=header.series_uid,
         size=size,
         md5=md5,
         has_pixels=has_pixels,
@@ -248,11 +267,11 @@ def _classify_stream(
     )
 
 
-def _json_reason(fh: BinaryIO, size: int) -> str:
-    if size > _MAX_JSON_SIZE:
+def _json_reason(data: bytes | mmap.mmap) -> str:
+    if len(data) > _MAX_JSON_SIZE:
         return "not DICOM: large JSON-like file"
     try:
-        doc = json.loads(fh.read())
+        doc = json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError):
         return "not DICOM: starts with '{' but is not JSON"
     if isinstance(doc, dict) and doc and all(_JSON_KEY.match(k) for k in doc):
@@ -269,34 +288,47 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
     return group in (0x0002, 0x0008)
 
 
-def _parse_header(fh: BinaryIO, force: bool) -> tuple[Any, tuple[str | None, int, int] | None]:
-    """Parse up to the pixel data; return the dataset and (vr, length, element offset)."""
+def _pydicom_header(data: bytes | mmap.mmap, force: bool) -> Header:
+    """Parse up to the pixel data with pydicom, for files :func:`read_header` declines."""
+    from pydicom.filereader import read_partial  # only odd files need it
+
     seen: list[tuple[str | None, int]] = []
 
     def at_pixels(tag: int, vr: str | None, length: int) -> bool:
-        if tag in _PIXEL_TAGS:
+        if tag in PIXEL_TAGS:
             seen.append((vr, length))
             return True
         return False
 
+    fh = io.BytesIO(data) if isinstance(data, bytes) else data
+    fh.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = read_partial(fh, stop_when=at_pixels, defer_size=_DEFER_SIZE, force=force)
-    if not seen:
-        return ds, None
-    # read_partial rewinds to the start of the pixel element before returning.
-    return ds, (seen[-1][0], seen[-1][1], fh.tell())
-
-
-def _truncation(ds: Any, pixel: tuple[str | None, int, int], size: int) -> str | None:
-    vr, length, offset = pixel
     meta = getattr(ds, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if length == 0xFFFFFFFF or ts == _DEFLATED_TS:
+    # read_partial rewinds to the start of the pixel element before returning.
+    pixel = (seen[-1][0], seen[-1][1], fh.tell()) if seen else None
+    return Header(
+        sop_class=str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "",
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        rows_and_columns="Rows" in ds and "Columns" in ds,
+        pixel=pixel,
+    )
+
+
+def _truncation(header: Header, size: int) -> str | None:
+    if header.pixel is None:
+        return None
+    vr, length, offset = header.pixel
+    if length == 0xFFFFFFFF or header.transfer_syntax == _DEFLATED_TS:
         # Encapsulated or deflated data cannot be measured without reading it all.
         return None
-    header = 12 if vr in _LONG_VRS else 8
-    available = size - offset - header
+    head = 12 if vr in _LONG_VRS else 8
+    available = size - offset - head
     if available < length:
         return f"truncated DICOM: pixel data has {max(available, 0)} of {length} bytes"
     return None
@@ -309,5 +341,5 @@ def _text(ds: Any, keyword: str) -> str:
         return ""
     if value is None:
         return ""
-    # Same normalisation as migrator.dicomid: Orthanc drops the padding of string values.
+    # Same normalisation as migrator.dicomhead: Orthanc drops the padding of string values.
     return str(value).strip(" \x00")
