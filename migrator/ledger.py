@@ -17,16 +17,25 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, bindparam, case, exists, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator import db
 from migrator.errors import LedgerError, UsageError
 from migrator.ledger_runs import RunsMixin
 from migrator.ledger_verify import VerifyMixin
-from migrator.schema import instances, jobs, runs
+from migrator.schema import COPY_STATES_SQL, instances, jobs, runs
 from migrator.states import State, check_transition
+
+# Built once: aliasing the table copies all its columns, which cost more than the query.
+_other = instances.alias("other")
+_NO_COPY_IN_FLIGHT_OR_SENT = ~exists().where(
+    _other.c.job_id == instances.c.job_id,
+    _other.c.orthanc_id == instances.c.orthanc_id,
+    _other.c.id != instances.c.id,
+    # Spelled as the partial index ix_instances_copies spells it, so that it is used.
+    text(f"other.{COPY_STATES_SQL}"),
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,12 @@ class Ledger(RunsMixin, VerifyMixin):
         return db.Transaction(conn, self.display_url)
 
     def _insert(self, table: Any) -> Any:
-        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        # The dialect's own insert (for ON CONFLICT), imported for the dialect in use only.
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        return dialect_insert(table)
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -252,15 +266,7 @@ class Ledger(RunsMixin, VerifyMixin):
             .with_for_update(skip_locked=True)
         )
         if one_per_instance:
-            other = instances.alias("other")
-            due = due.where(
-                ~exists().where(
-                    other.c.job_id == instances.c.job_id,
-                    other.c.orthanc_id == instances.c.orthanc_id,
-                    other.c.id != instances.c.id,
-                    other.c.state.in_([State.IN_FLIGHT.value, State.SENT.value]),
-                )
-            )
+            due = due.where(_NO_COPY_IN_FLIGHT_OR_SENT)
         stmt = (
             update(instances)
             .where(instances.c.id.in_(bindparam("ids", expanding=True)))

@@ -20,12 +20,17 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of the rowid; BIGINT would not autoincrement.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 metadata = MetaData()
+
+# The states in which a row keeps other copies of its instance from being leased; literal,
+# because a partial index serves only queries that spell its condition the same way.
+COPY_STATES_SQL = "state IN ('in_flight', 'sent')"
 
 jobs = Table(
     "jobs",
@@ -80,7 +85,15 @@ instances = Table(
     Column("verify_detail", Text),
     UniqueConstraint("job_id", "source_key", name="uq_instances_job_source_key"),
     Index("ix_instances_lease", "job_id", "state", "next_attempt_at", "id"),
-    Index("ix_instances_orthanc_id", "job_id", "orthanc_id"),
+    # Revision 0005: "another copy of this instance is in flight or sent" in one lookup;
+    # partial, so that listing (every row pending) does not pay for it.
+    Index(
+        "ix_instances_copies",
+        "job_id",
+        "orthanc_id",
+        sqlite_where=text(COPY_STATES_SQL),
+        postgresql_where=text(COPY_STATES_SQL),
+    ),
     Index("ix_instances_sent_at", "job_id", "sent_at"),
     Index("ix_instances_verify", "job_id", "verify_result"),
     # Revision 0004: `status` reads sizes and error reasons from indexes only.

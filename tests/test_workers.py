@@ -217,3 +217,45 @@ def test_lease_takes_at_most_limit_rows(pg_url):
         assert [len(ledger.lease(job.id, "w", 32, 60)) for _ in range(3)] == [32, 32, 32]
     finally:
         ledger.close()
+
+
+def _copies_check_plan(url: str, ledger: Ledger, job_id: int) -> str:
+    """The query plan of the candidate query of a one-copy-per-instance lease."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("SELECT") and "other" in statement:
+            seen.append((statement, parameters))
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
+    try:
+        ledger.lease(job_id, "w", 32, 60, one_per_instance=True)
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
+    (statement, parameters), *_ = seen
+    explain = "EXPLAIN QUERY PLAN " if url.startswith("sqlite") else "EXPLAIN "
+    with ledger.engine.connect() as conn:
+        rows = conn.exec_driver_sql(explain + statement, parameters).all()
+    return "\n".join(" ".join(str(c) for c in row) for row in rows)
+
+
+def test_copies_check_is_one_index_lookup(tmp_path: Path, pg_url: str) -> None:
+    # Leasing one copy per instance once made SQLite read every sent row of the job for
+    # each candidate row (quadratic on large folders): the partial copies index serves it.
+    for url in (f"sqlite:///{tmp_path / 'l.db'}", pg_url):
+        ledger = Ledger.open(url, create=True)
+        try:
+            job = ledger.ensure_job("j", "import", "/data", "http://b/", {})
+            rows = [{"source_key": f"f{i}", "orthanc_id": f"o{i // 2}"} for i in range(400)]
+            ledger.save_listing(job.id, rows, None, done=True)
+            # Two copies of each instance: never both at once.
+            first = ledger.lease(job.id, "w", 100, 60, one_per_instance=True)
+            assert len({lease.orthanc_id for lease in first}) == len(first) == 50
+            ledger.record("w", [Outcome(x.id, State.SENT) for x in first])
+            leased = ledger.lease(job.id, "w", 400, 60, one_per_instance=True)
+            assert len(leased) == 150
+            assert {x.orthanc_id for x in leased}.isdisjoint({x.orthanc_id for x in first})
+            plan = _copies_check_plan(url, ledger, job.id)
+            assert "ix_instances_copies" in plan, plan
+        finally:
+            ledger.close()
