@@ -29,6 +29,10 @@ from migrator.states import State
 # Rows per ledger transaction: large pages keep commits (and fsyncs) few.
 PAGE = 5000
 TREE_PAGE_SECONDS = 0.25
+FIRST_TREE_PAGE_SECONDS = 0.02
+# Files up to this size are read on the event loop: a thread hand-off costs more CPU than
+# reading a few kilobytes from the page cache.
+INLINE_READ = 256 * 1024
 MISSING = "file missing from the storage folder (the index lists it)"
 ORPHAN = "orphan: the index does not know this file (retry --state skipped --error orphan)"
 
@@ -85,6 +89,8 @@ class FolderSource:
         self.display = self.info.path
         # Index rows are keyed by Orthanc ID; bare folders by path relative to the root.
         self.root = self.info.storage or self.info.path
+        # An index has one row per instance: no copies to reduce to one.
+        self.copies_possible = self.info.index is None
 
     async def preflight(self) -> str:
         if self.info.kind == "orthanc-index":
@@ -160,21 +166,25 @@ class FolderSource:
     def _tree_pages(self, state: dict[str, Any]) -> Iterator[ListingPage]:
         rows: list[dict[str, Any]] = []
         started = time.monotonic()
+        # Classifying files costs time (their headers are parsed): hand rows over after a
+        # short while, so that sending starts at once; then in longer pages (fewer commits).
+        seconds = FIRST_TREE_PAGE_SECONDS
         for cand in iter_folder(self.root, state.get("after")):
             rows.append(_row(cand))
             state["after"] = cand.source_key
-            # Classifying files is slow (they are parsed): hand rows over often, so that
-            # sending starts at once instead of after a whole page.
-            if len(rows) >= PAGE or time.monotonic() - started > TREE_PAGE_SECONDS:
+            if len(rows) >= PAGE or time.monotonic() - started > seconds:
                 yield ListingPage(rows, json.dumps(state))
                 rows = []
                 started = time.monotonic()
+                seconds = min(2 * seconds, TREE_PAGE_SECONDS)
         yield ListingPage(rows, json.dumps(state), done=True)
 
     async def fetch(self, lease: Lease) -> bytes:
         if not lease.path:
             raise TransferError(Verdict(Kind.FATAL, f"row {lease.source_key} has no file path"))
         try:
+            if lease.size is not None and lease.size <= INLINE_READ:
+                return read_dicom_bytes(lease.path)
             return await asyncio.to_thread(read_dicom_bytes, lease.path)
         except FileNotFoundError:
             raise TransferError(Verdict(Kind.VANISHED, f"file {lease.path} is gone")) from None

@@ -102,6 +102,9 @@ class Scheduler:
         self.outcomes: list[Outcome] = []
         self.held: set[int] = set()
         self.stopping = asyncio.Event()
+        # Wake-ups of the leaser: new rows were listed; the queue of leases runs low.
+        self._listed = asyncio.Event()
+        self._hungry = asyncio.Event()
         self.listing_done = job.listing_done
         self.breaker = Breaker(settings.outage_timeout, self._probe)
         self.gate = Gate.from_settings(settings, self.stopping)
@@ -209,6 +212,7 @@ class Scheduler:
             self.result.listed += added
             self.result.notes.extend(page.notes)
             if added:
+                self._listed.set()
                 self.progress.add_total(added)
             if page.done:
                 self.listing_done = True
@@ -219,7 +223,10 @@ class Scheduler:
                 )
 
     async def _listing_then_prepare(self) -> None:
-        await self._listing()
+        try:
+            await self._listing()
+        finally:
+            self._listed.set()  # the leaser sees the end of the listing at once
         await self._skip_copies()
         while self.follow is not None and not self.stopping.is_set():
             # Mirror mode: keep listing what the source receives, every `follow` seconds.
@@ -241,14 +248,21 @@ class Scheduler:
         last_reclaim = 0.0
         while not self.stopping.is_set():
             await self.breaker.wait_healthy()
-            may_send = self.source.send_while_listing or listing.done()
-            if self.queue.qsize() >= self.settings.concurrency or not may_send:
-                await self._sleep(0.05)
+            if not (self.source.send_while_listing or listing.done()):
+                await self._wait(self._listed, 1.0)
+                continue
+            if self.queue.qsize() >= self.settings.concurrency:
+                # Woken by a worker as soon as the queue runs low.
+                self._hungry.clear()
+                if self.queue.qsize() >= self.settings.concurrency:
+                    await self._wait(self._hungry, 1.0)
                 continue
             if time.monotonic() - last_reclaim > min(self.settings.lease_seconds / 2, 5.0):
                 last_reclaim = time.monotonic()
                 await self.db(self.ledger.reclaim_dead_local, self.job.id)
                 await self.db(self.ledger.reclaim_expired, self.job.id)
+            # Cleared before leasing, so rows saved from now on wake the wait below.
+            self._listed.clear()
             leases = await self.db(
                 self.ledger.lease,
                 self.job.id,
@@ -263,7 +277,9 @@ class Scheduler:
             if leases:
                 continue
             if not listing.done():
-                await self._sleep(0.1)
+                # Woken as soon as the listing saves new rows; the timeout picks up
+                # retries coming due and rows other workers hand back.
+                await self._wait(self._listed, 1.0)
                 continue
             if listing.exception() is not None:
                 return
@@ -288,6 +304,8 @@ class Scheduler:
     async def _worker(self) -> None:
         while True:
             lease = await self.queue.get()
+            if self.queue.qsize() < self.settings.concurrency:
+                self._hungry.set()
             if self.stopping.is_set():
                 self.queue.task_done()
                 continue
@@ -437,6 +455,11 @@ class Scheduler:
             return False
         return True
 
+    async def _wait(self, event: asyncio.Event, seconds: float) -> None:
+        """Wait for `event`, at most `seconds` (a stop sets every event)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
@@ -491,6 +514,8 @@ class Scheduler:
         self._signals += 1
         self.result.interrupted = True
         self.stopping.set()
+        self._listed.set()
+        self._hungry.set()
         if self._signals == 1:
             log.warning(
                 "%s: finishing the transfers in flight (again to stop at once)",

@@ -31,3 +31,12 @@ def test_downgrade_and_upgrade_round_trip(tmp_path: Path) -> None:
         assert db.current_revision(ledger.engine) == db.head_revision()
     finally:
         ledger.close()
+
+
+def test_head_revision_is_alembics() -> None:
+    # The tool knows its head revision without importing alembic at start-up.
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(db.alembic_config())
+    assert script.get_current_head() == db.HEAD_REVISION
+    assert db.HEAD_REVISION in db.known_revisions()
