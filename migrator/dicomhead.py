@@ -22,8 +22,17 @@ __all__ = ["PIXEL_TAGS", "Header", "Unsupported", "read_header"]
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 _UNSUPPORTED_SYNTAXES = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
-# Explicit-VR elements whose header carries a 4-byte length (12-byte header in total).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+# Explicit-VR elements whose header carries a 4-byte length (12-byte header in total),
+# and those with a 2-byte length (8 bytes); any other VR is declined.
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {
+        *(b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO"),
+        *(b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"),
+    }
+)
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xE000, 0xE00D, 0xE0DD
 _MAX_DEPTH = 32
@@ -95,8 +104,23 @@ def read_header(data: bytes | memoryview, size: int | None = None) -> Header:
 
     values: dict[int, bytes] = {}
     pixel: tuple[str | None, int, int] | None = None
+    tag_at, u16_at, u32_at = _TAG.unpack_from, _U16.unpack_from, _U32.unpack_from
     while pos < end:
-        tag, vr, length, header = _element(data, pos, end, explicit)
+        # The common case inline (a function call per element doubled the cost).
+        if pos + 12 > end:
+            tag, vr, length, header = _element(data, pos, end, explicit)
+        else:
+            group, element = tag_at(data, pos)
+            tag = group << 16 | element
+            vr = data[pos + 4 : pos + 6] if explicit and group != 0xFFFE else None
+            if vr is None:
+                length, header = u32_at(data, pos + 4)[0], 8
+            elif vr in _SHORT_VRS:
+                length, header = u16_at(data, pos + 6)[0], 8
+            elif vr in _LONG_VRS:
+                length, header = u32_at(data, pos + 8)[0], 12
+            else:
+                raise Unsupported("not explicit VR")
         if tag in PIXEL_TAGS:
             pixel = (vr.decode() if vr else None, length, pos)
             break
@@ -134,13 +158,13 @@ def _element(
     if not explicit or group == 0xFFFE:
         return tag, None, _U32.unpack_from(data, pos + 4)[0], 8
     vr = bytes(data[pos + 4 : pos + 6])
-    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-        raise Unsupported("not explicit VR")
     if vr in _LONG_VRS:
         if pos + 12 > end:
             raise Unsupported("truncated element header")
         return tag, vr, _U32.unpack_from(data, pos + 8)[0], 12
-    return tag, vr, _U16.unpack_from(data, pos + 6)[0], 8
+    if vr in _SHORT_VRS:
+        return tag, vr, _U16.unpack_from(data, pos + 6)[0], 8
+    raise Unsupported("not explicit VR")
 
 
 def _skip_items(data: bytes | memoryview, pos: int, end: int, explicit: bool, depth: int) -> int:

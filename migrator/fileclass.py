@@ -42,7 +42,9 @@ SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
 
 # Explicit-VR elements whose header carries a 4-byte length (12-byte header in total).
-_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"
 _JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 # Values above this are read lazily by pydicom; keeps big private blobs out of memory.
