@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, exists, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator import db
@@ -29,13 +29,27 @@ from migrator.states import State, check_transition
 
 # Built once: aliasing the table copies all its columns, which cost more than the query.
 _other = instances.alias("other")
-_NO_COPY_IN_FLIGHT_OR_SENT = ~exists().where(
-    _other.c.job_id == instances.c.job_id,
-    _other.c.orthanc_id == instances.c.orthanc_id,
-    _other.c.id != instances.c.id,
-    # Spelled as the partial index ix_instances_copies spells it, so that it is used.
-    text(f"other.{COPY_STATES_SQL}"),
+# Whether another copy of a row's instance is sent (2) or in flight (1), or NULL: one
+# lookup in the partial index ix_instances_copies, whose condition the query spells the
+# same way so that it is used. (Not max(state): PostgreSQL turns a bare max into a
+# backward scan of the (job_id, state) index.)
+_TWIN_SENT, _TWIN_IN_FLIGHT = 2, 1
+_TWIN_STATE = (
+    select(func.max(case((_other.c.state == State.SENT.value, _TWIN_SENT), else_=_TWIN_IN_FLIGHT)))
+    .where(
+        _other.c.job_id == instances.c.job_id,
+        _other.c.orthanc_id == instances.c.orthanc_id,
+        _other.c.id != instances.c.id,
+        text(f"other.{COPY_STATES_SQL}"),
+    )
+    .scalar_subquery()
+    .label("twin_state")
 )
+SUPERSEDED = "superseded: a better copy of this instance is sent instead"
+# A row whose twin is in flight waits this long before it is looked at again.
+TWIN_WAIT_SECONDS = 5.0
+# Rounds of blocked candidates a lease clears before it gives up for this call.
+_BLOCKED_ROUNDS = 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,12 @@ class Lease:
     size: int | None
     md5: str | None
     attempts: int
+
+
+class Leased(list[Lease]):
+    """The leases of one `Ledger.lease` call, and how many copies it found superseded."""
+
+    superseded: int = 0
 
 
 @dataclass(frozen=True)
@@ -244,18 +264,25 @@ class Ledger(RunsMixin, VerifyMixin):
         lease_seconds: float,
         *,
         one_per_instance: bool = False,
-    ) -> list[Lease]:
+    ) -> Leased:
         """Atomically take up to `limit` due pending rows for `owner`.
 
         PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets workers lease side by side. SQLite: the
         whole transaction runs under the database write lock (BEGIN IMMEDIATE).
         `one_per_instance` (folders, where several files may hold one instance) never
-        leases a row whose Orthanc ID another row is sending or has sent.
+        leases a row whose Orthanc ID another row is sending or has sent: such a row is
+        skipped as superseded if the other copy is sent, and put back
+        ``TWIN_WAIT_SECONDS`` if it is in flight, so that blocked rows never pile up at
+        the head of the queue (each lease would read them all again).
         """
         check_transition(State.PENDING, State.IN_FLIGHT)
+        check_transition(State.PENDING, State.SKIPPED)
         now = time.time()
+        columns = [instances.c.id, instances.c.orthanc_id]
+        if one_per_instance:
+            columns.append(_TWIN_STATE)
         due = (
-            select(instances.c.id, instances.c.orthanc_id)
+            select(*columns)
             .where(
                 instances.c.job_id == job_id,
                 instances.c.state == State.PENDING.value,
@@ -265,9 +292,7 @@ class Ledger(RunsMixin, VerifyMixin):
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        if one_per_instance:
-            due = due.where(_NO_COPY_IN_FLIGHT_OR_SENT)
-        stmt = (
+        take = (
             update(instances)
             .where(instances.c.id.in_(bindparam("ids", expanding=True)))
             .where(instances.c.state == State.PENDING.value)
@@ -288,19 +313,45 @@ class Ledger(RunsMixin, VerifyMixin):
                 instances.c.attempts,
             )
         )
+        pending_ids = instances.c.id.in_(bindparam("ids", expanding=True))
+        supersede = (
+            update(instances)
+            .where(pending_ids, instances.c.state == State.PENDING.value)
+            .values(state=State.SKIPPED.value, last_error=SUPERSEDED, updated_at=now)
+        )
+        postpone = (
+            update(instances)
+            .where(pending_ids, instances.c.state == State.PENDING.value)
+            .values(next_attempt_at=now + TWIN_WAIT_SECONDS, updated_at=now)
+        )
+        result = Leased()
         with self._write() as conn:
-            candidates = conn.execute(due).all()
-            ids, seen = [], set()
-            for row_id, orthanc_id in candidates:
-                if one_per_instance and orthanc_id is not None:
-                    if orthanc_id in seen:
-                        continue  # a copy of an instance leased in this very batch
-                    seen.add(orthanc_id)
-                ids.append(row_id)
-            rows = conn.execute(stmt, {"ids": ids}).all() if ids else []
-        leases = [Lease(*row) for row in rows]
-        leases.sort(key=lambda lease: lease.id)
-        return leases
+            for _ in range(_BLOCKED_ROUNDS):
+                candidates = conn.execute(due).all()
+                ids: list[int] = []
+                superseded: list[int] = []
+                postponed: list[int] = []
+                seen: set[str] = set()
+                for row_id, orthanc_id, *twin in candidates:
+                    if not one_per_instance or orthanc_id is None:
+                        ids.append(row_id)
+                    elif twin[0] == _TWIN_SENT:
+                        superseded.append(row_id)
+                    elif twin[0] is not None:
+                        postponed.append(row_id)
+                    elif orthanc_id not in seen:
+                        # Further copies in this very batch stay pending.
+                        seen.add(orthanc_id)
+                        ids.append(row_id)
+                if superseded:
+                    result.superseded += conn.execute(supersede, {"ids": superseded}).rowcount
+                if postponed:
+                    conn.execute(postpone, {"ids": postponed})
+                if ids or len(candidates) < limit:
+                    break
+            rows = conn.execute(take, {"ids": ids}).all() if ids else []
+        result.extend(sorted((Lease(*row) for row in rows), key=lambda lease: lease.id))
+        return result
 
     def next_due(self, job_id: int) -> float | None:
         """When the earliest pending row becomes due (epoch seconds), or None if none."""
@@ -483,7 +534,7 @@ class Ledger(RunsMixin, VerifyMixin):
                 .where(instances.c.id.in_(losers), instances.c.state == State.PENDING.value)
                 .values(
                     state=State.SKIPPED.value,
-                    last_error="superseded: a better copy of this instance is sent instead",
+                    last_error=SUPERSEDED,
                     updated_at=time.time(),
                 )
             )

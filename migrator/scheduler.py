@@ -106,6 +106,7 @@ class Scheduler:
         self._listed = asyncio.Event()
         self._hungry = asyncio.Event()
         self.listing_done = job.listing_done
+        self._skipped_at_sent: int | None = None
         self.breaker = Breaker(settings.outage_timeout, self._probe)
         self.gate = Gate.from_settings(settings, self.stopping)
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
@@ -236,10 +237,17 @@ class Scheduler:
             await self._listing()
 
     async def _skip_copies(self) -> None:
-        if self.listing_done and self.source.copies_possible:
-            superseded = await self.db(self.ledger.skip_superseded, self.job.id)
-            if superseded:
-                self.progress.add_total(-superseded)
+        # Only a send makes another copy superseded: after the first pass, the (whole-job)
+        # query runs again only if this run sent something since, not at every idle turn
+        # of the leaser while retries wait out their backoff.
+        if not (self.listing_done and self.source.copies_possible):
+            return
+        if self._skipped_at_sent == self.result.sent:
+            return
+        self._skipped_at_sent = self.result.sent
+        superseded = await self.db(self.ledger.skip_superseded, self.job.id)
+        if superseded:
+            self.progress.add_total(-superseded)
 
     # -- leasing and transfers ----------------------------------------------------------
 
@@ -271,6 +279,8 @@ class Scheduler:
                 self.settings.lease_seconds,
                 one_per_instance=self.source.copies_possible,
             )
+            if leases.superseded:
+                self.progress.add_total(-leases.superseded)
             for lease in leases:
                 self.held.add(lease.id)
                 self.queue.put_nowait(lease)

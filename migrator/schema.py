@@ -91,6 +91,7 @@ instances = Table(
         "ix_instances_copies",
         "job_id",
         "orthanc_id",
+        "state",
         sqlite_where=text(COPY_STATES_SQL),
         postgresql_where=text(COPY_STATES_SQL),
     ),

@@ -241,20 +241,35 @@ def _copies_check_plan(url: str, ledger: Ledger, job_id: int) -> str:
 
 def test_copies_check_is_one_index_lookup(tmp_path: Path, pg_url: str) -> None:
     # Leasing one copy per instance once made SQLite read every sent row of the job for
-    # each candidate row (quadratic on large folders): the partial copies index serves it.
+    # each candidate row, and blocked copies piled up at the head of the queue, to be
+    # read again by every lease (quadratic on large folders).
     for url in (f"sqlite:///{tmp_path / 'l.db'}", pg_url):
         ledger = Ledger.open(url, create=True)
         try:
             job = ledger.ensure_job("j", "import", "/data", "http://b/", {})
-            rows = [{"source_key": f"f{i}", "orthanc_id": f"o{i // 2}"} for i in range(400)]
+            rows = [{"source_key": f"f{i:03d}", "orthanc_id": f"o{i // 2}"} for i in range(400)]
             ledger.save_listing(job.id, rows, None, done=True)
             # Two copies of each instance: never both at once.
             first = ledger.lease(job.id, "w", 100, 60, one_per_instance=True)
-            assert len({lease.orthanc_id for lease in first}) == len(first) == 50
+            assert len({x.orthanc_id for x in first}) == len(first) == 50
+            # Their twins wait while they are in flight: put back, not leased.
+            second = ledger.lease(job.id, "w", 100, 60, one_per_instance=True)
+            assert len(second) == 25 and second.superseded == 0
+            waiting = _counts(
+                url.replace("postgresql+psycopg", "postgresql"),
+                f"SELECT COUNT(*) FROM instances WHERE state = 'pending' "
+                f"AND next_attempt_at > {time.time()}",
+            )
+            assert waiting == [(50,)]
+            # Once sent, their twins are superseded when they come up again.
             ledger.record("w", [Outcome(x.id, State.SENT) for x in first])
-            leased = ledger.lease(job.id, "w", 400, 60, one_per_instance=True)
-            assert len(leased) == 150
-            assert {x.orthanc_id for x in leased}.isdisjoint({x.orthanc_id for x in first})
+            with ledger.engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE instances SET next_attempt_at = 0")
+            third = ledger.lease(job.id, "w", 400, 60, one_per_instance=True)
+            assert third.superseded == 50
+            assert len(third) == 125
+            leased = {x.orthanc_id for x in [*first, *second, *third]}
+            assert len(leased) == 200
             plan = _copies_check_plan(url, ledger, job.id)
             assert "ix_instances_copies" in plan, plan
         finally:

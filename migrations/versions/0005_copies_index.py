@@ -4,8 +4,9 @@ A folder import leases a row only if no other row with its Orthanc ID is in flig
 sent. The index on (job_id, orthanc_id) it used had two costs: SQLite preferred the
 (job_id, state) index for that check and then read every sent row of the job for each
 candidate row; and every listed row paid a random insert into it (a third of the cost
-of listing a large index). A partial index of the in-flight and sent rows answers the
-check in one lookup and costs nothing while listing, when every row is pending.
+of listing a large index). A partial index of the in-flight and sent rows, with their
+state (so that it covers the lookup and SQLite picks it), answers the check in one
+lookup and costs nothing while listing, when every row is pending.
 
 Revision ID: 0005
 Revises: 0004
@@ -30,7 +31,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_instances_copies",
         "instances",
-        ["job_id", "orthanc_id"],
+        ["job_id", "orthanc_id", "state"],
         sqlite_where=sa.text(COPY_STATES),
         postgresql_where=sa.text(COPY_STATES),
     )
