@@ -108,3 +108,21 @@ def test_backoff_grows_and_is_capped():
     assert 0.5 <= delays[0] <= 1.0
     assert all(d <= 8.0 for d in delays)
     assert delays[-1] >= 4.0
+
+
+def test_progress_bar_counts_and_renders() -> None:
+    import io
+
+    from rich.console import Console
+
+    from migrator.progress import BarProgress
+
+    out = io.StringIO()
+    bar = BarProgress(Console(file=out, force_terminal=False, width=100))
+    bar.start({"pending": 2, "in_flight": 1, "sent": 1})
+    bar.add_total(2)
+    bar.advance(State.SENT, 1_500_000)
+    bar.advance(State.REJECTED, 0)
+    bar.close()
+    assert (bar.done, bar.total, bar.by_state["sent"], bar.by_state["rejected"]) == (3, 6, 2, 1)
+    assert "3/6" in out.getvalue() and "1.5 MB" in out.getvalue()
