@@ -40,6 +40,7 @@ SKIP_JSON = "JSON summary (DicomAsJson)"
 SKIP_HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
 SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
+NOT_DICOM = "not DICOM: no DICM marker"
 
 # Explicit-VR elements whose header carries a 4-byte length (12-byte header in total).
 _LONG_VRS = frozenset(
@@ -51,7 +52,8 @@ _JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 _DEFER_SIZE = 64 * 1024
 # JSON summaries are small; a bigger file starting with "{" is not one of them.
 _MAX_JSON_SIZE = 64 * 1024 * 1024
-# Files up to this size are read whole; bigger ones are mapped (headers only are read).
+# DICOM files up to this size are read whole; bigger ones are mapped (only their header
+# is read).
 _READ_WHOLE = 1 << 20
 # Guards decompression against a corrupt size prefix claiming terabytes.
 _MAX_DECLARED_SIZE = 1 << 40
@@ -158,30 +160,29 @@ def classify_file(path: str, root: str | None = None) -> Candidate:
     key = _source_key(abspath, root)
     with open(abspath, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        if size <= _READ_WHOLE:
-            head = fh.read()
-            size = len(head)
-        else:
-            head = fh.read(132)
+        head = fh.read(132)
         if not head:
             return _skipped(key, abspath, SKIP_EMPTY, size=0)
-        if is_zlib_with_size(head):
-            raw = head + fh.read() if size > _READ_WHOLE else head
+        compressed = is_zlib_with_size(head)
+        if not compressed and not _may_be_dicom_or_json(head):
+            # Photos, documents...: the first bytes tell, the rest is never read.
+            return _skipped(key, abspath, NOT_DICOM, size=size)
+        if compressed:
+            raw = head + fh.read()
             try:
                 data = decompress_zlib_with_size(raw)
             except CorruptFile as exc:
                 if head[128:132] != b"DICM":
                     return _skipped(key, abspath, f"corrupt compressed file: {exc}", True)
-            else:
-                md5 = hashlib.md5(data).hexdigest()
-                return _classify_bytes(key, abspath, data, True, md5)
+                return _classify_bytes(key, abspath, raw, False, None)
+            md5 = hashlib.md5(data).hexdigest()
+            return _classify_bytes(key, abspath, data, True, md5)
         if size <= _READ_WHOLE:
-            return _classify_bytes(key, abspath, head, False, None)
+            return _classify_bytes(key, abspath, head + fh.read(), False, None)
         try:
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):  # a file system without mmap: read it
-            fh.seek(0)
-            return _classify_bytes(key, abspath, fh.read(), False, None)
+            return _classify_bytes(key, abspath, head + fh.read(), False, None)
         with mapped:
             return _classify_bytes(key, abspath, mapped, False, None)
 
@@ -221,7 +222,7 @@ def _classify_bytes(
         return _skipped(key, path, _json_reason(data), compressed, size)
     part10 = head[128:132] == b"DICM"
     if not part10 and not _looks_like_raw_dataset(head):
-        return _skipped(key, path, "not DICOM: no DICM marker", compressed, size)
+        return _skipped(key, path, NOT_DICOM, compressed, size)
     try:
         header = read_header(data)
     except Unsupported:
@@ -279,6 +280,10 @@ def _json_reason(data: bytes | mmap.mmap) -> str:
     if isinstance(doc, dict) and doc and all(_JSON_KEY.match(k) for k in doc):
         return SKIP_JSON
     return "not DICOM: JSON document"
+
+
+def _may_be_dicom_or_json(head: bytes) -> bool:
+    return head[128:132] == b"DICM" or head.lstrip()[:1] == b"{" or _looks_like_raw_dataset(head)
 
 
 def _looks_like_raw_dataset(head: bytes) -> bool:
