@@ -29,7 +29,7 @@ from migrator.states import State
 # Rows per ledger transaction: large pages keep commits (and fsyncs) few.
 PAGE = 5000
 TREE_PAGE_SECONDS = 0.25
-FIRST_TREE_PAGE_SECONDS = 0.02
+FIRST_TREE_PAGE_SECONDS = 0.01
 # Files up to this size are read on the event loop: a thread hand-off costs more CPU than
 # reading a few kilobytes from the page cache.
 INLINE_READ = 256 * 1024

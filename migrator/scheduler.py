@@ -122,9 +122,11 @@ class Scheduler:
         self.outcomes: list[Outcome] = []
         self.held: set[int] = set()
         self.stopping = asyncio.Event()
-        # Wake-ups of the leaser: new rows were listed; the queue of leases runs low.
+        # Wake-ups of the leaser: new rows were listed; the queue of leases runs low;
+        # every leased row is settled.
         self._listed = asyncio.Event()
         self._hungry = asyncio.Event()
+        self._settled = asyncio.Event()
         self.listing_done = job.listing_done
         self._skipped_at_sent: int | None = None
         self.breaker = Breaker(settings.outage_timeout, self._probe)
@@ -318,7 +320,10 @@ class Scheduler:
             if listing.exception() is not None:
                 return
             if self.held:
-                await self._sleep(0.05)
+                # Woken when the last leased row is settled.
+                self._settled.clear()
+                if self.held:
+                    await self._wait(self._settled, 1.0)
                 continue
             await self._flush()
             # Copies held back while their twin was in flight are settled now.
@@ -427,6 +432,8 @@ class Scheduler:
     def _add_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
         self.held.discard(outcome.id)
+        if not self.held:
+            self._settled.set()
         result = self.result
         if outcome.state is State.SENT:
             result.sent += 1
@@ -550,6 +557,7 @@ class Scheduler:
         self.stopping.set()
         self._listed.set()
         self._hungry.set()
+        self._settled.set()
         if self._signals == 1:
             log.warning(
                 "%s: finishing the transfers in flight (again to stop at once)",
