@@ -60,9 +60,10 @@ class Unsupported(ValueError):
 class Header:
     """What the classification of a file needs from its DICOM header.
 
-    Text values are ASCII with DICOM padding (spaces, NULs) stripped on both ends; absent
-    elements read as "". ``pixel`` is (VR or None when implicit, value length, offset of
-    the pixel data element in the file), or None when the file has no pixel data.
+    Text values are ASCII with trailing DICOM padding (spaces, NULs) removed and leading
+    spaces kept, as Orthanc reads them; absent elements read as "". ``pixel`` is (VR or
+    None when implicit, value length, offset of the pixel data element in the file), or
+    None when the file has no pixel data.
     """
 
     sop_class: str
@@ -203,6 +204,6 @@ def _text(raw: bytes) -> str:
     if b"\\" in raw or b"\x1b" in raw:
         raise Unsupported("multi-valued or escaped text")
     try:
-        return raw.decode("ascii").strip(" \x00")
+        return raw.decode("ascii").rstrip(" \x00")
     except UnicodeDecodeError:
         raise Unsupported("non-ASCII text") from None

@@ -348,5 +348,6 @@ def _text(ds: Any, keyword: str) -> str:
         return ""
     if value is None:
         return ""
-    # Same normalisation as migrator.dicomhead: Orthanc drops the padding of string values.
-    return str(value).strip(" \x00")
+    # As migrator.dicomid and migrator.dicomhead: Orthanc drops the trailing padding of
+    # string values and keeps leading spaces (PatientID " P X " is " P X" to Orthanc).
+    return str(value).rstrip(" \x00")

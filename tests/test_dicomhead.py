@@ -156,3 +156,15 @@ def test_big_file_is_mapped_not_read(tmp_path) -> None:
     cand = classify_file(str(path))
     assert cand.skip_reason is None and cand.problem is None
     assert cand.size == len(data) and cand.has_pixels
+
+
+def test_orthanc_id_of_a_padded_patient_id_is_orthancs(tmp_path, orthanc_factory) -> None:
+    # Orthanc keeps leading spaces of PatientID and drops trailing ones; the ID computed
+    # for a file before sending must be the one the target gives it.
+    data = make_instance(" P X ", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    path = tmp_path / "padded.dcm"
+    path.write_bytes(data)
+    cand = classify_file(str(path))
+    assert read_header(data).patient_id == " P X"
+    stored = orthanc_factory("padded").upload(data)
+    assert cand.orthanc_id == stored["ID"]
