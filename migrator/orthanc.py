@@ -95,7 +95,9 @@ class OrthancClient:
         self._next = itertools.cycle(self._shards)
         # Parsed once: httpx parses a string URL (and joins it to the base) per request.
         self._instances_url = httpx.URL(endpoint.url).join("instances")
-        self._store_headers = {"Content-Type": "application/dicom"}
+        # Orthanc gzips every answer a client accepts gzip for; the answer to a store is a
+        # few hundred bytes of JSON, not worth deflating and inflating at each end.
+        self._store_headers = {"Content-Type": "application/dicom", "Accept-Encoding": "identity"}
 
     @property
     def http(self) -> httpx.AsyncClient:
