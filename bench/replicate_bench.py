@@ -635,6 +635,11 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    if not args.skip_replicate_py and not REPLICATE_PY.exists():
+        # Debian ships Orthanc's sample scripts in orthanc-doc, not in orthanc.
+        parser.error(
+            f"{REPLICATE_PY} not found: apt-get install orthanc-doc, or --skip-replicate-py"
+        )
     venv_migrator = Path(sys.executable).with_name("migrator")
     found = str(venv_migrator) if venv_migrator.exists() else shutil.which("migrator")
     args.migrator_cmd = [found] if found else [sys.executable, "-m", "migrator.cli"]
