@@ -365,7 +365,7 @@ def import_path(
     show_progress: bool = True,
 ) -> JobReport:
     """Import an Orthanc storage folder or any folder of DICOM files (`migrator import`)."""
-    from migrator.folder_source import FolderSource  # pydicom: only imports need it
+    from migrator.folder_source import FolderSource  # only imports read folders
 
     source = FolderSource(path)
     target_ep = endpoint_from(target_url, "target", settings)

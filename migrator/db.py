@@ -119,7 +119,7 @@ def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> No
     try:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
-            current = _read_revision(conn) if "alembic_version" in tables else None
+            current = _read_revision(conn, tables)
     except SQLAlchemyError as exc:
         reason = short_error(exc)
         raise LedgerError(f"cannot open the ledger {url_for_messages}: {reason}") from None
@@ -179,13 +179,13 @@ def downgrade(engine: Engine, revision: str) -> None:
 def current_revision(engine: Engine) -> str | None:
     """The ledger's alembic revision, or None for an empty database."""
     with engine.connect() as conn:
-        if "alembic_version" not in inspect(conn).get_table_names():
-            return None
-        return _read_revision(conn)
+        return _read_revision(conn, set(inspect(conn).get_table_names()))
 
 
-def _read_revision(conn: Connection) -> str | None:
-    # alembic's own table: one row, the revision the schema is at.
+def _read_revision(conn: Connection, tables: set[str]) -> str | None:
+    # alembic's own table: one row, the revision the schema is at (none: no revision).
+    if "alembic_version" not in tables:
+        return None
     return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 

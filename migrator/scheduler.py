@@ -502,8 +502,7 @@ class Scheduler:
             await asyncio.wait_for(event.wait(), seconds)
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await self._wait(self.stopping, seconds)
 
     async def _supervise(
         self, tasks: list[asyncio.Task[Any]], workers: list[asyncio.Task[Any]]
