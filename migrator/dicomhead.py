@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["PIXEL_TAGS", "Header", "Unsupported", "read_header"]
+__all__ = ["PIXEL_TAGS", "Header", "Unsupported", "element_header_size", "read_header"]
 
 # Float, double float and integer pixel data: where the header of an image ends.
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -146,6 +146,11 @@ def read_header(data: bytes | memoryview, size: int | None = None) -> Header:
         rows_and_columns=_ROWS in values and _COLUMNS in values,
         pixel=pixel,
     )
+
+
+def element_header_size(vr: str | None) -> int:
+    """Bytes before the value of an element with this VR (None: implicit VR)."""
+    return 12 if vr is not None and vr.encode() in _LONG_VRS else 8
 
 
 def _element(

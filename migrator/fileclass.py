@@ -21,7 +21,13 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from migrator.dicomhead import PIXEL_TAGS, Header, Unsupported, read_header
+from migrator.dicomhead import (
+    PIXEL_TAGS,
+    Header,
+    Unsupported,
+    element_header_size,
+    read_header,
+)
 from migrator.dicomid import orthanc_instance_id
 
 __all__ = [
@@ -42,10 +48,6 @@ SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
 NOT_DICOM = "not DICOM: no DICM marker"
 
-# Explicit-VR elements whose header carries a 4-byte length (12-byte header in total).
-_LONG_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"
 _JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 # Values above this are read lazily by pydicom; keeps big private blobs out of memory.
@@ -334,8 +336,7 @@ def _truncation(header: Header, size: int) -> str | None:
     if length == 0xFFFFFFFF or header.transfer_syntax == _DEFLATED_TS:
         # Encapsulated or deflated data cannot be measured without reading it all.
         return None
-    head = 12 if vr in _LONG_VRS else 8
-    available = size - offset - head
+    available = size - offset - element_header_size(vr)
     if available < length:
         return f"truncated DICOM: pixel data has {max(available, 0)} of {length} bytes"
     return None
