@@ -81,6 +81,16 @@ class Lease:
     attempts: int
 
 
+def _supersede(ids: Any, now: float) -> Any:
+    """The pending rows among `ids` (a list parameter or a subquery) end skipped as
+    superseded by another copy of their instance."""
+    return (
+        update(instances)
+        .where(instances.c.id.in_(ids), instances.c.state == State.PENDING.value)
+        .values(state=State.SKIPPED.value, last_error=SUPERSEDED, updated_at=now)
+    )
+
+
 class Leased(list[Lease]):
     """The leases of one `Ledger.lease` call, and how many copies it found superseded."""
 
@@ -313,15 +323,13 @@ class Ledger(RunsMixin, VerifyMixin):
                 instances.c.attempts,
             )
         )
-        pending_ids = instances.c.id.in_(bindparam("ids", expanding=True))
-        supersede = (
-            update(instances)
-            .where(pending_ids, instances.c.state == State.PENDING.value)
-            .values(state=State.SKIPPED.value, last_error=SUPERSEDED, updated_at=now)
-        )
+        supersede = _supersede(bindparam("ids", expanding=True), now)
         postpone = (
             update(instances)
-            .where(pending_ids, instances.c.state == State.PENDING.value)
+            .where(
+                instances.c.id.in_(bindparam("ids", expanding=True)),
+                instances.c.state == State.PENDING.value,
+            )
             .values(next_attempt_at=now + TWIN_WAIT_SECONDS, updated_at=now)
         )
         result = Leased()
@@ -529,15 +537,7 @@ class Ledger(RunsMixin, VerifyMixin):
         )
         losers = select(ranked.c.id).where(ranked.c.rank > 1, ranked.c.state == State.PENDING.value)
         with self._write() as conn:
-            result = conn.execute(
-                update(instances)
-                .where(instances.c.id.in_(losers), instances.c.state == State.PENDING.value)
-                .values(
-                    state=State.SKIPPED.value,
-                    last_error=SUPERSEDED,
-                    updated_at=time.time(),
-                )
-            )
+            result = conn.execute(_supersede(losers, time.time()))
         return result.rowcount
 
     def retry(self, job_id: int, states: Sequence[State], error_contains: str | None = None) -> int:
@@ -551,11 +551,22 @@ class Ledger(RunsMixin, VerifyMixin):
         ]
         if error_contains:
             conditions.append(instances.c.last_error.contains(error_contains, autoescape=True))
+        return self._requeue(conditions)
+
+    def _requeue(self, conditions: Sequence[Any], **also: Any) -> int:
+        """Rows matching `conditions` back to pending, due now, with a fresh attempt
+        budget (and the `also` columns set); returns how many."""
         with self._write() as conn:
             result = conn.execute(
                 update(instances)
                 .where(*conditions)
-                .values(state="pending", attempts=0, next_attempt_at=0.0, updated_at=time.time())
+                .values(
+                    state=State.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=0.0,
+                    updated_at=time.time(),
+                    **also,
+                )
             )
         return result.rowcount
 

@@ -18,6 +18,7 @@ class VerifyMixin:
     """Verification results (see `migrator.ledger.Ledger`)."""
 
     _write: Any
+    _requeue: Any
 
     def record_verification(self, results: Sequence[tuple[int, VerifyResult, str | None]]) -> None:
         """Store a batch of (row id, result, detail) in one transaction.
@@ -57,18 +58,4 @@ class VerifyMixin:
         ]
         if error_contains:
             conditions.append(instances.c.verify_detail.contains(error_contains, autoescape=True))
-        with self._write() as conn:
-            result = conn.execute(
-                update(instances)
-                .where(*conditions)
-                .values(
-                    state=State.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    verify_result=None,
-                    verify_detail=None,
-                    verified_at=None,
-                    updated_at=time.time(),
-                )
-            )
-        return result.rowcount
+        return self._requeue(conditions, verify_result=None, verify_detail=None, verified_at=None)
