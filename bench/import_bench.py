@@ -85,6 +85,13 @@ async def bare_post_loop(url: str, paths: list[Path], concurrency: int) -> float
         return time.perf_counter() - started
 
 
+def job_seconds(ledger: Path) -> float:
+    """How long the one run recorded in an SQLite ledger took (its own clock)."""
+    with sqlite3.connect(ledger) as db:
+        (seconds,) = db.execute("SELECT finished_at - started_at FROM runs").fetchone()
+    return float(seconds)
+
+
 def run_bare(work: Path, paths: list[Path], concurrency: int) -> dict[str, float]:
     """One bare loop into a fresh Orthanc."""
     with OrthancProcess(work, name="bare") as target:
@@ -122,11 +129,9 @@ def run_migrator(work: Path, folder: Path, n: int, concurrency: int) -> dict[str
         assert child.ended is not None and child.cpu_seconds is not None
         orthanc_cpu = proc_cpu_seconds(target.pid) - orthanc0
         assert target.count() == n
-    with sqlite3.connect(ledger) as db:
-        (job,) = db.execute("SELECT finished_at - started_at FROM runs").fetchone()
     return {
         "wall": child.ended - child.started,
-        "job": job,
+        "job": job_seconds(ledger),
         "client_cpu": child.cpu_seconds,
         "orthanc_cpu": orthanc_cpu,
     }
@@ -153,8 +158,8 @@ def list_index(work: Path, n: int, target_url: str) -> dict[str, float]:
     child = Child.start(cmd, work / "index.log")
     assert child.finish(timeout=600) == 0, child.log_tail()
     assert child.ended is not None
+    job = job_seconds(ledger)
     with sqlite3.connect(ledger) as db:
-        (job,) = db.execute("SELECT finished_at - started_at FROM runs").fetchone()
         (rows,) = db.execute("SELECT count(*) FROM instances").fetchone()
     assert rows == n, rows
     ledger.unlink()

@@ -45,10 +45,12 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import REPO, RESULTS, machine_cpu, proc_cpu_seconds
+
 from migrator.testkit import OrthancProcess, Proxy, iter_dataset, upload_all
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 REPLICATE_PY = Path("/usr/share/doc/orthanc/Samples/Python/Replicate.py")
 # Replicate.py needs httplib2; Debian's python3-httplib2 provides it to the system Python.
 REPLICATE_PYTHON = "/usr/bin/python3"
@@ -147,29 +149,6 @@ def bare_worker_main(argv: list[str]) -> None:
 
 # -- CPU accounting ---------------------------------------------------------------------
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of a live process (0 if unknown)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except OSError:
-        return 0.0, 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values) - idle) / _TICK, sum(values) / _TICK
-
 
 def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
     """Wait (up to ``max_wait`` s) until the machine is at most ``threshold`` busy.
@@ -179,9 +158,9 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
     """
     deadline = time.monotonic() + max_wait
     while True:
-        busy0, total0 = _machine_cpu()
+        busy0, total0 = machine_cpu()
         time.sleep(1.0)
-        busy1, total1 = _machine_cpu()
+        busy1, total1 = machine_cpu()
         load = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
         if load <= threshold or time.monotonic() >= deadline:
             return load
@@ -202,7 +181,7 @@ class CpuMeter:
     def _snapshot(self) -> dict[str, float]:
         own = resource.getrusage(resource.RUSAGE_SELF)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy, total = _machine_cpu()
+        busy, total = machine_cpu()
         snap = {
             "client": kids.ru_utime + kids.ru_stime,
             "proxies+bench": own.ru_utime + own.ru_stime,
@@ -210,7 +189,7 @@ class CpuMeter:
             "machine_total": total,
         }
         for name, orthanc in self.orthancs.items():
-            snap[name] = _proc_cpu(orthanc.pid)
+            snap[name] = proc_cpu_seconds(orthanc.pid)
         return snap
 
     def done(self) -> dict[str, float]:
