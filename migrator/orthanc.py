@@ -6,6 +6,7 @@ instance) or a `FatalError` (per run) by `migrator.errors`, never interpreted he
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import ssl
@@ -77,27 +78,38 @@ class OrthancClient:
             if endpoint.url.startswith("https:")
             else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         )
+        limits = httpx.Limits(
+            max_connections=per_shard,
+            max_keepalive_connections=per_shard,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._transports = [
+            httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(shards)
+        ]
         self._shards = [
             httpx.AsyncClient(
-                verify=tls,
+                transport=transport,
                 base_url=endpoint.url,
                 auth=endpoint.auth,
-                timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                limits=httpx.Limits(
-                    max_connections=per_shard,
-                    max_keepalive_connections=per_shard,
-                    keepalive_expiry=KEEPALIVE_EXPIRY,
-                ),
+                timeout=self._timeout,
                 headers={"User-Agent": "migrator"},
             )
-            for _ in range(shards)
+            for transport in self._transports
         ]
         self._next = itertools.cycle(self._shards)
+        self._next_transport = itertools.cycle(self._transports)
         # Parsed once: httpx parses a string URL (and joins it to the base) per request.
         self._instances_url = httpx.URL(endpoint.url).join("instances")
         # Orthanc gzips every answer a client accepts gzip for; the answer to a store is a
         # few hundred bytes of JSON, not worth deflating and inflating at each end.
-        self._store_headers = {"Content-Type": "application/dicom", "Accept-Encoding": "identity"}
+        self._store_headers = {
+            "User-Agent": "migrator",
+            "Content-Type": "application/dicom",
+            "Accept-Encoding": "identity",
+            **_basic_auth_header(endpoint.auth),
+        }
+        self._store_extensions = {"timeout": self._timeout.as_dict()}
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -201,12 +213,25 @@ class OrthancClient:
 
     async def store(self, data: bytes) -> Stored:
         """POST one DICOM file; returns only when the target confirmed it holds it."""
+        # Straight to the connection pool: the client layer (URL merging, cookies, auth
+        # flow, event hooks) cost ~0.3 ms of CPU per POST, a quarter of the whole request,
+        # and the store is the one request made once per instance.
+        request = httpx.Request(
+            "POST",
+            self._instances_url,
+            content=data,
+            headers=self._store_headers,
+            extensions=self._store_extensions,
+        )
         try:
-            response = await self.http.post(
-                self._instances_url, content=data, headers=self._store_headers
-            )
+            response = await next(self._next_transport).handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
+        response.request = request
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         try:
@@ -236,6 +261,14 @@ class OrthancClient:
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.text.strip().strip('"')
+
+
+def _basic_auth_header(auth: tuple[str, str] | None) -> dict[str, str]:
+    """The Authorization header httpx's BasicAuth would send (UTF-8 credentials)."""
+    if auth is None:
+        return {}
+    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
 
 
 def md5_hex(data: bytes) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import httpx
 import pytest
 
 from migrator.config import RetryPolicy, load_settings
@@ -126,3 +127,16 @@ def test_progress_bar_counts_and_renders() -> None:
     bar.close()
     assert (bar.done, bar.total, bar.by_state["sent"], bar.by_state["rejected"]) == (3, 6, 2, 1)
     assert "3/6" in out.getvalue() and "1.5 MB" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("user", "password"), [("alice", "s3cret-pw"), ("bob", "pa:ss wörd"), ("é", "")]
+)
+def test_store_sends_the_authorization_httpx_would(user, password):
+    # store() posts below httpx's client layer, so it builds the header itself.
+    from migrator.orthanc import _basic_auth_header
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/instances")
+    expected = next(httpx.BasicAuth(user, password).auth_flow(request)).headers["Authorization"]
+    assert _basic_auth_header((user, password)) == {"Authorization": expected}
+    assert _basic_auth_header(None) == {}
