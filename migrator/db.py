@@ -1,8 +1,10 @@
 """Opening a ledger database: engines, SQLite pragmas, and the alembic revision check.
 
-A new, empty ledger receives every alembic revision. A ledger at an older revision is
-refused (exit 2) with the command that upgrades it, the way Orthanc refuses an old
-database until ``--upgrade``. Read-only commands never create a ledger.
+A new, empty ledger is created from the metadata in `migrator.schema` and stamped with
+the head revision (alembic's recipe for new databases; a test checks the result is the
+schema the revisions build). A ledger at an older revision is refused (exit 2) with the
+command that upgrades it, the way Orthanc refuses an old database until ``--upgrade``.
+Read-only commands never create a ledger.
 """
 
 from __future__ import annotations
@@ -130,7 +132,11 @@ def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> No
             raise LedgerError(f"{url_for_messages} holds tables but is not a migrator ledger")
         if not create:
             raise UsageError(f"{url_for_messages} is not a migrator ledger (no tables yet)")
-        upgrade(engine)
+        try:
+            create_schema(engine)
+        except SQLAlchemyError as exc:
+            reason = short_error(exc)
+            raise LedgerError(f"cannot create the ledger {url_for_messages}: {reason}") from None
         return
     if current not in known_revisions():
         raise LedgerError(
@@ -141,6 +147,29 @@ def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> No
         f"the ledger {url_for_messages} is at revision {current}, this migrator needs {head}: "
         f"run `migrator db upgrade --ledger {url_for_messages}` (back it up first)"
     )
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the head schema in an empty database, stamped as alembic would stamp it.
+
+    Building it from the metadata in one transaction takes a few milliseconds; running
+    every revision took ~0.1 s (and alembic's import) at the start of each new job.
+    """
+    from migrator.schema import metadata, use_dialect
+
+    use_dialect(engine.dialect.name)
+    with engine.begin() as conn:
+        metadata.create_all(conn)
+        # alembic's version table, as `alembic stamp` creates it.
+        conn.execute(
+            text(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": HEAD_REVISION}
+        )
 
 
 def _migrate(engine: Engine, step: Any, revision: str) -> None:
