@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import certifi
+import httpcore
 import httpx
 
 from migrator.endpoints import Endpoint
@@ -26,6 +27,7 @@ from migrator.errors import (
     verdict_for_response,
     verdict_for_store_status,
 )
+from migrator.netio import AsyncioBackend
 
 # Orthanc closes idle keep-alive connections after one second; reusing one just as it
 # closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
@@ -84,12 +86,13 @@ class OrthancClient:
             keepalive_expiry=KEEPALIVE_EXPIRY,
         )
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
-        self._transports = [
-            httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(shards)
-        ]
+        self._transports = [_transport(tls, limits) for _ in range(shards)]
         self._shards = [
             httpx.AsyncClient(
                 transport=transport,
+                # Every request goes straight to the endpoint, as store() does: an
+                # HTTP(S)_PROXY variable must not route some requests and not others.
+                trust_env=False,
                 base_url=endpoint.url,
                 auth=endpoint.auth,
                 timeout=self._timeout,
@@ -261,6 +264,23 @@ class OrthancClient:
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.text.strip().strip('"')
+
+
+def _transport(tls: ssl.SSLContext, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose connection pool runs on `netio`'s asyncio backend."""
+    transport = httpx.AsyncHTTPTransport(verify=tls, limits=limits)
+    default = getattr(transport, "_pool", None)
+    # httpx takes no network backend: its pool is replaced by the same pool built with
+    # ours. Should a future httpx keep its pool elsewhere, its own backend is used.
+    if isinstance(default, httpcore.AsyncConnectionPool):
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=tls,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=AsyncioBackend(),
+        )
+    return transport
 
 
 def _basic_auth_header(auth: tuple[str, str] | None) -> dict[str, str]:
