@@ -85,6 +85,11 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=60000")
+        # A listing inserts into seven indexes at once: a 16 MiB page cache (default 2 MiB)
+        # and a checkpoint (with its fsync) every ~40 MB of WAL instead of every 4 MB
+        # made listing 100,000 rows faster in each of 3 interleaved pairs (median 3.33 -> 3.14 s).
+        cur.execute("PRAGMA cache_size=-16384")
+        cur.execute("PRAGMA wal_autocheckpoint=10000")
         cur.close()
 
     @event.listens_for(engine, "begin")
