@@ -47,7 +47,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import REPO, RESULTS, machine_cpu, proc_cpu_seconds
+from benchkit import REPO, RESULTS, machine_cpu, migrator_cmd, proc_cpu_seconds
 
 from migrator.testkit import OrthancProcess, Proxy, iter_dataset, upload_all
 
@@ -619,9 +619,7 @@ def main() -> None:
         parser.error(
             f"{REPLICATE_PY} not found: apt-get install orthanc-doc, or --skip-replicate-py"
         )
-    venv_migrator = Path(sys.executable).with_name("migrator")
-    found = str(venv_migrator) if venv_migrator.exists() else shutil.which("migrator")
-    args.migrator_cmd = [found] if found else [sys.executable, "-m", "migrator.cli"]
+    args.migrator_cmd = migrator_cmd()
     args.py_spy = Path(sys.executable).with_name("py-spy")
     if args.py_spy_profile and not args.py_spy.exists():
         parser.error(f"--py-spy-profile needs {args.py_spy} (pip install py-spy)")
