@@ -61,7 +61,9 @@ _READ_WHOLE = 1 << 20
 _MAX_DECLARED_SIZE = 1 << 40
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, 3 µs per
+# Candidate against 0.6 µs, on a path that builds one per index row or file.
+@dataclass(slots=True)
 class Candidate:
     """One file of a source folder, as the import sees it.
 
