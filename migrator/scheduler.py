@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from migrator.errors import (
 )
 from migrator.health import Breaker
 from migrator.ledger import Job, Lease, Ledger, Outcome
+from migrator.ledgerio import Batch, LedgerThread
 from migrator.orthanc import OrthancClient, md5_hex
 from migrator.progress import Progress
 from migrator.sources import Source
@@ -119,7 +120,6 @@ class Scheduler:
         self.result = RunResult()
         self.rng = random.Random()
         self.queue: asyncio.Queue[Lease] = asyncio.Queue()
-        self.outcomes: list[Outcome] = []
         self.held: set[int] = set()
         self.stopping = asyncio.Event()
         # Wake-ups of the leaser: new rows were listed; the queue of leases runs low;
@@ -131,15 +131,20 @@ class Scheduler:
         self._skipped_at_sent: int | None = None
         self.breaker = Breaker(settings.outage_timeout, self._probe)
         self.gate = Gate.from_settings(settings, self.stopping)
-        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
-        self._flush_lock = asyncio.Lock()
+        self._ledger_thread = LedgerThread()
+        self.outcomes: Batch[Outcome] = Batch(
+            self._ledger_thread,
+            functools.partial(ledger.record, owner),
+            size=FLUSH_SIZE,
+            interval=FLUSH_INTERVAL,
+            on_failure=self._not_recorded,
+        )
         self._signals = 0
         self._hard_stop = asyncio.Event()
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a ledger call on the ledger thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, lambda: fn(*args, **kwargs))
+        return await self._ledger_thread.call(fn, *args, **kwargs)
 
     # -- entry points -------------------------------------------------------------------
 
@@ -151,7 +156,7 @@ class Scheduler:
             await self._listing()
         finally:
             await self.db(self.ledger.finish_run, self.owner, "finished", job_id=self.job.id)
-            self._db_thread.shutdown(wait=True)
+            self._ledger_thread.close()
         self.result.elapsed = time.monotonic() - started
         return self.result
 
@@ -173,7 +178,7 @@ class Scheduler:
             tasks = [
                 listing,
                 asyncio.create_task(self._leaser(listing), name="leaser"),
-                asyncio.create_task(self._flusher(), name="flusher"),
+                asyncio.create_task(self.outcomes.flush_periodically(), name="flusher"),
                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
             ]
             workers = [
@@ -191,7 +196,7 @@ class Scheduler:
             if self.result.interrupted and status == "finished":
                 status = "interrupted"
             try:
-                await self._flush()
+                await self.outcomes.flush()
                 await self.db(self.ledger.finish_run, self.owner, status, job_id=self.job.id)
             except MigratorError as exc:
                 self.result.fatal = self.result.fatal or str(exc)
@@ -199,7 +204,7 @@ class Scheduler:
             self.breaker.close()
             self.result.outages = self.breaker.outages
             self.result.paused = self.gate.paused_seconds
-            self._db_thread.shutdown(wait=True)
+            self._ledger_thread.close()
         self.result.elapsed = time.monotonic() - started
         return self.result
 
@@ -325,7 +330,7 @@ class Scheduler:
                 if self.held:
                     await self._wait(self._settled, 1.0)
                 continue
-            await self._flush()
+            await self.outcomes.flush()
             # Copies held back while their twin was in flight are settled now.
             await self._skip_copies()
             due = await self.db(self.ledger.next_due, self.job.id)
@@ -430,7 +435,7 @@ class Scheduler:
         )
 
     def _add_outcome(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
+        self.outcomes.add(outcome)
         self.held.discard(outcome.id)
         if not self.held:
             self._settled.set()
@@ -449,29 +454,17 @@ class Scheduler:
 
     # -- bookkeeping tasks --------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        async with self._flush_lock:
-            if not self.outcomes:
-                return
-            batch, self.outcomes = self.outcomes, []
-            try:
-                await self.db(self.ledger.record, self.owner, batch)
-            except LedgerError as exc:
-                # Nothing of this batch was recorded: its rows stay in flight under this
-                # run, and the next run redoes them (the target answers AlreadyStored).
-                lost = [o for o in batch if o.state is State.SENT]
-                self.result.sent -= len(lost)
-                self.result.bytes -= sum(o.size or 0 for o in lost)
-                raise LedgerError(
-                    f"{exc} ({len(batch)} outcomes not recorded: rerun to redo them)"
-                ) from None
-
-    async def _flusher(self) -> None:
-        while True:
-            deadline = time.monotonic() + FLUSH_INTERVAL
-            while time.monotonic() < deadline and len(self.outcomes) < FLUSH_SIZE:
-                await asyncio.sleep(0.02)
-            await self._flush()
+    def _not_recorded(self, batch: list[Outcome], exc: Exception) -> None:
+        if not isinstance(exc, LedgerError):
+            return
+        # Nothing of this batch was recorded: its rows stay in flight under this run,
+        # and the next run redoes them (the target answers AlreadyStored).
+        lost = [o for o in batch if o.state is State.SENT]
+        self.result.sent -= len(lost)
+        self.result.bytes -= sum(o.size or 0 for o in lost)
+        raise LedgerError(
+            f"{exc} ({len(batch)} outcomes not recorded: rerun to redo them)"
+        ) from None
 
     async def _heartbeat(self) -> None:
         while True:

@@ -23,9 +23,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from sqlalchemy import or_, select
@@ -38,6 +36,7 @@ from migrator.errors import (
     verdict_for_response,
 )
 from migrator.ledger import Job, Ledger
+from migrator.ledgerio import Batch, LedgerThread
 from migrator.orthanc import OrthancClient
 from migrator.schema import instances
 from migrator.states import State, VerifyResult
@@ -190,14 +189,14 @@ class VerifyPass:
         self.since = since
         self.on_result = on_result
         self.result = PassResult()
-        self.pending: list[tuple[int, VerifyResult, str | None]] = []
         self.queue: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * PAGE)
-        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
-        self._flush_lock = asyncio.Lock()
-
-    async def db(self, fn: Any, *args: Any) -> Any:
-        """Run a ledger call on the ledger thread, so a slow commit never stalls requests."""
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+        self._ledger_thread = LedgerThread()
+        self.pending: Batch[tuple[int, VerifyResult, str | None]] = Batch(
+            self._ledger_thread,
+            ledger.record_verification,
+            size=FLUSH_SIZE,
+            interval=FLUSH_INTERVAL,
+        )
 
     async def run(self) -> PassResult:
         """Check every selected row; results are committed in batches as they come."""
@@ -215,7 +214,7 @@ class VerifyPass:
                 loop.add_signal_handler(sig, on_signal)
         try:
             async with asyncio.TaskGroup() as group:
-                flusher = group.create_task(self._flusher())
+                flusher = group.create_task(self.pending.flush_periodically())
                 workers = [group.create_task(self._worker()) for _ in range(self.concurrency)]
                 await self._feed()
                 await asyncio.gather(*workers)
@@ -232,15 +231,17 @@ class VerifyPass:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
             # Whatever happened, keep what was learnt: a rerun will not ask these again.
-            await self._flush()
-            self._db_thread.shutdown(wait=True)
+            await self.pending.flush()
+            self._ledger_thread.close()
         self.result.elapsed = time.monotonic() - started
         return self.result
 
     async def _feed(self) -> None:
         after = 0
         while True:
-            rows = await self.db(select_page, self.ledger, self.job.id, after, self.since)
+            rows = await self._ledger_thread.call(
+                select_page, self.ledger, self.job.id, after, self.since
+            )
             for row in rows:
                 await self.queue.put(row)
             if len(rows) < PAGE:
@@ -252,22 +253,8 @@ class VerifyPass:
     async def _worker(self) -> None:
         while (row := await self.queue.get()) is not None:
             result, detail = await check_instance(self.client, row)
-            self.pending.append((row.id, result, detail))
+            self.pending.add((row.id, result, detail))
             self.result.checked += 1
             self.result.counts[result.value] += 1
             if self.on_result is not None:
                 self.on_result(result)
-
-    async def _flush(self) -> None:
-        async with self._flush_lock:
-            if not self.pending:
-                return
-            batch, self.pending = self.pending, []
-            await self.db(self.ledger.record_verification, batch)
-
-    async def _flusher(self) -> None:
-        while True:
-            deadline = time.monotonic() + FLUSH_INTERVAL
-            while time.monotonic() < deadline and len(self.pending) < FLUSH_SIZE:
-                await asyncio.sleep(0.02)
-            await self._flush()
