@@ -56,6 +56,58 @@ class SyntheticInstance:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The identifiers of the i-th instance of a generated dataset (numbers from 1)."""
+
+    index: int
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    series_number: int
+    instance_number: int
+
+    @property
+    def ids(self) -> tuple[str, str, str, str]:
+        """PatientID and the study, series and SOP instance UIDs, in that order."""
+        return (self.patient_id, self.study_uid, self.series_uid, self.sop_uid)
+
+    def instance(self, data: bytes) -> SyntheticInstance:
+        """The generated file for this slot."""
+        return SyntheticInstance(
+            orthanc_id=orthanc_instance_id(*self.ids),
+            patient_id=self.patient_id,
+            study_uid=self.study_uid,
+            series_uid=self.series_uid,
+            sop_uid=self.sop_uid,
+            data=data,
+        )
+
+
+def iter_slots(
+    n_instances: int, *, patient_prefix: str, uid_root: str, per_series: int, series_per_study: int
+) -> Iterator[Slot]:
+    """The identifiers of `n_instances` instances: `per_series` per series,
+    `series_per_study` series per study, two studies per patient. UIDs are
+    ``{uid_root}.study.series.instance``, patient IDs ``{patient_prefix}-000001``."""
+    per_study = per_series * series_per_study
+    for i in range(n_instances):
+        study_no, rest = divmod(i, per_study)
+        series_no, inst_no = divmod(rest, per_series)
+        study_uid = f"{uid_root}.{study_no + 1}"
+        series_uid = f"{study_uid}.{series_no + 1}"
+        yield Slot(
+            index=i,
+            patient_id=f"{patient_prefix}-{study_no // _STUDIES_PER_PATIENT + 1:06d}",
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_uid=f"{series_uid}.{inst_no + 1}",
+            series_number=series_no + 1,
+            instance_number=inst_no + 1,
+        )
+
+
 def make_instance(
     patient_id: str,
     study_uid: str,
@@ -157,35 +209,25 @@ def iter_dataset(
     """
     series_per_study = max(1, series_per_study)
     _, per_series = _layout(n_instances, studies, series_per_study)
-    per_study = per_series * series_per_study
-    for i in range(n_instances):
-        study_no, rest = divmod(i, per_study)
-        series_no, inst_no = divmod(rest, per_series)
-        patient_id = f"TK{seed}-{study_no // _STUDIES_PER_PATIENT + 1:06d}"
-        study_uid = f"{UID_ROOT}{seed}.{study_no + 1}"
-        series_uid = f"{study_uid}.{series_no + 1}"
-        sop_uid = f"{series_uid}.{inst_no + 1}"
-        data = make_instance(
-            patient_id,
-            study_uid,
-            series_uid,
-            sop_uid,
-            rows=size,
-            cols=size,
-            # Mix in the seed so two datasets differ in pixels as well as in UIDs.
-            seed=seed * 1_000_003 + i,
-            patient_name=f"TESTKIT^{patient_id}",
-            instance_number=inst_no + 1,
-            series_number=series_no + 1,
-            extra_bytes=extra_bytes,
-        )
-        yield SyntheticInstance(
-            orthanc_id=orthanc_instance_id(patient_id, study_uid, series_uid, sop_uid),
-            patient_id=patient_id,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            sop_uid=sop_uid,
-            data=data,
+    for slot in iter_slots(
+        n_instances,
+        patient_prefix=f"TK{seed}",
+        uid_root=f"{UID_ROOT}{seed}",
+        per_series=per_series,
+        series_per_study=series_per_study,
+    ):
+        yield slot.instance(
+            make_instance(
+                *slot.ids,
+                rows=size,
+                cols=size,
+                # Mix in the seed so two datasets differ in pixels as well as in UIDs.
+                seed=seed * 1_000_003 + slot.index,
+                patient_name=f"TESTKIT^{slot.patient_id}",
+                instance_number=slot.instance_number,
+                series_number=slot.series_number,
+                extra_bytes=extra_bytes,
+            )
         )
 
 

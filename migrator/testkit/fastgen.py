@@ -13,8 +13,7 @@ import random
 import struct
 from collections.abc import Iterator
 
-from migrator.dicomid import orthanc_instance_id
-from migrator.testkit.dicomgen import SECONDARY_CAPTURE, UID_ROOT, SyntheticInstance
+from migrator.testkit.dicomgen import SECONDARY_CAPTURE, UID_ROOT, SyntheticInstance, iter_slots
 
 __all__ = ["fast_dataset", "fast_instance", "iter_fast_dataset"]
 
@@ -24,7 +23,6 @@ IMPLEMENTATION_UID = UID_ROOT + "99.1"
 _LONG_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UR", "UT", "UN", "SV", "UV"}
 _PER_SERIES = 10
 _SERIES_PER_STUDY = 2
-_STUDIES_PER_PATIENT = 2
 
 
 def _element(group: int, elem: int, vr: str, value: bytes) -> bytes:
@@ -96,32 +94,22 @@ def iter_fast_dataset(n: int, *, seed: int = 0, size: int = 32) -> Iterator[Synt
     study, two studies per patient. UIDs include `seed`, so seeds never collide, and
     they differ from `dicomgen`'s (a ``99.`` branch of the UID root)."""
     rng = random.Random(seed)
-    per_study = _PER_SERIES * _SERIES_PER_STUDY
-    for i in range(n):
-        study_no, rest = divmod(i, per_study)
-        series_no, inst_no = divmod(rest, _PER_SERIES)
-        patient_id = f"FG{seed}-{study_no // _STUDIES_PER_PATIENT + 1:06d}"
-        study_uid = f"{UID_ROOT}99.{seed}.{study_no + 1}"
-        series_uid = f"{study_uid}.{series_no + 1}"
-        sop_uid = f"{series_uid}.{inst_no + 1}"
-        data = fast_instance(
-            patient_id,
-            study_uid,
-            series_uid,
-            sop_uid,
-            pixels=rng.randbytes(size * size),
-            rows=size,
-            cols=size,
-            instance_number=inst_no + 1,
-            series_number=series_no + 1,
-        )
-        yield SyntheticInstance(
-            orthanc_id=orthanc_instance_id(patient_id, study_uid, series_uid, sop_uid),
-            patient_id=patient_id,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            sop_uid=sop_uid,
-            data=data,
+    for slot in iter_slots(
+        n,
+        patient_prefix=f"FG{seed}",
+        uid_root=f"{UID_ROOT}99.{seed}",
+        per_series=_PER_SERIES,
+        series_per_study=_SERIES_PER_STUDY,
+    ):
+        yield slot.instance(
+            fast_instance(
+                *slot.ids,
+                pixels=rng.randbytes(size * size),
+                rows=size,
+                cols=size,
+                instance_number=slot.instance_number,
+                series_number=slot.series_number,
+            )
         )
 
 
