@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -173,6 +174,20 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
 
 
 # -- PostgreSQL -------------------------------------------------------------------------
+
+
+@contextmanager
+def work_folder(prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A new temporary folder for one benchmark, removed at the end unless `keep` (then
+    its path is printed). Servers started in it must be stopped inside the block."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager

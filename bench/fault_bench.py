@@ -30,18 +30,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import machine_facts, migrator_cmd, print_facts, print_table, write_results
+from benchkit import (
+    machine_facts,
+    migrator_cmd,
+    print_facts,
+    print_table,
+    work_folder,
+    write_results,
+)
 
 from migrator.testkit import OrthancProcess, Proxy, upload_all
 from migrator.testkit.fastgen import fast_dataset
@@ -170,22 +175,20 @@ def main() -> None:
 
     facts = machine_facts()
     print_facts(facts)
-    workdir = Path(tempfile.mkdtemp(prefix="fault-bench-"))
-    source = OrthancProcess(workdir / "source", name="source").start()
-    try:
-        data = fast_dataset(args.instances, seed=args.seed)
-        upload_all(source, data)
-        expected = {d.orthanc_id: hashlib.md5(d.data).hexdigest() for d in data}
-        results = [run_scenario("clean", source, workdir, expected, args, faulty=False)]
-        if not args.default_backoff_only:
-            results.append(
-                run_scenario("faults-quick", source, workdir, expected, args, True, quick=True)
-            )
-        results.append(run_scenario("faults", source, workdir, expected, args, faulty=True))
-    finally:
-        source.stop(graceful=False)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with work_folder("fault-bench-", keep=args.keep) as workdir:
+        source = OrthancProcess(workdir / "source", name="source").start()
+        try:
+            data = fast_dataset(args.instances, seed=args.seed)
+            upload_all(source, data)
+            expected = {d.orthanc_id: hashlib.md5(d.data).hexdigest() for d in data}
+            results = [run_scenario("clean", source, workdir, expected, args, faulty=False)]
+            if not args.default_backoff_only:
+                results.append(
+                    run_scenario("faults-quick", source, workdir, expected, args, True, quick=True)
+                )
+            results.append(run_scenario("faults", source, workdir, expected, args, faulty=True))
+        finally:
+            source.stop(graceful=False)
 
     print(f"\n{args.instances} instances, -c {args.concurrency}, faults p={args.p} per kind at "
           f"the target, {args.source_p} at the source")  # fmt: skip

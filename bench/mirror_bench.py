@@ -21,11 +21,9 @@ sight on the target (so it includes up to 50 ms of watcher polling). The ledger'
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -48,6 +46,7 @@ from benchkit import (
     print_table,
     proc_cpu_seconds,
     wait_quiet,
+    work_folder,
     write_results,
 )
 
@@ -292,9 +291,8 @@ def main() -> None:
     args = parser.parse_args()
     facts = machine_facts()
     print_facts(facts)
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-bench-")).resolve()
     results = []
-    try:
+    with work_folder("mirror-bench-", keep=args.keep) as workdir:
         for poll in (float(p) for p in args.polls.split(",")):
             print(
                 f"mirror --poll {poll}: {args.initial} initial, then {args.rate:g}/s for "
@@ -312,11 +310,6 @@ def main() -> None:
                 f"{r['machine']['machine_busy_fraction']:.0%}",
                 flush=True,
             )
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work directory kept: {workdir}")
     print()
     head = [
         "poll s",

@@ -30,11 +30,9 @@ import os
 import platform
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +45,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import REPO, RESULTS, machine_cpu, migrator_cmd, proc_cpu_seconds
+from benchkit import REPO, RESULTS, machine_cpu, migrator_cmd, proc_cpu_seconds, work_folder
 
 from migrator.testkit import OrthancProcess, Proxy, iter_dataset, upload_all
 
@@ -635,60 +633,56 @@ def main() -> None:
         f"{args.rtt * 1000:.0f} ms (delay {args.rtt * 500:.0f} ms each way), "
         f"concurrency {args.concurrency}"
     )
-    workdir = Path(tempfile.mkdtemp(prefix="replicate-bench-")).resolve()
-    bench = Bench(workdir, args)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        print("filling the source...", flush=True)
-        setup = bench.setup()
-        print(
-            f"  {args.instances} instances in {setup['fill_seconds']} s, "
-            f"~{setup['mean_file_bytes']} bytes each, Orthanc {setup['orthanc_version']}"
-        )
-        startup = time_startup(args.migrator_cmd)
-        print(f"`migrator --help` takes {startup:.2f} s (Python start-up and imports)")
-        bares: list[Measure] = []
-        migrators: list[Measure] = []
-        for i in range(args.repeats):
-            tag = f" [{i + 1}/{args.repeats}]" if args.repeats > 1 else ""
-            print(f"bare httpx loop{tag}...", flush=True)
-            bares.append(bench.run_bare())
-            print(f"  {bares[-1].seconds:.2f} s, target holds {bares[-1].target_count}")
-            print(cpu_line(bares[-1]))
-            print(f"migrator replicate{tag}...", flush=True)
-            migrators.append(bench.run_migrator(startup))
-            mig = migrators[-1]
+    with work_folder("replicate-bench-", keep=args.keep) as workdir:
+        bench = Bench(workdir, args)
+        try:
+            print("filling the source...", flush=True)
+            setup = bench.setup()
             print(
-                f"  {mig.seconds:.2f} s, exit {mig.detail['exit_code']}, "
-                f"target holds {mig.target_count}"
+                f"  {args.instances} instances in {setup['fill_seconds']} s, "
+                f"~{setup['mean_file_bytes']} bytes each, Orthanc {setup['orthanc_version']}"
             )
-            print(cpu_line(mig))
-        profiled: Measure | None = None
-        profile_summary: list[tuple[float, str]] = []
-        if args.py_spy_profile:
-            profile_path = RESULTS / f"replicate-{stamp}-migrator.pyspy.txt"
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            print("migrator replicate under py-spy (not used in the ratios)...", flush=True)
-            profiled = bench.run_migrator(startup, profile=profile_path)
-            print(f"  {profiled.seconds:.2f} s, exit {profiled.detail['exit_code']}")
-            if profile_path.exists():
-                profile_summary = summarize_profile(profile_path)
-                print(f"  samples in {profile_path.relative_to(REPO)}; where the CPU went:")
-                for share, key in profile_summary:
-                    print(f"  {share:6.1%}  {key}")
-        repl: Measure | None = None
-        if not args.skip_replicate_py:
-            m = min(args.replicate_py_instances, args.instances)
-            print(f"Replicate.py on the first {m} instances...", flush=True)
-            repl = bench.run_replicate_py()
-            print(f"  {repl.seconds:.2f} s for {repl.target_count} instances")
-            print(cpu_line(repl))
-    finally:
-        bench.close()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work directory kept: {workdir}")
+            startup = time_startup(args.migrator_cmd)
+            print(f"`migrator --help` takes {startup:.2f} s (Python start-up and imports)")
+            bares: list[Measure] = []
+            migrators: list[Measure] = []
+            for i in range(args.repeats):
+                tag = f" [{i + 1}/{args.repeats}]" if args.repeats > 1 else ""
+                print(f"bare httpx loop{tag}...", flush=True)
+                bares.append(bench.run_bare())
+                print(f"  {bares[-1].seconds:.2f} s, target holds {bares[-1].target_count}")
+                print(cpu_line(bares[-1]))
+                print(f"migrator replicate{tag}...", flush=True)
+                migrators.append(bench.run_migrator(startup))
+                mig = migrators[-1]
+                print(
+                    f"  {mig.seconds:.2f} s, exit {mig.detail['exit_code']}, "
+                    f"target holds {mig.target_count}"
+                )
+                print(cpu_line(mig))
+            profiled: Measure | None = None
+            profile_summary: list[tuple[float, str]] = []
+            if args.py_spy_profile:
+                profile_path = RESULTS / f"replicate-{stamp}-migrator.pyspy.txt"
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                print("migrator replicate under py-spy (not used in the ratios)...", flush=True)
+                profiled = bench.run_migrator(startup, profile=profile_path)
+                print(f"  {profiled.seconds:.2f} s, exit {profiled.detail['exit_code']}")
+                if profile_path.exists():
+                    profile_summary = summarize_profile(profile_path)
+                    print(f"  samples in {profile_path.relative_to(REPO)}; where the CPU went:")
+                    for share, key in profile_summary:
+                        print(f"  {share:6.1%}  {key}")
+            repl: Measure | None = None
+            if not args.skip_replicate_py:
+                m = min(args.replicate_py_instances, args.instances)
+                print(f"Replicate.py on the first {m} instances...", flush=True)
+                repl = bench.run_replicate_py()
+                print(f"  {repl.seconds:.2f} s for {repl.target_count} instances")
+                print(cpu_line(repl))
+        finally:
+            bench.close()
 
     bare, mig = _median(bares), _median(migrators)
     ratio = mig.seconds / bare.seconds

@@ -33,12 +33,10 @@ import hashlib
 import inspect
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +57,7 @@ from benchkit import (
     print_facts,
     print_table,
     wait_quiet,
+    work_folder,
     write_results,
 )
 
@@ -529,47 +528,50 @@ def main() -> None:
     args = parser.parse_args()
     facts = machine_facts()
     print_facts(facts)
-    workdir = Path(tempfile.mkdtemp(prefix="resume-bench-")).resolve()
-    source = OrthancProcess(workdir / "source", name="source")
-    target = OrthancProcess(workdir / "target", name="target")
-    src = tgt = None
     results: list[dict[str, Any]] = []
     help_times: list[float] = []
     imports: dict[str, float] = {}
-    try:
-        source.start()
-        target.start()
-        real = list(iter_dataset(REAL, seed=11))
-        upload_all(source, real)
-        src = TimedProxy("127.0.0.1", source.http_port).start()
-        tgt = TimedProxy("127.0.0.1", target.http_port).start()
-        wait_quiet()
-        for _ in range(3):
-            started = time.perf_counter()
-            subprocess.run([*migrator_cmd(), "--help"], capture_output=True, check=True)
-            help_times.append(time.perf_counter() - started)
-        imports = import_profile()
-        print(
-            f"`migrator --help`: {sorted(help_times)[1]:.2f} s (interpreter + imports); "
-            f"import times (ms, cumulative where first imported): {imports}"
-        )
-        for backend in args.backends.split(","):
-            for rows, big in ((args.control_rows, False), (args.rows, True)):
-                results.append(
-                    bench_backend(
-                        backend, rows, args, src, tgt, [d.orthanc_id for d in real], workdir, big
+    with work_folder("resume-bench-", keep=args.keep) as workdir:
+        source = OrthancProcess(workdir / "source", name="source")
+        target = OrthancProcess(workdir / "target", name="target")
+        src = tgt = None
+        try:
+            source.start()
+            target.start()
+            real = list(iter_dataset(REAL, seed=11))
+            upload_all(source, real)
+            src = TimedProxy("127.0.0.1", source.http_port).start()
+            tgt = TimedProxy("127.0.0.1", target.http_port).start()
+            wait_quiet()
+            for _ in range(3):
+                started = time.perf_counter()
+                subprocess.run([*migrator_cmd(), "--help"], capture_output=True, check=True)
+                help_times.append(time.perf_counter() - started)
+            imports = import_profile()
+            print(
+                f"`migrator --help`: {sorted(help_times)[1]:.2f} s (interpreter + imports); "
+                f"import times (ms, cumulative where first imported): {imports}"
+            )
+            for backend in args.backends.split(","):
+                for rows, big in ((args.control_rows, False), (args.rows, True)):
+                    results.append(
+                        bench_backend(
+                            backend,
+                            rows,
+                            args,
+                            src,
+                            tgt,
+                            [d.orthanc_id for d in real],
+                            workdir,
+                            big,
+                        )
                     )
-                )
-    finally:
-        for proxy in (src, tgt):
-            if proxy is not None:
-                proxy.stop()
-        source.stop(graceful=False)
-        target.stop(graceful=False)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work directory kept: {workdir}")
+        finally:
+            for proxy in (src, tgt):
+                if proxy is not None:
+                    proxy.stop()
+            source.stop(graceful=False)
+            target.stop(graceful=False)
 
     print()
     head = [

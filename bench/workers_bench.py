@@ -32,7 +32,6 @@ import contextlib
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +52,7 @@ from benchkit import (
     print_table,
     proc_cpu_seconds,
     wait_quiet,
+    work_folder,
     write_results,
 )
 
@@ -234,12 +234,12 @@ def main() -> None:
     args = parser.parse_args()
     facts = machine_facts()
     print_facts(facts)
-    workdir = Path(tempfile.mkdtemp(prefix="workers-bench-")).resolve()
-    source = OrthancProcess(workdir / "source", name="source")
     results: list[dict[str, Any]] = []
     setup: dict[str, Any] = {}
-    try:
-        source.start()
+    with (
+        work_folder("workers-bench-", keep=args.keep) as workdir,
+        OrthancProcess(workdir / "source", name="source") as source,
+    ):
         started = time.perf_counter()
         upload_all(source, iter_dataset(args.instances, size=args.size, seed=3), concurrency=8)
         setup["fill_seconds"] = round(time.perf_counter() - started, 1)
@@ -273,12 +273,6 @@ def main() -> None:
                     )
                     if not r["ok"]:
                         print("\n".join(r.get("log_tails", [])))
-    finally:
-        source.stop(graceful=False)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work directory kept: {workdir}")
 
     print()
     head = [
