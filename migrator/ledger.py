@@ -50,6 +50,8 @@ SUPERSEDED = "superseded: a better copy of this instance is sent instead"
 TWIN_WAIT_SECONDS = 5.0
 # Rounds of blocked candidates a lease clears before it gives up for this call.
 _BLOCKED_ROUNDS = 20
+# PostgreSQL: leases of one copy per instance take turns on this (namespace, job) lock.
+COPIES_LEASE_LOCK = text("SELECT pg_advisory_xact_lock(7299, CAST(:job_id AS integer))")
 
 
 @dataclass(frozen=True)
@@ -277,8 +279,9 @@ class Ledger(RunsMixin, VerifyMixin):
     ) -> Leased:
         """Atomically take up to `limit` due pending rows for `owner`.
 
-        PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets workers lease side by side. SQLite: the
-        whole transaction runs under the database write lock (BEGIN IMMEDIATE).
+        PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets workers lease side by side (with
+        `one_per_instance` they take turns, on an advisory lock). SQLite: the whole
+        transaction runs under the database write lock (BEGIN IMMEDIATE).
         `one_per_instance` (folders, where several files may hold one instance) never
         leases a row whose Orthanc ID another row is sending or has sent: such a row is
         skipped as superseded if the other copy is sent, and put back
@@ -334,6 +337,11 @@ class Ledger(RunsMixin, VerifyMixin):
         )
         result = Leased()
         with self._write() as conn:
+            if one_per_instance and self.dialect == "postgresql":
+                # Two workers leasing at once would each miss the copy the other is
+                # taking (not committed yet) and send both. Held to the commit; SQLite's
+                # BEGIN IMMEDIATE already serialises leases.
+                conn.execute(COPIES_LEASE_LOCK, {"job_id": job_id})
             for _ in range(_BLOCKED_ROUNDS):
                 candidates = conn.execute(due).all()
                 ids: list[int] = []

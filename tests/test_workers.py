@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import sqlalchemy as sa
 from conftest import fill, run_cli, start_cli
 
-from migrator.ledger import Ledger, Outcome, make_owner
+from migrator.ledger import COPIES_LEASE_LOCK, Ledger, Outcome, make_owner
 from migrator.states import State
 from migrator.testkit.proxy import Proxy
 
@@ -274,3 +275,31 @@ def test_copies_check_is_one_index_lookup(tmp_path: Path, pg_url: str) -> None:
             assert "ix_instances_copies" in plan, plan
         finally:
             ledger.close()
+
+
+def test_two_workers_never_lease_two_copies_at_once(pg_url: str) -> None:
+    # Worker A is leasing a copy (in flight, not committed yet) when worker B leases:
+    # B must wait for A's commit and then leave the other copy alone, not take it.
+    ledger = Ledger.open(pg_url, create=True)
+    try:
+        job = ledger.ensure_job("j", "import", "/data", "http://b/", {})
+        rows = [{"source_key": f"f{i}", "orthanc_id": "o1"} for i in range(2)]
+        ledger.save_listing(job.id, rows, None, done=True)
+        with ledger.engine.connect() as a:
+            a.execute(COPIES_LEASE_LOCK, {"job_id": job.id})
+            a.exec_driver_sql("UPDATE instances SET state = 'in_flight' WHERE source_key = 'f0'")
+            with ThreadPoolExecutor(1) as pool:
+                b = pool.submit(ledger.lease, job.id, "b", 8, 60, one_per_instance=True)
+                time.sleep(0.5)
+                assert not b.done()  # waits for A's lease to commit
+                a.commit()
+                leased = b.result(timeout=10)
+        assert list(leased) == []
+        waiting = _counts(
+            pg_url.replace("postgresql+psycopg", "postgresql"),
+            "SELECT state, next_attempt_at > extract(epoch from now()) FROM instances "
+            "WHERE source_key = 'f1'",
+        )
+        assert waiting == [("pending", True)]  # put back while its twin is in flight
+    finally:
+        ledger.close()
