@@ -112,7 +112,14 @@ class OrthancClient:
             "Accept-Encoding": "identity",
             **_basic_auth_header(endpoint.auth),
         }
-        self._store_extensions = {"timeout": self._timeout.as_dict()}
+        self._base = endpoint.url
+        self._extensions = {"timeout": self._timeout.as_dict()}
+        # What the client layer would send with a GET: the same answer encodings.
+        self._get_headers = {
+            "User-Agent": "migrator",
+            "Accept-Encoding": self._shards[0].headers["Accept-Encoding"],
+            **_basic_auth_header(endpoint.auth),
+        }
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -204,27 +211,14 @@ class OrthancClient:
 
     # -- per-instance calls -------------------------------------------------------------
 
-    async def get_file(self, orthanc_id: str) -> bytes:
-        """The original DICOM bytes of an instance."""
-        try:
-            response = await self.http.get(f"instances/{orthanc_id}/file")
-        except httpx.HTTPError as exc:
-            raise TransferError(classify_exception(exc, side=self.role)) from None
-        if response.status_code != 200:
-            raise TransferError(verdict_for_response(response, side=self.role))
-        return response.content
-
-    async def store(self, data: bytes) -> Stored:
-        """POST one DICOM file; returns only when the target confirmed it holds it."""
-        # Straight to the connection pool: the client layer (URL merging, cookies, auth
-        # flow, event hooks) cost ~0.3 ms of CPU per POST, a quarter of the whole request,
-        # and the store is the one request made once per instance.
+    async def _per_instance(
+        self, method: str, url: httpx.URL, headers: dict[str, str], content: bytes | None = None
+    ) -> httpx.Response:
+        # Straight to a connection pool, for the requests made once per instance: the
+        # client layer (URL merging, cookies, auth flow, event hooks) cost ~0.3 ms of CPU
+        # per request, a quarter of the whole request.
         request = httpx.Request(
-            "POST",
-            self._instances_url,
-            content=data,
-            headers=self._store_headers,
-            extensions=self._store_extensions,
+            method, url, content=content, headers=headers, extensions=self._extensions
         )
         try:
             response = await next(self._next_transport).handle_async_request(request)
@@ -235,6 +229,21 @@ class OrthancClient:
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
         response.request = request
+        return response
+
+    async def get_file(self, orthanc_id: str) -> bytes:
+        """The original DICOM bytes of an instance."""
+        url = httpx.URL(f"{self._base}instances/{orthanc_id}/file")
+        response = await self._per_instance("GET", url, self._get_headers)
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        return response.content
+
+    async def store(self, data: bytes) -> Stored:
+        """POST one DICOM file; returns only when the target confirmed it holds it."""
+        response = await self._per_instance(
+            "POST", self._instances_url, self._store_headers, content=data
+        )
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         try:
