@@ -52,6 +52,8 @@ class Settings:
     # them, parsed by the scheduler's gate; validated below.
     max_rate: str | None = None
     max_bandwidth: str | None = None
+    # Bytes of instance data one process holds at once (files being read and sent).
+    max_memory: str = "1Gi"
     windows: tuple[str, ...] = ()
     adaptive: bool = True
 

@@ -361,7 +361,8 @@ class Scheduler:
             outcome: Outcome | None = None
             started = time.monotonic()
             try:
-                outcome = await self._transfer(lease)
+                async with self.gate.memory.hold(lease.size):
+                    outcome = await self._transfer(lease)
                 self._add_outcome(outcome)
             finally:
                 self.gate.after(outcome, time.monotonic() - started)

@@ -9,6 +9,9 @@ Three brakes, applied by one `Gate` that the scheduler awaits before every trans
   says until when;
 - adaptive concurrency (`AdaptiveLimit`, AIMD): when the target answers 5xx, times out or
   slows down, fewer transfers run at once; as answers come back healthy, more again.
+
+Beside them, `MemoryBudget` (``[throttle] max_memory``) bounds the bytes of instances held
+in memory at once, whatever their sizes and the concurrency.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,7 @@ from migrator.timetable import (
     Window,
     human_wait,
     parse_bandwidth,
+    parse_memory,
     parse_rate,
 )
 
@@ -101,6 +105,54 @@ class TokenBucket:
                 await asyncio.sleep(min(wait, 0.5))
             self.charge(amount)
             return True
+
+
+class MemoryBudget:
+    """At most `limit` bytes of instance data held at once (None: no limit).
+
+    A transfer waits until its size fits; one larger than the whole budget waits until
+    nothing else is held and then runs alone, so memory stays under the larger of the
+    limit and the largest instance. First come, first served: small transfers cannot
+    starve a large one. A size of 0 (unknown) never waits.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self._queue: list[object] = []
+        self._changed: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int | None) -> AsyncIterator[None]:
+        """Hold `size` bytes of the budget for the duration of the block."""
+        need = 0 if self.limit is None or not size else min(size, self.limit)
+        if not need:
+            yield
+            return
+        assert self.limit is not None
+        limit = self.limit
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        changed = self._changed
+        ticket = object()
+        async with changed:
+            self._queue.append(ticket)
+            try:
+                await changed.wait_for(
+                    lambda: self._queue[0] is ticket and self.held + need <= limit
+                )
+            finally:
+                self._queue.remove(ticket)
+                changed.notify_all()
+            self.held += need
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            async with changed:
+                self.held -= need
+                changed.notify_all()
 
 
 class AdaptiveLimit:
@@ -243,6 +295,7 @@ class Gate:
         stop: asyncio.Event,
         *,
         adaptive: bool = True,
+        memory: int | None = None,
         clock: Callable[[], datetime] = datetime.now,
     ) -> None:
         self.defaults = defaults
@@ -252,6 +305,7 @@ class Gate:
         self.instances = TokenBucket(defaults.rate)
         self.bytes = TokenBucket(defaults.bandwidth)
         self.adaptive = AdaptiveLimit(concurrency) if adaptive else None
+        self.memory = MemoryBudget(memory)
         self.window: Window | None = None
         self.paused_seconds = 0.0
         self.pauses = 0
@@ -272,6 +326,7 @@ class Gate:
             settings.concurrency,
             stop,
             adaptive=settings.adaptive,
+            memory=parse_memory(settings.max_memory),
         )
 
     def describe(self) -> str:

@@ -59,17 +59,35 @@ def parse_rate(text: str | float | int) -> float | None:
 def parse_bandwidth(text: str | float | int) -> float | None:
     """Bytes per second from ``10M`` (10 MB/s), ``500K``, ``1Gi``, ``10MB/s``, ``123``;
     None for ``unlimited``. K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024."""
+    return _parse_bytes(
+        text, "bandwidth", "10M (10 MB/s), 500K, 1Gi", "at least 1 byte/s", per_second=True
+    )
+
+
+def parse_memory(text: str | float | int) -> int | None:
+    """Bytes from ``1Gi``, ``500M``, ``2G``, ``123``; None for ``unlimited``."""
+    value = _parse_bytes(text, "memory limit", "1Gi, 500M", "at least 1 byte")
+    return None if value is None else int(value)
+
+
+def _parse_bytes(
+    text: str | float | int, what: str, examples: str, minimum: str, *, per_second: bool = False
+) -> float | None:
     raw = str(text).strip()
     if raw.lower() in ("unlimited", "none", "off"):
         return None
     match = _SIZE_RE.match(raw)
-    if match is None or (match.group(3) and not match.group(2)):
-        raise UsageError(f"bad bandwidth {raw!r}: use e.g. 10M (10 MB/s), 500K, 1Gi or unlimited")
+    if (
+        match is None
+        or (match.group(3) and not match.group(2))
+        or (raw.lower().endswith("/s") and not per_second)
+    ):
+        raise UsageError(f"bad {what} {raw!r}: use e.g. {examples} or unlimited")
     unit, binary = match.group(2).lower(), bool(match.group(3))
     scale = 1024 ** "kmgt".index(unit) * 1024 if binary else _UNITS[unit]
     value = float(match.group(1)) * scale
     if not math.isfinite(value) or value < 1:
-        raise UsageError(f"bad bandwidth {raw!r}: must be at least 1 byte/s (or unlimited)")
+        raise UsageError(f"bad {what} {raw!r}: must be {minimum} (or unlimited)")
     return value
 
 
@@ -234,6 +252,7 @@ def validate_settings(settings: Settings) -> None:
         parse_rate(settings.max_rate)
     if settings.max_bandwidth is not None:
         parse_bandwidth(settings.max_bandwidth)
+    parse_memory(settings.max_memory)
     Schedule.parse(settings.windows)
 
 
@@ -243,7 +262,7 @@ def settings_from_toml(table: Any) -> dict[str, Any]:
         raise UsageError("config: [throttle] must be a table")
     changes: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("max_rate", "max_bandwidth"):
+        if key in ("max_rate", "max_bandwidth", "max_memory"):
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 raise UsageError(f"config: throttle.{key} must be a string or a number")
             changes[key] = str(value)

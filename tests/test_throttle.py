@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 from conftest import ledger_rows, start_cli, state_counts
-from faultkit import fast_fill, invoke, write_config
+from faultkit import fast_fill, invoke, write_config, write_files
 
 from migrator.config import load_settings
 from migrator.errors import UsageError
 from migrator.ledger import Outcome
 from migrator.states import State
+from migrator.testkit.fastgen import fast_dataset
 from migrator.testkit.faults import ScriptedFaults, Status
 from migrator.testkit.proxy import Proxy
-from migrator.throttle import AdaptiveLimit, Gate, TokenBucket, is_overload
+from migrator.throttle import AdaptiveLimit, Gate, MemoryBudget, TokenBucket, is_overload
 from migrator.timetable import Limits, Schedule, parse_bandwidth, parse_rate, parse_window
 
 MONDAY = datetime(2024, 1, 1)  # a Monday
@@ -148,6 +149,9 @@ def test_throttle_settings_from_toml_and_errors(tmp_path: Path):
         ('[throttle]\nwindows = "Mon 10:00-11:00"\n', "list of strings"),
         ("[throttle]\nmax_rate = true\n", "string or a number"),
         ('[throttle]\nmax_bandwidth = "lots"\n', "bad bandwidth"),
+        ('[throttle]\nmax_memory = "lots"\n', "bad memory limit"),
+        ('[throttle]\nmax_memory = "10M/s"\n', "bad memory limit"),
+        ('[throttle]\nmax_memory = "0"\n', "bad memory limit"),
         ("[throttle]\nadaptive = 1\n", "true or false"),
         ("[throttle]\nspeed = 3\n", "unknown key throttle.speed"),
         ("throttle = 3\n", "must be a table"),
@@ -159,6 +163,61 @@ def test_throttle_settings_from_toml_and_errors(tmp_path: Path):
 
 
 # -- buckets, the AIMD limit and the gate ------------------------------------------------
+
+
+def test_memory_budget_admits_what_fits_first_come_first_served():
+    async def main() -> list[str]:
+        budget = MemoryBudget(100)
+        order: list[str] = []
+        gates = {name: asyncio.Event() for name in "abcde"}
+
+        async def transfer(name: str, size: int | None) -> None:
+            async with budget.hold(size):
+                order.append(f"+{name}")
+                await gates[name].wait()
+            order.append(f"-{name}")
+
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        tasks = [asyncio.create_task(transfer("a", 60))]
+        await settle()
+        tasks.append(asyncio.create_task(transfer("b", 60)))  # does not fit beside a
+        await settle()
+        tasks.append(asyncio.create_task(transfer("c", 500)))  # larger than the budget
+        await settle()
+        tasks.append(asyncio.create_task(transfer("d", 10)))  # fits, but c came first
+        tasks.append(asyncio.create_task(transfer("e", None)))  # unknown size: never waits
+        await settle()
+        assert (budget.held, order) == (60, ["+a", "+e"])
+        gates["a"].set()
+        await settle()
+        assert budget.held == 60 and order[-1] == "+b"
+        gates["b"].set()
+        await settle()
+        assert budget.held == 100 and order[-1] == "+c"  # alone, counted as the budget
+        gates["c"].set()
+        await settle()
+        assert budget.held == 10 and order[-1] == "+d"
+        gates["d"].set()
+        gates["e"].set()
+        await asyncio.gather(*tasks)
+        assert budget.held == 0 and budget.peak == 100
+        return order
+
+    assert asyncio.run(main()) == [
+        "+a", "+e", "-a", "+b", "-b", "+c", "-c", "+d", "-d", "-e"
+    ]  # fmt: skip
+
+
+def test_no_memory_limit_never_waits():
+    async def main() -> int:
+        budget = MemoryBudget(None)
+        async with budget.hold(10**12), budget.hold(10**12):
+            return budget.held
+
+    assert asyncio.run(main()) == 0
 
 
 class FakeClock:
@@ -388,3 +447,21 @@ def state_counts_or_none(path: Path) -> dict[str, int]:
         return state_counts(path)
     except sqlite3.Error:
         return {}
+
+
+def test_max_memory_smaller_than_a_file_sends_one_at_a_time(orthanc_factory, tmp_path, ledger_url):
+    # Each file is larger than the budget: with 8 connections, transfers still run one
+    # after the other, each paying the proxy's round trip (~0.05 s) in turn.
+    target = orthanc_factory("target")
+    data = fast_dataset(30, seed=43)
+    folder = tmp_path / "files"
+    write_files(folder, data)
+    config = write_config(tmp_path / "c.toml", {"max_memory": "1K"})
+    with Proxy("127.0.0.1", target.http_port, delay=0.025) as tgt:
+        result = invoke(
+            "import", str(folder), tgt.url, "--ledger", ledger_url, "-c", "8",
+            "--config", str(config),
+        )  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert sorted(target.instance_ids()) == sorted(d.orthanc_id for d in data)
+    assert _run_seconds(result.stdout) >= 30 * 0.05 * 0.9
