@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -94,9 +94,11 @@ def endpoint_from(url: str | None, role: str, settings: Settings) -> Endpoint:
     if not url:
         raise UsageError(f"no {role} URL given (argument or [{role}] url in the config)")
     endpoint = parse_endpoint(url, role=role)
-    return endpoint.with_credentials(
+    endpoint = endpoint.with_credentials(
         getattr(settings, f"{role}_username"), getattr(settings, f"{role}_password")
     )
+    ca_file = getattr(settings, f"{role}_ca_file")
+    return replace(endpoint, ca_file=ca_file) if ca_file else endpoint
 
 
 def default_job_name(kind: str, source: str, target: Endpoint) -> str:

@@ -40,6 +40,8 @@ class Settings:
     target_url: str | None = None
     target_username: str | None = None
     target_password: str | None = field(default=None, repr=False)
+    source_ca_file: str | None = None
+    target_ca_file: str | None = None
     retry: RetryPolicy = RetryPolicy()
     # Seconds without a single answer from an endpoint before the run gives up (exit 3).
     outage_timeout: float = 600.0
@@ -68,7 +70,7 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
     "page_size": int,
     "progress": str,
 }
-_ENDPOINT_KEYS = ("url", "username", "password")
+_ENDPOINT_KEYS = ("url", "username", "password", "ca_file")
 _RETRY_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_attempts": int,
     "backoff_initial": (int, float),
@@ -118,7 +120,7 @@ def _from_env(env: dict[str, str], base: Settings) -> Settings:
     if env.get("MIGRATOR_PROGRESS"):
         changes["progress"] = env["MIGRATOR_PROGRESS"]
     for role in ("source", "target"):
-        for sub in ("username", "password"):
+        for sub in ("username", "password", "ca_file"):
             value = env.get(f"MIGRATOR_{role.upper()}_{sub.upper()}")
             if value is not None:
                 changes[f"{role}_{sub}"] = value

@@ -9,7 +9,7 @@ environment (``MIGRATOR_SOURCE_PASSWORD``...) so that they stay out of sight of 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from migrator.errors import UsageError
@@ -24,6 +24,8 @@ class Endpoint:
     url: str
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    # PEM file of the CA(s) trusted for an https URL; None: the certifi bundle.
+    ca_file: str | None = None
 
     @property
     def auth(self) -> tuple[str, str] | None:
@@ -50,10 +52,10 @@ class Endpoint:
 
     def with_credentials(self, username: str | None, password: str | None) -> Endpoint:
         """A copy whose credentials are replaced where the arguments are not None."""
-        return Endpoint(
-            self.url,
-            username if username is not None else self.username,
-            password if password is not None else self.password,
+        return replace(
+            self,
+            username=username if username is not None else self.username,
+            password=password if password is not None else self.password,
         )
 
 

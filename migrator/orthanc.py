@@ -22,6 +22,7 @@ from migrator.errors import (
     FatalError,
     Kind,
     TransferError,
+    UsageError,
     Verdict,
     classify_exception,
     verdict_for_response,
@@ -72,14 +73,7 @@ class OrthancClient:
         # less CPU per request than one big one (measured: ~17% of the client's CPU at 32).
         shards = max(1, -(-connections // SHARD_CONNECTIONS))
         per_shard = -(-connections // shards)
-        # One TLS context for all pools; building one loads the CA bundle (~30 ms). Plain
-        # HTTP never uses it (redirects are not followed), but httpx builds one anyway
-        # unless given one: an empty context costs nothing.
-        tls = (
-            ssl.create_default_context(cafile=certifi.where())
-            if endpoint.url.startswith("https:")
-            else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        )
+        tls = _tls_context(endpoint, role)
         limits = httpx.Limits(
             max_connections=per_shard,
             max_keepalive_connections=per_shard,
@@ -147,6 +141,11 @@ class OrthancClient:
         except httpx.TimeoutException:
             raise FatalError(f"{self.role} {where} did not answer in time") from None
         except httpx.TransportError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise FatalError(
+                    f"{self.role} {where}: its TLS certificate is not trusted ({exc}); give "
+                    f"the CA that signed it as [{self.role}] ca_file in the config"
+                ) from None
             raise FatalError(f"{self.role} {where} is unreachable: {_reason(exc)}") from None
         if response.status_code in (401, 403):
             raise FatalError(
@@ -273,6 +272,19 @@ class OrthancClient:
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.text.strip().strip('"')
+
+
+def _tls_context(endpoint: Endpoint, role: str) -> ssl.SSLContext:
+    """One TLS context for all the pools of an endpoint (building one loads the CA bundle,
+    ~30 ms). Plain HTTP never uses it (redirects are not followed), but httpx builds one
+    anyway unless given one: an empty context costs nothing."""
+    if not endpoint.url.startswith("https:"):
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        return ssl.create_default_context(cafile=endpoint.ca_file or certifi.where())
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"{role} ca_file {endpoint.ca_file}: cannot be used ({reason})") from None
 
 
 def _transport(tls: ssl.SSLContext, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:

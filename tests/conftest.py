@@ -162,3 +162,20 @@ def ledger_path(tmp_path: Path) -> Path:
 def ledger_url(ledger_path: Path) -> str:
     """SQLite URL of the test's ledger."""
     return f"sqlite:///{ledger_path}"
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, made with openssl:
+    (certificate, certificate + key in one PEM, as Orthanc's SslCertificate wants)."""
+    cert, key, both = folder / "cert.pem", folder / "key.pem", folder / "server.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    both.write_text(cert.read_text() + key.read_text())
+    return cert, both

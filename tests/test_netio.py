@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpcore
 import httpx
 import pytest
+from conftest import self_signed
 
 from migrator.endpoints import parse_endpoint
 from migrator.errors import Kind, classify_exception
@@ -86,24 +86,10 @@ def test_a_closed_port_is_a_connect_error() -> None:
         asyncio.run(main())
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 def test_https_through_the_asyncio_backend(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, both = self_signed(tmp_path)
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    server_tls.load_cert_chain(both)
     client_tls = ssl.create_default_context(cafile=str(cert))
     body = b'{"Status": "Success"}'
 
@@ -136,9 +122,9 @@ def test_https_through_the_asyncio_backend(tmp_path: Path) -> None:
 
 
 def test_https_refuses_a_certificate_it_cannot_verify(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    _, both = self_signed(tmp_path)
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    server_tls.load_cert_chain(both)
 
     async def main() -> None:
         async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

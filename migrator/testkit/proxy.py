@@ -10,6 +10,7 @@ forwarded untouched.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections import Counter
 from concurrent.futures import Future
@@ -88,14 +89,25 @@ class Proxy:
 
     ``delay`` is a one-way latency in seconds added to every chunk in both directions;
     chunks keep their order but are not serialised, so throughput is unaffected and a
-    request/response round trip costs about ``2 * delay`` more. The port is chosen on
-    the first :meth:`start` and kept across :meth:`down`/:meth:`up`.
+    request/response round trip costs about ``2 * delay`` more. With ``tls``, clients
+    connect with HTTPS. The port is chosen on the first :meth:`start` and kept across
+    :meth:`down`/:meth:`up`.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        delay: float = 0.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.delay = delay
+        # A server-side TLS context: clients speak HTTPS to the proxy, which speaks plain
+        # HTTP upstream (TLS terminated in front of Orthanc, as a reverse proxy does).
+        self.tls = tls
         self.port: int | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -118,7 +130,8 @@ class Proxy:
         """Base URL clients should use, with a trailing slash."""
         if self.port is None:
             raise RuntimeError("proxy not started")
-        return f"http://127.0.0.1:{self.port}/"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/"
 
     @property
     def is_down(self) -> bool:
@@ -177,7 +190,11 @@ class Proxy:
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ClientProtocol(self), "127.0.0.1", self.port or 0, reuse_address=True
+            lambda: _ClientProtocol(self),
+            "127.0.0.1",
+            self.port or 0,
+            reuse_address=True,
+            ssl=self.tls,
         )
         if self.port is None:
             self.port = int(self._server.sockets[0].getsockname()[1])
