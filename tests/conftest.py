@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -164,10 +165,10 @@ def ledger_url(ledger_path: Path) -> str:
     return f"sqlite:///{ledger_path}"
 
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, made with openssl:
-    (certificate, certificate + key in one PEM, as Orthanc's SslCertificate wants)."""
-    cert, key, both = folder / "cert.pem", folder / "key.pem", folder / "server.pem"
+def self_signed(folder: Path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for localhost and 127.0.0.1, made with openssl: the
+    certificate for clients to trust, and a server-side TLS context that presents it."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
         [
             *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
@@ -177,5 +178,6 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
         check=True,
         capture_output=True,
     )
-    both.write_text(cert.read_text() + key.read_text())
-    return cert, both
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return cert, server

@@ -87,9 +87,7 @@ def test_a_closed_port_is_a_connect_error() -> None:
 
 
 def test_https_through_the_asyncio_backend(tmp_path: Path) -> None:
-    cert, both = self_signed(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(both)
+    cert, server_tls = self_signed(tmp_path)
     client_tls = ssl.create_default_context(cafile=str(cert))
     body = b'{"Status": "Success"}'
 
@@ -122,9 +120,7 @@ def test_https_through_the_asyncio_backend(tmp_path: Path) -> None:
 
 
 def test_https_refuses_a_certificate_it_cannot_verify(tmp_path: Path) -> None:
-    _, both = self_signed(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(both)
+    _, server_tls = self_signed(tmp_path)
 
     async def main() -> None:
         async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -5,7 +5,6 @@ without it."""
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
 from conftest import self_signed
@@ -19,9 +18,7 @@ from migrator.testkit.proxy import Proxy
 def _tls_proxy(orthanc_factory, tmp_path: Path) -> tuple[OrthancProcess, Proxy, Path]:
     """A target Orthanc, an HTTPS proxy in front of it, and the certificate to trust."""
     target = orthanc_factory("target")
-    cert, server_pem = self_signed(tmp_path)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(server_pem)
+    cert, tls = self_signed(tmp_path)
     return target, Proxy("127.0.0.1", target.http_port, tls=tls), cert
 
 
