@@ -34,6 +34,7 @@ from migrator.netio import AsyncioBackend
 # closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
 KEEPALIVE_EXPIRY = 0.7
 SHARD_CONNECTIONS = 4
+USER_AGENT = "migrator"
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class OrthancClient:
                 base_url=endpoint.url,
                 auth=endpoint.auth,
                 timeout=self._timeout,
-                headers={"User-Agent": "migrator"},
+                headers={"User-Agent": USER_AGENT},
             )
             for transport in self._transports
         ]
@@ -98,22 +99,23 @@ class OrthancClient:
         self._next_transport = itertools.cycle(self._transports)
         # Parsed once: httpx parses a string URL (and joins it to the base) per request.
         self._instances_url = httpx.URL(endpoint.url).join("instances")
+        # Headers of the per-instance requests, which bypass the client layer that adds
+        # them to the others: the user agent and the credentials.
+        common = {"User-Agent": USER_AGENT, **_basic_auth_header(endpoint.auth)}
         # Orthanc gzips every answer a client accepts gzip for; the answer to a store is a
         # few hundred bytes of JSON, not worth deflating and inflating at each end.
         self._store_headers = {
-            "User-Agent": "migrator",
+            **common,
             "Content-Type": "application/dicom",
             "Accept-Encoding": "identity",
-            **_basic_auth_header(endpoint.auth),
+        }
+        # A GET accepts the encodings the client layer would have asked for.
+        self._get_headers = {
+            **common,
+            "Accept-Encoding": self._shards[0].headers["Accept-Encoding"],
         }
         self._base = endpoint.url
         self._extensions = {"timeout": self._timeout.as_dict()}
-        # What the client layer would send with a GET: the same answer encodings.
-        self._get_headers = {
-            "User-Agent": "migrator",
-            "Accept-Encoding": self._shards[0].headers["Accept-Encoding"],
-            **_basic_auth_header(endpoint.auth),
-        }
 
     @property
     def http(self) -> httpx.AsyncClient:
