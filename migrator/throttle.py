@@ -121,7 +121,7 @@ class MemoryBudget:
         self.held = 0
         self.peak = 0
         self._queue: list[object] = []
-        self._changed: asyncio.Condition | None = None
+        self._changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
     async def hold(self, size: int | None) -> AsyncIterator[None]:
@@ -131,11 +131,7 @@ class MemoryBudget:
             yield
             return
         assert self.limit is not None
-        limit = self.limit
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        changed = self._changed
-        ticket = object()
+        limit, changed, ticket = self.limit, self._changed, object()
         async with changed:
             self._queue.append(ticket)
             try:
