@@ -18,7 +18,19 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from migrator.errors import LedgerError, LedgerOutdated, UsageError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def _migrations_dir() -> Path:
+    """Where the alembic revisions are: inside the installed package (a wheel maps the
+    repository's migrations/ folder to `migrator/_migrations`), else the repository's own
+    folder next to the package (a source checkout or an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "_migrations"
+    if (installed / "env.py").is_file():
+        return installed
+    return package.parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 # The newest revision in migrations/versions (a test checks that alembic agrees). Known
 # without alembic, whose import costs ~70 ms of every start; it is imported only to
 # create or upgrade a ledger.
@@ -29,6 +41,12 @@ def alembic_config(engine_url: str | None = None) -> Any:
     """An alembic Config pointing at this project's revisions."""
     from alembic.config import Config
 
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        # A broken installation: say so in one line instead of alembic's CommandError.
+        raise LedgerError(
+            f"this migrator installation lacks its schema revisions ({MIGRATIONS_DIR}): "
+            "reinstall it"
+        )
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if engine_url:
