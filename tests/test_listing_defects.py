@@ -1,0 +1,164 @@
+"""Listing a source that changes under it, and jobs' identity: against real Orthanc processes.
+
+The REST listing pages through an offset (``/instances?since=``): deletions during the
+listing shift later instances down. These tests delete instances between two pages and
+check that every instance the source still holds ends up in the ledger and on the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+from conftest import fill, ledger_rows, run_cli, state_counts
+
+from migrator.config import RetryPolicy
+from migrator.endpoints import parse_endpoint
+from migrator.orthanc import OrthancClient
+from migrator.sources import RestSource
+from migrator.testkit.orthanc import OrthancProcess
+from migrator.testkit.proxy import Proxy
+
+
+def _listing_order(server: OrthancProcess) -> list[str]:
+    """The source's own paging order (the order of `/instances?since=`)."""
+    return list(server._request("GET", "instances", params={"since": 0, "limit": 100000}).json())
+
+
+class DeleteBeforePage:
+    """A proxy fault plan that deletes `victims` from the source just before the listing
+    request number `page` (1-based) of `GET /instances` reaches it (the proxy sees paths
+    without their query: every listing request counts)."""
+
+    def __init__(self, server: OrthancProcess, victims: list[str], page: int) -> None:
+        self.server = server
+        self.victims = victims
+        self.page = page
+        self.seen = 0
+        self.fired = False
+
+    def __call__(self, method: str, path: str, index: int) -> None:
+        if method == "GET" and path == "/instances":
+            self.seen += 1
+            if self.seen == self.page and not self.fired:
+                self.fired = True
+                with httpx.Client(base_url=self.server.url, timeout=30) as http:
+                    for victim in self.victims:
+                        http.delete(f"instances/{victim}").raise_for_status()
+        return None
+
+
+def _config(tmp_path: Path, page_size: int) -> Path:
+    path = tmp_path / "migrator.toml"
+    path.write_text(f"page_size = {page_size}\n")
+    return path
+
+
+def test_replicate_lists_everything_when_listed_instances_are_deleted(
+    source_target, ledger_path, ledger_url, tmp_path
+):
+    source, target = source_target
+    fill(source, 200)
+    order = _listing_order(source)
+    victims = order[:20]  # the whole first page, deleted before the second is read
+    plan = DeleteBeforePage(source, victims, page=2)
+    with Proxy("127.0.0.1", source.http_port) as src:
+        src.set_faults(plan)
+        result = run_cli(
+            *("replicate", src.url, target.url, "--ledger", ledger_url, "-c", "2"),
+            *("--config", str(_config(tmp_path, 20))),
+        )
+    assert plan.fired
+    assert result.code == 0, result.stderr
+    remaining = set(order) - set(victims)
+    assert set(source.instance_ids()) == remaining
+    listed = {r[0] for r in ledger_rows(ledger_path, "SELECT source_key FROM instances")}
+    assert remaining <= listed
+    assert set(target.instance_ids()) >= remaining
+    counts = state_counts(ledger_path)
+    assert counts.get("pending", 0) == 0 and counts.get("failed", 0) == 0
+
+
+async def _list_all(source: RestSource, cursor: str | None = None, hook=None) -> list[dict]:
+    """Every row the listing yields; `hook(page_number)` runs before each page is asked."""
+    rows: list[dict] = []
+    number = 0
+    generator = source.listing(cursor)
+    while True:
+        number += 1
+        if hook is not None:
+            hook(number)
+        try:
+            page = await generator.__anext__()
+        except StopAsyncIteration:
+            return rows
+        rows.extend(page.rows)
+
+
+def _rest_source(url: str, page_size: int) -> RestSource:
+    client = OrthancClient(parse_endpoint(url, role="source"), "source")
+    return RestSource(client, RetryPolicy(), page_size=page_size)
+
+
+def test_listing_steps_back_to_the_anchor_instead_of_starting_over(orthanc_factory):
+    """Ten instances of the first page deleted: the next page is read again from the
+    moved end of the first page (found by ID-only requests), not from offset 0."""
+    server = orthanc_factory("source")
+    fill(server, 100)
+    order = _listing_order(server)
+    victims = order[:10]
+    source = _rest_source(server.url, 20)
+    # Which offsets the expanded pages were read from (the real client, only watched).
+    offsets: list[int] = []
+    list_instances = source.client.list_instances
+
+    async def watched(since: int, limit: int) -> list[dict]:
+        offsets.append(since)
+        return await list_instances(since, limit)
+
+    source.client.list_instances = watched  # type: ignore[method-assign]
+
+    def hook(number: int) -> None:
+        # Page 1 is the change-log position, page 2 the first offset page.
+        if number == 3:
+            for victim in victims:
+                server.delete_instance(victim)
+
+    async def main() -> list[dict]:
+        try:
+            return await _list_all(source, hook=hook)
+        finally:
+            await source.aclose()
+
+    listed = {r["source_key"] for r in asyncio.run(main())}
+    assert set(order) - set(victims) <= listed
+    # Offset 0 is read once: the anchors were found further back, not by starting over.
+    assert offsets.count(0) == 1, offsets
+    assert offsets[1] == 18  # the overlapping page, then the page from the moved anchor
+    assert offsets[2] == 9, offsets
+
+
+def test_reconcile_adds_what_the_offset_pages_missed(orthanc_factory):
+    """A listing resumed from a cursor without anchors (as saved by earlier versions)
+    after deletions: the offset pages miss instances; the reconciliation finds them."""
+    server = orthanc_factory("source")
+    fill(server, 60)
+    order = _listing_order(server)
+    # As if pages up to offset 40 had been listed, then 20 of them deleted: the 20
+    # instances after them now sit at offsets 20..39, below the resumed offset.
+    for victim in order[:20]:
+        server.delete_instance(victim)
+    last = server._request("GET", "changes", params={"last": ""}).json()["Last"]
+    cursor = json.dumps({"phase": "offset", "offset": 40, "changes": last})
+    source = _rest_source(server.url, 20)
+
+    async def main() -> list[dict]:
+        try:
+            return await _list_all(source, cursor)
+        finally:
+            await source.aclose()
+
+    listed = {r["source_key"] for r in asyncio.run(main())}
+    assert set(order[20:]) <= listed
