@@ -405,13 +405,17 @@ def retry(
         led = _open(_settings(config, ledger=ledger))
         try:
             target = _pick_job(led, job)
-            moved = led.retry(target.id, states, error) if states else 0
+            requeued = led.retry(target.id, states, error) if states else None
+            kept = requeued.kept if requeued is not None else {}
+            moved = int(requeued or 0)
             if results:
                 moved += led.retry_verification(target.id, results, error)
         finally:
             led.close()
         names = ", ".join(s.value for s in picked)
         typer.echo(f"{moved} rows ({names}) of job {target.name} are pending again")
+        for reason, count in kept.items():
+            typer.echo(f"{count} skipped rows ({reason}) left skipped: such files are never sent")
 
     _guard(body)
 
@@ -449,16 +453,37 @@ def verify(
         int | None, typer.Option("--concurrency", "-c", help="Concurrent checks (default 16).")
     ] = None,
     all_rows: Annotated[
-        bool, typer.Option("--all", help="Re-verify every sent row, verified or not.")
+        bool,
+        typer.Option(
+            "--all",
+            help="Begin a new pass that asks about every sent row, even when an "
+            "interrupted pass could be carried on.",
+        ),
     ] = False,
     since: Annotated[
         str | None,
         typer.Option(
             "--since",
-            help="Re-verify rows last verified before this time (ISO 8601 or epoch "
-            "seconds): resumes an interrupted --all pass.",
+            help="Begin a new pass that trusts matches found after this time (ISO 8601 or "
+            "epoch seconds) and asks about the rest.",
         ),
     ] = None,
+    max_age: Annotated[
+        str | None,
+        typer.Option(
+            "--max-age",
+            help="Begin a new pass that trusts matches younger than this (30m, 12h, 7d) "
+            "and asks about the rest (default: ask about every sent row).",
+        ),
+    ] = None,
+    accept_vanished: Annotated[
+        bool,
+        typer.Option(
+            "--accept-vanished",
+            help="Rows the source no longer has (vanished) were deleted there on purpose: "
+            "they do not keep the job from being complete.",
+        ),
+    ] = False,
     no_studies: Annotated[
         bool, typer.Option("--no-studies", help="Skip the per-study instance counts.")
     ] = False,
@@ -470,8 +495,11 @@ def verify(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Check that the target holds every sent instance with the same bytes (MD5), and the
-    same number of instances per study. Exit 0 only when everything matches.
+    """Check that the target holds every instance of the job with the same bytes (MD5).
+
+    Each run asks the target about every sent row (a plain rerun carries on an interrupted
+    pass) and compares the number of instances per study. Exit 0 only when every row is
+    sent and matches, or was skipped on purpose; otherwise 1, naming the rows in the way.
 
     Example: migrator verify --job nightly --json
     """
@@ -482,18 +510,10 @@ def verify(
     def body() -> int:
         if concurrency is not None and not 1 <= concurrency <= 512:
             raise UsageError("concurrency must be between 1 and 512")
-        if all_rows and since:
-            raise UsageError("give --all or --since, not both")
-        start = verify_report.parse_since(since) if since else None
-        if all_rows:
-            import time
-
-            start = time.time()
-            typer.echo(
-                f"verifying every sent row; if interrupted, resume with "
-                f"--since {verify_report.iso(start)}",
-                err=True,
-            )
+        if sum((all_rows, since is not None, max_age is not None)) > 1:
+            raise UsageError("give one of --all, --since and --max-age")
+        start = verify_report.parse_since(since) if since is not None else None
+        age = verify_report.parse_age(max_age) if max_age is not None else None
         settings = _settings(config, ledger=ledger)
         reports = verify_report.verify_jobs(
             settings,
@@ -501,6 +521,9 @@ def verify(
             target_url=target_url,
             concurrency=concurrency,
             since=start,
+            max_age=age,
+            fresh=all_rows,
+            accept_vanished=accept_vanished,
             studies=not no_studies,
             max_list=max(max_list, 0),
             progress=not as_json or verbose,

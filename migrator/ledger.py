@@ -22,10 +22,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from migrator import db
 from migrator.errors import LedgerError, UsageError
+from migrator.ledger_copies import CopiesMixin
 from migrator.ledger_runs import RunsMixin
 from migrator.ledger_verify import VerifyMixin
 from migrator.schema import COPY_STATES_SQL, instances, jobs, runs
-from migrator.states import State, check_transition
+from migrator.states import NEVER_SEND_REASONS, State, check_transition
 
 # Built once: aliasing the table copies all its columns, which cost more than the query.
 _other = instances.alias("other")
@@ -45,7 +46,8 @@ _TWIN_STATE = (
     .scalar_subquery()
     .label("twin_state")
 )
-SUPERSEDED = "superseded: a better copy of this instance is sent instead"
+SUPERSEDED_PREFIX = "superseded:"
+SUPERSEDED = f"{SUPERSEDED_PREFIX} another copy of this instance is sent"
 # A row whose twin is in flight waits this long before it is looked at again.
 TWIN_WAIT_SECONDS = 5.0
 # Rounds of blocked candidates a lease clears before it gives up for this call.
@@ -93,6 +95,13 @@ def _supersede(ids: Any, now: float) -> Any:
     )
 
 
+class Requeued(int):
+    """How many rows `Ledger.retry` put back to pending; `kept` counts the skipped rows it
+    left skipped, by reason (their files must never be sent)."""
+
+    kept: dict[str, int]
+
+
 class Leased(list[Lease]):
     """The leases of one `Ledger.lease` call, and how many copies it found superseded."""
 
@@ -121,7 +130,7 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Ledger(RunsMixin, VerifyMixin):
+class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:
@@ -293,7 +302,7 @@ class Ledger(RunsMixin, VerifyMixin):
         now = time.time()
         columns = [instances.c.id, instances.c.orthanc_id]
         if one_per_instance:
-            columns.append(_TWIN_STATE)
+            columns += [instances.c.has_pixels, instances.c.size, _TWIN_STATE]
         due = (
             select(*columns)
             .where(
@@ -347,18 +356,24 @@ class Ledger(RunsMixin, VerifyMixin):
                 ids: list[int] = []
                 superseded: list[int] = []
                 postponed: list[int] = []
-                seen: set[str] = set()
-                for row_id, orthanc_id, *twin in candidates:
+                # The best free copy of each instance in this batch: the one with pixel
+                # data, then the largest; further copies stay pending, to be tried if
+                # this one is refused.
+                best: dict[str, tuple[bool, int, int]] = {}
+                for row_id, orthanc_id, *more in candidates:
                     if not one_per_instance or orthanc_id is None:
                         ids.append(row_id)
-                    elif twin[0] == _TWIN_SENT:
+                        continue
+                    has_pixels, size, twin = more
+                    if twin == _TWIN_SENT:
                         superseded.append(row_id)
-                    elif twin[0] is not None:
+                    elif twin is not None:
                         postponed.append(row_id)
-                    elif orthanc_id not in seen:
-                        # Further copies in this very batch stay pending.
-                        seen.add(orthanc_id)
-                        ids.append(row_id)
+                    else:
+                        rank = (bool(has_pixels), size or 0, -row_id)
+                        if orthanc_id not in best or rank > best[orthanc_id]:
+                            best[orthanc_id] = rank
+                ids += [-rank[2] for rank in best.values()]
                 if superseded:
                     result.superseded += conn.execute(supersede, {"ids": superseded}).rowcount
                 if postponed:
@@ -516,41 +531,85 @@ class Ledger(RunsMixin, VerifyMixin):
             )
 
     def skip_superseded(self, job_id: int) -> int:
-        """Among rows sharing an Orthanc ID, keep one copy and mark the pending others
-        skipped: a copy already sent wins, then one with pixel data, then the largest.
-        (Header-only copies are skipped when listed, so they never reach the target.)"""
-        check_transition(State.PENDING, State.SKIPPED)
-        ranked = (
-            select(
-                instances.c.id,
-                instances.c.state,
-                func.row_number()
-                .over(
-                    partition_by=instances.c.orthanc_id,
-                    order_by=(
-                        case((instances.c.state == State.SENT.value, 0), else_=1),
-                        func.coalesce(instances.c.has_pixels, False).desc(),
-                        func.coalesce(instances.c.size, 0).desc(),
-                        instances.c.id,
-                    ),
-                )
-                .label("rank"),
-            )
-            .where(
-                instances.c.job_id == job_id,
-                instances.c.state.in_([State.PENDING.value, State.SENT.value]),
-                instances.c.orthanc_id.is_not(None),
-            )
-            .subquery()
-        )
-        losers = select(ranked.c.id).where(ranked.c.rank > 1, ranked.c.state == State.PENDING.value)
-        with self._write() as conn:
-            result = conn.execute(_supersede(losers, time.time()))
-        return result.rowcount
+        """Settle the copies of instances that are sent: every other copy still pending,
+        refused, failed or vanished ends skipped as superseded (the instance is on the
+        target). Only a copy that is actually sent supersedes: copies that are all still
+        pending are left to the lease, which tries them one at a time, best first, so
+        that a refused copy is followed by the next one. Copies a past version of this
+        tool marked superseded with no sent twin are put back to pending.
 
-    def retry(self, job_id: int, states: Sequence[State], error_contains: str | None = None) -> int:
+        Returns how many pending rows were skipped, less the ones put back (the change
+        in the number of rows left to send).
+        """
+        for old in (State.PENDING, State.REJECTED, State.FAILED, State.VANISHED):
+            check_transition(old, State.SKIPPED)
+        check_transition(State.SKIPPED, State.PENDING)
+        now = time.time()
+        sent_twin = (
+            select(_other.c.id)
+            .where(
+                _other.c.job_id == instances.c.job_id,
+                _other.c.orthanc_id == instances.c.orthanc_id,
+                _other.c.id != instances.c.id,
+                # Spelled as the partial index's condition, so that it is used.
+                text(f"other.{COPY_STATES_SQL}"),
+                _other.c.state == State.SENT.value,
+            )
+            .exists()
+        )
+        mine = [instances.c.job_id == job_id, instances.c.orthanc_id.is_not(None)]
+        with self._write() as conn:
+            revived = conn.execute(
+                update(instances)
+                .where(
+                    *mine,
+                    instances.c.state == State.SKIPPED.value,
+                    instances.c.last_error.startswith(SUPERSEDED_PREFIX, autoescape=True),
+                    ~sent_twin,
+                )
+                .values(
+                    state=State.PENDING.value,
+                    last_error=None,
+                    attempts=0,
+                    next_attempt_at=0.0,
+                    updated_at=now,
+                )
+            ).rowcount
+            skipped = conn.execute(
+                update(instances)
+                .where(*mine, instances.c.state == State.PENDING.value, sent_twin)
+                .values(state=State.SKIPPED.value, last_error=SUPERSEDED, updated_at=now)
+            ).rowcount
+            # A copy the target refused (or that failed or vanished) keeps its own
+            # reason after the mark, for the record.
+            conn.execute(
+                update(instances)
+                .where(
+                    *mine,
+                    instances.c.state.in_(
+                        [State.REJECTED.value, State.FAILED.value, State.VANISHED.value]
+                    ),
+                    sent_twin,
+                )
+                .values(
+                    state=State.SKIPPED.value,
+                    last_error=func.coalesce(
+                        SUPERSEDED + " (this copy: " + instances.c.last_error + ")", SUPERSEDED
+                    ),
+                    lease_owner=None,
+                    lease_expires=None,
+                    updated_at=now,
+                )
+            )
+        return skipped - revived
+
+    def retry(
+        self, job_id: int, states: Sequence[State], error_contains: str | None = None
+    ) -> Requeued:
         """Put rows in `states` (optionally whose last error contains a text) back to
-        pending with a fresh attempt budget. Returns the number of rows moved."""
+        pending with a fresh attempt budget. Skipped rows whose file must never be sent
+        (`states.NEVER_SEND_REASONS`: header-only copies, JSON summaries, DICOMDIR) stay
+        skipped. Returns the number of rows moved, with the ones left and why."""
         for state in states:
             check_transition(state, State.PENDING)
         conditions = [
@@ -559,7 +618,26 @@ class Ledger(RunsMixin, VerifyMixin):
         ]
         if error_contains:
             conditions.append(instances.c.last_error.contains(error_contains, autoescape=True))
-        return self._requeue(conditions)
+        kept: dict[str, int] = {}
+        if State.SKIPPED in states:
+            never = [
+                and_(
+                    instances.c.state == State.SKIPPED.value,
+                    instances.c.last_error.startswith(reason, autoescape=True),
+                )
+                for reason in NEVER_SEND_REASONS
+            ]
+            with self._read() as conn:
+                for reason, clause in zip(NEVER_SEND_REASONS, never, strict=True):
+                    count = conn.execute(
+                        select(func.count()).where(*conditions, clause)
+                    ).scalar_one()
+                    if count:
+                        kept[reason] = count
+            conditions.append(~or_(*never))
+        result = Requeued(self._requeue(conditions))
+        result.kept = kept
+        return result
 
     def _requeue(self, conditions: Sequence[Any], **also: Any) -> int:
         """Rows matching `conditions` back to pending, due now, with a fresh attempt

@@ -55,11 +55,19 @@ TRANSITIONS: dict[State, frozenset[State]] = {
         }
     ),
     State.SENT: frozenset({State.PENDING}),
-    State.REJECTED: frozenset({State.PENDING}),
-    State.FAILED: frozenset({State.PENDING}),
+    # A refused, failed or vanished copy ends skipped (superseded) once another copy of
+    # its instance is sent: the instance is on the target, nothing is left to do.
+    State.REJECTED: frozenset({State.PENDING, State.SKIPPED}),
+    State.FAILED: frozenset({State.PENDING, State.SKIPPED}),
     State.SKIPPED: frozenset({State.PENDING}),
-    State.VANISHED: frozenset({State.PENDING}),
+    State.VANISHED: frozenset({State.PENDING, State.SKIPPED}),
 }
+
+# Reasons (the start of `last_error`) of rows skipped because their file must never reach
+# a target: a copy without pixel data would be stored first and make the real file
+# "AlreadyStored"; a JSON summary or a DICOMDIR is not an instance. `migrator retry
+# --state skipped` leaves these rows skipped. The texts are those `fileclass` writes.
+NEVER_SEND_REASONS: tuple[str, ...] = ("header-only copy", "JSON summary", "DICOMDIR")
 
 
 class IllegalTransition(ValueError):

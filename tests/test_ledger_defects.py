@@ -1,0 +1,187 @@
+"""The ledger and what reads it, against real Orthanc processes (and PostgreSQL): copies of
+one instance, over-long UIDs, `retry --state skipped`, dead workers in `status`, progress
+totals and size units."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from conftest import ledger_rows, run_cli
+
+from migrator.ledger import Ledger, Outcome
+from migrator.states import State
+from migrator.testkit import make_dataset
+
+
+def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return root
+
+
+def _wrong_pixel_length(data: bytes) -> bytes:
+    """The same instance with its PixelData length two bytes short and junk after it: a
+    larger file, with pixel data, that Orthanc refuses (400 "Bad file format")."""
+    at = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010), explicit VR: OW, 2 reserved
+    length = struct.unpack("<I", data[at + 8 : at + 12])[0]
+    return data[: at + 8] + struct.pack("<I", length - 2) + data[at + 12 :] + b"\0" * 600
+
+
+def _rows(ledger_path: Path) -> dict[str, tuple[str, str | None]]:
+    rows = ledger_rows(ledger_path, "SELECT source_key, state, last_error FROM instances")
+    return {key: (state, error) for key, state, error in rows}
+
+
+# -- copies of one instance ---------------------------------------------------------------
+
+
+def test_refused_copy_after_dry_run_is_followed_by_its_good_twin(
+    orthanc_factory, tmp_path, ledger_path, ledger_url
+):
+    # After a dry run every copy is listed and pending. Ranking them then (largest first)
+    # skipped the good copy as "superseded" before anything was sent; the larger, corrupt
+    # copy was refused and the instance never reached the target.
+    inst = make_dataset(2, seed=31)
+    bad = _wrong_pixel_length(inst[0].data)
+    assert len(bad) > len(inst[0].data)
+    root = _write_tree(
+        tmp_path / "copies",
+        {"a/good.dcm": inst[0].data, "b/bad.dcm": bad, "c/other.dcm": inst[1].data},
+    )
+    target = orthanc_factory("target")
+
+    dry = run_cli("import", str(root), target.url, "--ledger", ledger_url, "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert target.count() == 0
+
+    result = run_cli("import", str(root), target.url, "--ledger", ledger_url)
+    # The refused copy is superseded by its sent twin: nothing is left to do, exit 0.
+    assert result.code == 0, result.stderr
+    assert sorted(target.instance_ids()) == sorted(i.orthanc_id for i in inst)
+    assert target.file(inst[0].orthanc_id) == inst[0].data
+    rows = _rows(ledger_path)
+    assert rows["a/good.dcm"][0] == "sent"
+    assert rows["c/other.dcm"][0] == "sent"
+    state, error = rows["b/bad.dcm"]
+    assert state == "skipped"
+    assert error is not None and error.startswith("superseded")
+    # The refusal is kept for the record.
+    assert "Bad file format" in error
+
+
+def test_copy_superseded_without_a_sent_twin_is_tried_again(
+    orthanc_factory, tmp_path, ledger_path, ledger_url
+):
+    # A ledger left by the old ranking: the good copy skipped as superseded, the corrupt
+    # one refused. `retry --state rejected` and a rerun must get the instance across.
+    inst = make_dataset(1, seed=32)
+    root = _write_tree(
+        tmp_path / "copies",
+        {"a/good.dcm": inst[0].data, "b/bad.dcm": _wrong_pixel_length(inst[0].data)},
+    )
+    target = orthanc_factory("target")
+    assert run_cli("import", str(root), target.url, "--ledger", ledger_url, "--dry-run").code == 0
+    ledger = Ledger.open(ledger_url)
+    try:
+        with ledger.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE instances SET state = 'skipped', last_error = 'superseded: a better "
+                "copy of this instance is sent instead' WHERE source_key = 'a/good.dcm'"
+            )
+            conn.exec_driver_sql(
+                "UPDATE instances SET state = 'rejected', last_error = 'HTTP 400: Bad file "
+                "format' WHERE source_key = 'b/bad.dcm'"
+            )
+    finally:
+        ledger.close()
+    retry = run_cli("retry", "--state", "rejected", "--ledger", ledger_url)
+    assert retry.code == 0, retry.stderr
+    result = run_cli("import", str(root), target.url, "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    assert target.instance_ids() == [inst[0].orthanc_id]
+    assert _rows(ledger_path)["a/good.dcm"][0] == "sent"
+    assert _rows(ledger_path)["b/bad.dcm"][0] == "skipped"
+
+
+def test_lease_tries_copies_best_first(tmp_path):
+    # One instance, three pending copies: the lease takes the one with pixel data, then
+    # the largest; when it is refused, the next one; never the copies before a send.
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}", create=True)
+    try:
+        job = ledger.ensure_job("j", "import", "/data", "http://b/", {})
+        rows = [
+            {"source_key": "small", "orthanc_id": "o1", "size": 100, "has_pixels": True},
+            {"source_key": "nopix", "orthanc_id": "o1", "size": 900, "has_pixels": False},
+            {"source_key": "large", "orthanc_id": "o1", "size": 500, "has_pixels": True},
+        ]
+        ledger.save_listing(job.id, rows, None, done=True)
+        assert ledger.skip_superseded(job.id) == 0  # nothing sent: nothing superseded
+        order = []
+        for _ in range(3):
+            with ledger.engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE instances SET next_attempt_at = 0")
+            (lease,) = ledger.lease(job.id, "w", 10, 60, one_per_instance=True)
+            order.append(lease.source_key)
+            ledger.record("w", [Outcome(lease.id, State.REJECTED, error="HTTP 400")])
+        assert order == ["large", "small", "nopix"]
+    finally:
+        ledger.close()
+
+
+# -- retry --state skipped ----------------------------------------------------------------
+
+
+def test_retry_skipped_leaves_files_that_must_never_be_sent(
+    orthanc_factory, tmp_path, ledger_path, ledger_url
+):
+    # `retry --state skipped` put header-only copies back to pending; sent first, they
+    # make the target keep an instance without pixel data ("AlreadyStored" to the rest).
+    import io
+
+    import pydicom
+
+    inst = make_dataset(2, seed=33)
+    ds = pydicom.dcmread(io.BytesIO(inst[0].data))
+    del ds.PixelData
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    summary = json.dumps({"0008,0018": {"Name": "SOPInstanceUID", "Value": "1"}}).encode()
+    root = _write_tree(
+        tmp_path / "tree",
+        {
+            "a/header.dcm": out.getvalue(),
+            "b/summary.json": summary,
+            "c/other.dcm": inst[1].data,
+            "d/notes.txt": b"not DICOM\n",
+        },
+    )
+    target = orthanc_factory("target")
+    assert run_cli("import", str(root), target.url, "--ledger", ledger_url).code == 0
+    before = _rows(ledger_path)
+    assert before["a/header.dcm"][0] == before["b/summary.json"][0] == "skipped"
+
+    retry = run_cli("retry", "--state", "skipped", "--ledger", ledger_url)
+    assert retry.code == 0, retry.stderr
+    assert "1 rows (skipped)" in retry.stdout  # only notes.txt
+    assert "1 skipped rows (header-only copy) left skipped" in retry.stdout
+    assert "1 skipped rows (JSON summary) left skipped" in retry.stdout
+    after = _rows(ledger_path)
+    assert after["a/header.dcm"] == before["a/header.dcm"]
+    assert after["b/summary.json"] == before["b/summary.json"]
+    assert after["d/notes.txt"][0] == "pending"
+
+    run_cli("import", str(root), target.url, "--ledger", ledger_url)
+    # The header-only copy never reached the target.
+    assert target.instance_ids() == [inst[1].orthanc_id]
+
+
+def test_never_send_reasons_are_the_ones_fileclass_writes():
+    from migrator import fileclass
+    from migrator.states import NEVER_SEND_REASONS
+
+    for reason in (fileclass.SKIP_HEADER_ONLY, fileclass.SKIP_JSON, fileclass.SKIP_DICOMDIR):
+        assert reason.startswith(NEVER_SEND_REASONS), reason
