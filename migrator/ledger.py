@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -217,7 +218,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
                 )
                 row = conn.execute(select(jobs).where(jobs.c.name == name)).mappings().one()
         job = _job(row)
-        if (job.kind, job.source, job.target) != (kind, source, target):
+        if (job.kind, _end(job.source), _end(job.target)) != (kind, _end(source), _end(target)):
             raise UsageError(
                 f"job {name!r} is a {job.kind} job from {job.source} to {job.target}; "
                 f"choose another --job name"
@@ -670,6 +671,16 @@ _LISTED_COLUMNS = (
     "md5",
     "has_pixels",
 )
+
+
+def _end(display: str) -> str:
+    """A job's end without the user name of its URL: credentials (which may be given in
+    the URL, the config or the environment) are not part of what a job moves; ledgers
+    that stored a user name in the URL compare equal to the same URL without it."""
+    return _USERINFO_RE.sub(r"\1", display, count=1)
+
+
+_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/]*@")
 
 
 def _job(row: Any) -> Job:

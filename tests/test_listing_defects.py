@@ -162,3 +162,51 @@ def test_reconcile_adds_what_the_offset_pages_missed(orthanc_factory):
 
     listed = {r["source_key"] for r in asyncio.run(main())}
     assert set(order[20:]) <= listed
+
+
+# -- a job's identity leaves credentials out ----------------------------------------------
+
+
+def _with_user(url: str, user: str, password: str) -> str:
+    return url.replace("http://", f"http://{user}:{password}@", 1)
+
+
+USERS = {"alice": "s3cret", "bob": "hunter2"}
+AS_BOB = {"MIGRATOR_TARGET_USERNAME": "bob", "MIGRATOR_TARGET_PASSWORD": "hunter2"}
+
+
+def test_rerun_with_other_credentials_resumes_the_replicate_job(orthanc_factory, ledger_path):
+    """A dry run with a user in the URL, then the real run with another user from the
+    environment: the same job (same source, same target server), which sends everything."""
+    source = orthanc_factory("source")
+    target = orthanc_factory("target", users=USERS)
+    fill(source, 10)
+    ledger = f"sqlite:///{ledger_path}"
+    as_alice = _with_user(target.url, "alice", "s3cret")
+    first = run_cli("replicate", source.url, as_alice, "--ledger", ledger, "--dry-run")
+    assert first.code == 0, first.stderr
+    again = run_cli("replicate", source.url, target.url, "--ledger", ledger, env=AS_BOB)
+    assert again.code == 0, again.stderr
+    assert ledger_rows(ledger_path, "SELECT COUNT(*) FROM jobs") == [(1,)]
+    assert state_counts(ledger_path) == {"sent": 10}
+    assert target.count() == 10
+
+
+def test_rerun_with_other_credentials_resumes_the_import_job(
+    orthanc_factory, ledger_path, tmp_path
+):
+    from migrator.testkit.dicomgen import make_dataset
+
+    target = orthanc_factory("target", users=USERS)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for number, instance in enumerate(make_dataset(6, seed=3)):
+        (folder / f"{number}.dcm").write_bytes(instance.data)
+    ledger = f"sqlite:///{ledger_path}"
+    as_alice = _with_user(target.url, "alice", "s3cret")
+    first = run_cli("import", str(folder), as_alice, "--ledger", ledger, "--dry-run")
+    assert first.code == 0, first.stderr
+    again = run_cli("import", str(folder), target.url, "--ledger", ledger, env=AS_BOB)
+    assert again.code == 0, again.stderr
+    assert ledger_rows(ledger_path, "SELECT COUNT(*) FROM jobs") == [(1,)]
+    assert target.count() == 6
