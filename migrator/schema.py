@@ -3,7 +3,8 @@
 This describes the schema at the newest alembic revision, for building queries and for
 creating a new ledger in one step (`db.create_schema`); a test checks that it is exactly
 the schema the revisions in ``migrations/versions`` build.
-Times are UNIX epoch seconds (floats): portable, cheap to compare.
+Times are UNIX epoch seconds (floats): portable, cheap to compare. UIDs, names and owners
+are unbounded text (revision 0006): Orthanc accepts UIDs longer than DICOM's 64 characters.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ jobs = Table(
     "jobs",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("name", String(200), nullable=False, unique=True),
+    Column("name", Text, nullable=False, unique=True),
     Column("kind", String(20), nullable=False),
     # Display forms only: a password never gets here.
     Column("source", Text, nullable=False),
@@ -51,7 +52,7 @@ jobs = Table(
     # Source's /changes position taken before the listing started.
     Column("changes_seq", BigInteger),
     # Which worker lists the source of a shared job, and until when (revision 0003).
-    Column("listing_owner", String(120)),
+    Column("listing_owner", Text),
     Column("listing_expires", Float),
 )
 
@@ -62,9 +63,9 @@ instances = Table(
     Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     Column("source_key", Text, nullable=False),
     Column("orthanc_id", String(44)),
-    Column("sop_uid", String(64)),
-    Column("study_uid", String(64)),
-    Column("series_uid", String(64)),
+    Column("sop_uid", Text),
+    Column("study_uid", Text),
+    Column("series_uid", Text),
     Column("path", Text),
     Column("size", BigInteger),
     Column("md5", String(32)),
@@ -72,7 +73,7 @@ instances = Table(
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", Float, nullable=False, server_default="0"),
-    Column("lease_owner", String(120)),
+    Column("lease_owner", Text),
     Column("lease_expires", Float),
     Column("target_status", String(20)),
     Column("http_status", Integer),
@@ -107,8 +108,8 @@ runs = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
-    Column("owner", String(120), nullable=False, unique=True),
-    Column("host", String(255), nullable=False),
+    Column("owner", Text, nullable=False, unique=True),
+    Column("host", Text, nullable=False),
     Column("pid", Integer, nullable=False),
     # Process start time (Linux clock ticks since boot), to tell a dead pid from a reused one.
     Column("pid_start", BigInteger),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 from conftest import ledger_rows, run_cli
@@ -185,3 +186,90 @@ def test_never_send_reasons_are_the_ones_fileclass_writes():
 
     for reason in (fileclass.SKIP_HEADER_ONLY, fileclass.SKIP_JSON, fileclass.SKIP_DICOMDIR):
         assert reason.startswith(NEVER_SEND_REASONS), reason
+
+
+# -- over-long UIDs and names -------------------------------------------------------------
+
+LONG_SOP_UID = "1.2.826.0.1.3680043.8.498." + "1234567890" * 5
+assert len(LONG_SOP_UID) == 76
+
+
+def _long_uid_instance() -> bytes:
+    from migrator.testkit.dicomgen import make_instance
+
+    with warnings.catch_warnings():  # pydicom warns: longer than DICOM allows
+        warnings.simplefilter("ignore", UserWarning)
+        return make_instance(
+            "LONG-1", "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1", LONG_SOP_UID
+        )
+
+
+def test_long_uid_replicates_into_a_postgresql_ledger(orthanc_factory, tmp_path, pg_url):
+    # Orthanc accepts a 76-character SOPInstanceUID; VARCHAR(64) columns made every run
+    # of a PostgreSQL-ledger job stop with "value too long".
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    source.upload(_long_uid_instance())
+    (instance_id,) = source.instance_ids()
+    result = run_cli("replicate", source.url, target.url, "--ledger", pg_url)
+    assert result.code == 0, result.stderr
+    assert target.instance_ids() == [instance_id]
+    ledger = Ledger.open(pg_url)
+    try:
+        with ledger.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT sop_uid, state FROM instances").all() == [
+                (LONG_SOP_UID, "sent")
+            ]
+    finally:
+        ledger.close()
+
+
+def test_long_uid_and_long_job_name_import_on_both_ledgers(orthanc_factory, tmp_path, pg_url):
+    # A folder import records the UIDs it read; its default job name holds the folder's
+    # path, which can pass 200 characters.
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    _write_tree(deep, {"long.dcm": _long_uid_instance()})
+    target = orthanc_factory("target")
+    for url in (f"sqlite:///{tmp_path / 'l.db'}", pg_url):
+        result = run_cli("import", str(deep), target.url, "--ledger", url)
+        assert result.code == 0, result.stderr
+        ledger = Ledger.open(url)
+        try:
+            (job,) = ledger.list_jobs()
+            assert len(job.name) > 240
+            with ledger.engine.connect() as conn:
+                rows = conn.exec_driver_sql("SELECT sop_uid, state FROM instances").all()
+            assert rows == [(LONG_SOP_UID, "sent")]
+        finally:
+            ledger.close()
+    assert len(target.instance_ids()) == 1
+
+
+def test_upgrade_to_unbounded_text_keeps_rows(tmp_path, pg_url):
+    # A ledger at the previous revision, with rows, upgraded in place: the rows stay, and
+    # a long UID fits afterwards.
+    from migrator import db
+
+    for url in (f"sqlite:///{tmp_path / 'u.db'}", pg_url):
+        ledger = Ledger.open(url, create=True)
+        job = ledger.ensure_job("j", "import", "/data", "http://b/", {})
+        db.downgrade(ledger.engine, "0005")
+        ledger.close()
+        engine = db.make_engine(url, must_exist=True)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO instances (job_id, source_key, orthanc_id, state, created_at, "
+                f"updated_at) VALUES ({job.id}, 'k1', 'o1', 'sent', 0, 0)"
+            )
+        db.upgrade(engine)
+        engine.dispose()
+        ledger = Ledger.open(url)
+        try:
+            ledger.save_listing(job.id, [{"source_key": "k2", "sop_uid": LONG_SOP_UID}], None)
+            with ledger.engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT source_key, sop_uid, state FROM instances ORDER BY source_key"
+                ).all()
+            assert rows == [("k1", None, "sent"), ("k2", LONG_SOP_UID, "pending")]
+            assert db.current_revision(ledger.engine) == db.HEAD_REVISION
+        finally:
+            ledger.close()
