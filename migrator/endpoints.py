@@ -62,38 +62,89 @@ class Endpoint:
 def parse_endpoint(text: str, *, role: str) -> Endpoint:
     """Parse and validate a URL given for `role` ("source" or "target").
 
-    Raises UsageError with one line naming the role when the URL is malformed.
+    The credentials are everything between ``scheme://`` and the last '@', so a password
+    may hold '#', '/', '?', '@' or ':' as typed (percent-encoding works too). Raises
+    UsageError with one line naming the role when the URL is malformed; the message shows
+    the URL with its password hidden and never the parser's own words (they may quote a
+    piece of the password).
     """
     raw = (text or "").strip()
     if not raw:
         raise UsageError(f"{role} URL is empty")
+    shown = _shown(raw)
     if "://" not in raw:
-        raise UsageError(f"{role} URL {redact(raw)!r} has no scheme: use http://host:port/")
+        raise UsageError(f"{role} URL {shown!r} has no scheme: use http://host:port/")
     if not raw.isprintable():
         # httpx refuses control characters later, with an exception of its own.
-        raise UsageError(f"{role} URL {redact(raw)!r} contains control characters")
+        raise UsageError(f"{role} URL {shown!r} contains control characters")
+    scheme, _, rest = raw.partition("://")
+    if scheme.lower() not in ("http", "https"):
+        raise UsageError(f"{role} URL {shown!r}: scheme must be http or https")
+    # The credentials run to the last '@', wherever it is: a password may hold '#', '/',
+    # '?' or '@' unescaped. (An '@' in the path must be written %40.)
+    userinfo, at, rest = rest.rpartition("@")
     try:
-        parts = urlsplit(raw)
+        # No credentials left in what the parser sees: its errors cannot quote them.
+        parts = urlsplit(f"{scheme.lower()}://{rest}")
         port = parts.port
-    except ValueError as exc:
-        raise UsageError(f"{role} URL {redact(raw)!r} is malformed: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise UsageError(f"{role} URL {redact(raw)!r}: scheme must be http or https")
+    except ValueError:
+        raise UsageError(f"{role} URL {shown!r} is malformed: {_why(rest)}") from None
     host = parts.hostname
-    if not host or not _HOST_RE.match(parts.netloc.rpartition("@")[2].rsplit(":", 1)[0] or "x"):
-        raise UsageError(f"{role} URL {redact(raw)!r} has no valid host")
+    if not host or not _HOST_RE.match(re.sub(r":[0-9]*$", "", parts.netloc) or "x"):
+        raise UsageError(f"{role} URL {shown!r} has no valid host")
     if parts.query or parts.fragment:
-        raise UsageError(f"{role} URL {redact(raw)!r} must not carry a query or fragment")
+        raise UsageError(f"{role} URL {shown!r} must not carry a query or fragment")
     hostpart = f"[{host}]" if ":" in host else host
     netloc = hostpart if port is None else f"{hostpart}:{port}"
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
-    username = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user)
+        password = unquote(secret) if colon else None
     return Endpoint(urlunsplit((parts.scheme, netloc, path, "", "")), username, password)
 
 
+def _why(rest: str) -> str:
+    """Why a URL without credentials did not parse, in our words."""
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "[" in netloc or "]" in netloc:
+        return "invalid IPv6 address"
+    return "the port must be a number between 0 and 65535"
+
+
+def _shown(raw: str) -> str:
+    """The URL for an error message: no password, even without a scheme."""
+    if "://" in raw:
+        return redact(raw)
+    head, at, tail = raw.rpartition("@")
+    user, colon, _ = head.partition(":")
+    return f"{user}:***@{tail}" if at and colon else raw
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
 def redact(text: str) -> str:
-    """Hide any password embedded in URLs inside `text` (for messages about bad input)."""
-    # The password runs to the LAST '@' before the path, as urlsplit reads it: a password
-    # with an unescaped '@' or a space in it ("p@ss word") must not be half shown.
-    return re.sub(r"(://[^/?#:]*):[^/?#]*@", r"\1:***@", text)
+    """Hide any password embedded in URLs inside `text` (for messages about bad input).
+
+    After each ``scheme://``, the credentials run to the last '@' before the next URL (or
+    the end): a password holding '@', '/', '#', '?' or a space is hidden whole. The user
+    name (up to the first ':') stays; a URL without ':' in its credentials has no password.
+    """
+    starts = [m.end() for m in _SCHEME_RE.finditer(text)]
+    if not starts:
+        return text
+    out: list[str] = []
+    pos = 0
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(text)
+        at = text.rfind("@", start, end)
+        colon = text.find(":", start, at)
+        if at < 0 or colon < 0:
+            continue
+        out.append(text[pos : colon + 1])
+        out.append("***@")
+        pos = at + 1
+    out.append(text[pos:])
+    return "".join(out)

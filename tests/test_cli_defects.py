@@ -1,0 +1,76 @@
+"""Command-line edges against real Orthanc processes: passwords with URL delimiters, bad
+ledger URLs and files, spreadsheet-safe CSV, the web server's Host check, closed pipes."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import pytest
+from conftest import fill, run_cli
+
+# Every character that ends the user information of a URL for a standard parser.
+SECRET = "s3cr#e/t?x@y:z"
+USERS = {"alice": SECRET}
+
+
+def _assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        assert "s3cr" not in text, text
+
+
+# -- passwords with '#', '/', '?', '@', ':' ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://alice:s3cr#et@127.0.0.1:99x/",
+        "http://alice:s3cr/et@127.0.0.1:99999/",
+        "http://alice:s3cr?et@[zz]:8042/",
+        "http://alice:s3cr#et@127.0.0.1:8042/?page=1",
+        "http://alice:s3cr@et@/",
+        "ftp://alice:s3cr#et@127.0.0.1:8042/",
+        "alice:s3cr#et@127.0.0.1:8042",
+    ],
+)
+def test_malformed_url_never_shows_the_password(url, ledger_path, ledger_url):
+    for args in ((url, "http://127.0.0.1:1/"), ("http://127.0.0.1:1/", url)):
+        result = run_cli("replicate", *args, "--ledger", ledger_url)
+        assert result.code == 2, result.stderr
+        result.assert_one_line_error()
+        _assert_no_secret(result.stdout, result.stderr)
+        assert "alice" in result.stderr  # the user name stays, to say which URL
+        assert not ledger_path.exists()
+
+
+def test_password_with_url_delimiters_reaches_orthanc(orthanc_factory, tmp_path):
+    """Given as typed, percent-encoded, or from the environment, the password works."""
+    source = orthanc_factory("source")
+    target = orthanc_factory("target", users=USERS)
+    fill(source, 3)
+    port = target.http_port
+    ways = {
+        "typed": (f"http://alice:{SECRET}@127.0.0.1:{port}/", {}),
+        "encoded": (f"http://alice:{urllib.parse.quote(SECRET, safe='')}@127.0.0.1:{port}/", {}),
+        "environment": (f"http://alice@127.0.0.1:{port}/", {"MIGRATOR_TARGET_PASSWORD": SECRET}),
+    }
+    for way, (url, env) in ways.items():
+        ledger = tmp_path / f"{way}.db"
+        result = run_cli("replicate", source.url, url, "--ledger", f"sqlite:///{ledger}", env=env)
+        assert result.code == 0, f"{way}: {result.stderr}"
+        _assert_no_secret(result.stdout, result.stderr)
+        assert b"s3cr" not in ledger.read_bytes()
+        status = run_cli("status", "--json", "--ledger", f"sqlite:///{ledger}")
+        assert "alice@127.0.0.1" in status.stdout
+        _assert_no_secret(status.stdout)
+    assert target.count() == 3
+    # And a wrong one is still refused (the check above is not vacuous).
+    wrong = run_cli(
+        "replicate",
+        source.url,
+        f"http://alice:{SECRET[:-1]}@127.0.0.1:{port}/",
+        "--ledger",
+        f"sqlite:///{tmp_path / 'wrong.db'}",
+    )
+    assert wrong.code == 3
+    _assert_no_secret(wrong.stdout, wrong.stderr)
