@@ -64,10 +64,16 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 # Reasons (the start of `last_error`) of rows skipped because their file must never reach
-# a target: a copy without pixel data would be stored first and make the real file
-# "AlreadyStored"; a JSON summary or a DICOMDIR is not an instance. `migrator retry
+# a target: a header-only copy (or a copy without pixel data of an instance that has a
+# full copy) would be stored first and make the real file "AlreadyStored"; a JSON summary
+# or a DICOMDIR is not an instance. `migrator retry
 # --state skipped` leaves these rows skipped. The texts are those `fileclass` writes.
-NEVER_SEND_REASONS: tuple[str, ...] = ("header-only copy", "JSON summary", "DICOMDIR")
+NEVER_SEND_REASONS: tuple[str, ...] = (
+    "header-only copy",
+    "copy without pixel data",
+    "JSON summary",
+    "DICOMDIR",
+)
 
 
 class IllegalTransition(ValueError):
