@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
 
 from migrator.config import RetryPolicy
 from migrator.errors import (
@@ -31,9 +30,7 @@ from migrator.errors import (
 )
 from migrator.ledger import Ledger
 from migrator.orthanc import OrthancClient
-from migrator.schema import instances
 from migrator.sources import with_retries
-from migrator.states import State
 
 # A passing network error must not turn into a study reported as unknown.
 RETRY = RetryPolicy(max_attempts=4, backoff_initial=0.2, backoff_max=1.0)
@@ -64,24 +61,6 @@ class StudyReport:
         }
 
 
-def sent_per_study(ledger: Ledger, job_id: int) -> tuple[dict[str, int], int]:
-    """Distinct Orthanc IDs sent per StudyInstanceUID, and the sent rows without a UID."""
-    c = instances.c
-    sent = [c.job_id == job_id, c.state == State.SENT.value]
-    with ledger._read() as conn:
-        per_study = dict(
-            conn.execute(
-                select(c.study_uid, func.count(func.distinct(c.orthanc_id)))
-                .where(*sent, c.study_uid.is_not(None))
-                .group_by(c.study_uid)
-            ).all()
-        )
-        skipped = conn.execute(
-            select(func.count()).where(*sent, c.study_uid.is_(None))
-        ).scalar_one()
-    return per_study, int(skipped)
-
-
 async def target_count(client: OrthancClient, study_uid: str) -> int:
     """Instances the target holds in the study(ies) with this StudyInstanceUID."""
     try:
@@ -102,7 +81,7 @@ async def check_studies(
     ledger: Ledger, job_id: int, client: OrthancClient, concurrency: int
 ) -> StudyReport:
     """Compare per-study counts for one job; FatalError (auth, outage) propagates."""
-    per_study, skipped = await asyncio.to_thread(sent_per_study, ledger, job_id)
+    per_study, skipped = await asyncio.to_thread(ledger.sent_per_study, job_id)
     report = StudyReport(skipped_rows=skipped)
     gate = asyncio.Semaphore(concurrency)
 

@@ -7,10 +7,10 @@ recorded when the bytes were sent. Each row gets a `VerifyResult` in the ledger:
     ledger pages (keyset on id) --> queue --> N workers: GET .../md5 --> results
     results --batched--> ledger.record_verification          (one ledger thread)
 
-A pass is resumable: by default only rows never verified since they were last sent (and
-rows whose check ended in `error`) are asked, so a rerun after a crash carries on where
-the last batch was committed. ``since`` re-asks rows verified before a point in time;
-``--all`` is ``since`` = the start of this pass.
+Which rows a pass asks depends on `since`: every sent row last verified before it, or
+never verified since it was (last) sent, or whose check ended in `error`. A pass keeps
+its `since` in the ledger, so a rerun after a crash asks only what the interrupted run
+had not committed (`migrator.verify_report` decides when a pass begins and ends).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
-from sqlalchemy import or_, select
 
 from migrator.errors import (
     FatalError,
@@ -38,8 +37,7 @@ from migrator.errors import (
 from migrator.ledger import Job, Ledger
 from migrator.ledgerio import Batch, LedgerThread
 from migrator.orthanc import OrthancClient
-from migrator.schema import instances
-from migrator.states import State, VerifyResult
+from migrator.states import VerifyResult
 
 log = logging.getLogger("migrator")
 
@@ -77,25 +75,10 @@ class PassResult:
 def select_page(ledger: Ledger, job_id: int, after_id: int, since: float | None) -> list[Row]:
     """The next rows to verify after `after_id`, in id order (keyset pagination).
 
-    Without `since`: rows never verified since they were (last) sent, and rows whose
-    check ended in `error`. With `since`: also rows verified before that time.
+    Rows never verified since they were (last) sent, and rows whose check ended in
+    `error`; with `since`, also rows verified before that time.
     """
-    c = instances.c
-    stale = [c.verified_at.is_(None), c.verified_at < c.sent_at]
-    if since is None:
-        stale.append(c.verify_result == VerifyResult.ERROR.value)
-    else:
-        stale.append(c.verified_at < since)
-    query = (
-        select(c.id, c.source_key, c.orthanc_id, c.md5, c.target_status)
-        # `job_id + 0` keeps SQLite on the primary key from `after_id` (see export.py):
-        # through the (job_id, state) index it would sort every sent row for each page.
-        .where((c.job_id + 0) == job_id, c.state == State.SENT.value, c.id > after_id, or_(*stale))
-        .order_by(c.id)
-        .limit(PAGE)
-    )
-    with ledger._read() as conn:
-        return [Row(*r) for r in conn.execute(query).all()]
+    return [Row(*r) for r in ledger.verify_page(job_id, after_id, since, PAGE)]
 
 
 async def check_instance(client: OrthancClient, row: Row) -> tuple[VerifyResult, str | None]:

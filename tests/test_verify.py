@@ -68,9 +68,10 @@ def test_verify_names_missing_and_differ_then_retry_restores(
     assert retried.code == 0 and "3 rows (missing)" in retried.stdout
     assert state_counts(ledger_path) == {"sent": N - 3, "pending": 3}
     assert run_cli("replicate", src.url, target.url, "--ledger", ledger_url).code == 0
-    code, job = _verify(ledger_url)
-    # Only the three resent rows were asked again.
+    code, job = _verify(ledger_url, "--max-age", "1h")
+    # Only the three resent rows were asked again: the other matches are younger than 1h.
     assert code == 1 and job["checked"] == 3
+    assert job["matched_before_pass"]["count"] == N - 4
     assert (job["missing"], job["differ"]) == (0, 1)
 
     # The differing one: resending only replaces it where the target allows overwrites.
@@ -130,12 +131,12 @@ def test_verify_resumes_after_kill_and_all_reasks(source, orthanc_factory, ledge
     }
     assert len(asked) == N - verified and len(unverified) == verified
 
-    # An instance dropped after it was verified is only seen by --all.
+    # An instance dropped after it was verified is seen by the next pass.
     target.delete_instance(data[3].orthanc_id)
     code, job = _verify(ledger_url, "--all")
     assert code == 1 and job["checked"] == N
     assert _ids(job, "missing") == {data[3].orthanc_id}
-    # --since resumes an --all pass: rows verified since then are not asked again.
+    # --since trusts the checks made after that time: they are not asked again.
     code, job = _verify(ledger_url, "--since", str(time.time() - 3600))
     assert job["checked"] == 0 and job["missing"] == 1
 
