@@ -1,8 +1,9 @@
 """The `migrator` command line: a thin typer layer over `migrator.app` and the ledger.
 
 Exit codes: 0 every instance sent; 1 some instances rejected or failed; 2 usage or
-configuration error; 3 fatal run error; 130 interrupted. Errors are one line, never a
-traceback (``MIGRATOR_DEBUG=1`` shows it for bug reports).
+configuration error; 3 fatal run error; 130 interrupted; 141 (128 + SIGPIPE, as for any
+filter) the reader of the output went away, e.g. ``migrator report | head``: no message.
+Errors are one line, never a traceback (``MIGRATOR_DEBUG=1`` shows it for bug reports).
 """
 
 from __future__ import annotations
@@ -114,10 +115,43 @@ def _guard(fn: Callable[[], T]) -> T:
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            _quiet_pipe_exit()
         if os.environ.get("MIGRATOR_DEBUG"):
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (MIGRATOR_DEBUG=1 for details)", 3)
     raise AssertionError("unreachable")
+
+
+# The exit status a shell reports for a filter killed by SIGPIPE (128 + 13).
+EXIT_PIPE = 141
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has closed it.
+
+    A BrokenPipeError may also come from a connection to a server; only a closed stdout
+    ends the command quietly."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_pipe_exit() -> None:
+    """End like a Unix filter whose reader went away (`report | head`): no message."""
+    # Python flushes stdout once more at exit; with /dev/null behind it that flush cannot
+    # fail and print "Exception ignored ... BrokenPipeError".
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    raise typer.Exit(EXIT_PIPE)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:

@@ -3,10 +3,13 @@ ledger URLs and files, spreadsheet-safe CSV, the web server's Host check, closed
 
 from __future__ import annotations
 
+import subprocess
 import urllib.parse
 
 import pytest
-from conftest import fill, run_cli
+from conftest import MIGRATOR, fill, run_cli
+
+from migrator.cli import EXIT_PIPE
 
 # Every character that ends the user information of a URL for a standard parser.
 SECRET = "s3cr#e/t?x@y:z"
@@ -74,3 +77,42 @@ def test_password_with_url_delimiters_reaches_orthanc(orthanc_factory, tmp_path)
     )
     assert wrong.code == 3
     _assert_no_secret(wrong.stdout, wrong.stderr)
+
+
+# -- a reader that goes away -------------------------------------------------------------
+
+
+@pytest.fixture
+def filled_ledger(source_target, ledger_url):
+    """A ledger with one finished job of 5 instances, replicated between real Orthancs."""
+    source, target = source_target
+    fill(source, 5)
+    result = run_cli("replicate", source.url, target.url, "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    return ledger_url
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status",),
+        ("status", "--json"),
+        ("jobs",),
+        ("report",),
+        ("report", "--format", "jsonl"),
+        ("db", "current"),
+    ],
+)
+def test_closed_pipe_ends_quietly(filled_ledger, args):
+    proc = subprocess.Popen(
+        [*MIGRATOR, *args, "--ledger", filled_ledger],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The reader goes away before the command writes anything, as `| head -0` would.
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert err == ""
+    assert proc.returncode == EXIT_PIPE
+
