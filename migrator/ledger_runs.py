@@ -26,7 +26,9 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int, start: int | None) -> bool:
+def process_alive(pid: int, start: int | None) -> bool:
+    """Whether process `pid` of this host still runs and is the one that started at
+    `start` (clock ticks after boot; None: not recorded, the pid alone decides)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +79,7 @@ class RunsMixin:
                     runs.c.host == socket.gethostname(),
                 )
             ).all()
-            dead = [o for o, p, start in stale if not _alive(p, start)]
+            dead = [o for o, p, start in stale if not process_alive(p, start)]
             if not dead:
                 return 0
             result = conn.execute(

@@ -6,6 +6,7 @@ shape is documented in the README and is the contract of the `status --json` out
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,10 +14,14 @@ from typing import Any
 from sqlalchemy import func, select
 
 from migrator.ledger import Job, Ledger
+from migrator.ledger_runs import process_alive
 from migrator.schema import instances, runs
 from migrator.states import ALL_STATES, State
 
 RATE_WINDOW = 300.0
+# A worker on another host whose heartbeat is older than this (the default lease; it beats
+# every third of it) is shown as gone.
+STALE_HEARTBEAT = 120.0
 TOP_ERRORS = 5
 ACTIVE_STATES = (State.PENDING, State.IN_FLIGHT)
 PROBLEM_STATES = (State.REJECTED, State.FAILED, State.VANISHED, State.SKIPPED)
@@ -72,7 +77,7 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
             .order_by(func.count().desc())
             .limit(TOP_ERRORS)
         ).all()
-        workers = conn.execute(
+        running = conn.execute(
             select(
                 runs.c.owner,
                 runs.c.command,
@@ -80,6 +85,9 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
                 runs.c.heartbeat_at,
                 runs.c.sent,
                 runs.c.bytes,
+                runs.c.host,
+                runs.c.pid,
+                runs.c.pid_start,
             ).where(runs.c.job_id == job.id, runs.c.status == "running")
         ).all()
         held = dict(
@@ -90,8 +98,11 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
             ).all()
         )
         counts, sent_bytes = counts_done.result(), bytes_done.result()
-    span = min(RATE_WINDOW, max(now - first, 1.0)) if recent else RATE_WINDOW
-    rate = recent / span if recent else 0.0
+    live, gone = _split_workers(running, now)
+    # Without a live worker nothing moves: no rate, no ETA (the last run's pace says
+    # nothing about when the rest will be sent).
+    span = min(RATE_WINDOW, max(now - first, 1.0)) if recent and live else RATE_WINDOW
+    rate = recent / span if recent and live else 0.0
     remaining = sum(counts[s.value] for s in ACTIVE_STATES)
     total = sum(counts.values())
     return {
@@ -107,8 +118,10 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
         "remaining": remaining,
         "bytes_sent": int(sent_bytes),
         "rate": round(rate, 2),
-        "bytes_rate": round(float(recent_bytes) / span, 1) if recent else 0.0,
+        "bytes_rate": round(float(recent_bytes) / span, 1) if rate else 0.0,
         "eta_seconds": round(remaining / rate, 1) if rate > 0 and remaining else None,
+        # Rows in flight whose worker is gone: the next run takes them back.
+        "abandoned": sum(held.get(w[0], 0) for w in gone),
         "top_errors": [
             {"state": state, "reason": reason, "count": n} for state, reason, n in errors
         ],
@@ -122,9 +135,44 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
                 "bytes": nbytes,
                 "in_flight": held.get(owner, 0),
             }
-            for owner, command, started, beat, sent, nbytes in workers
+            for owner, command, started, beat, sent, nbytes, *_ in live
+        ],
+        # Runs that never finished and whose process is gone (killed, crashed, host down).
+        "gone_workers": [
+            {
+                "owner": owner,
+                "command": command,
+                "started": started,
+                "heartbeat": beat,
+                "sent": sent,
+                "in_flight": held.get(owner, 0),
+                "reason": reason,
+            }
+            for (owner, command, started, beat, sent, *_), reason in gone.items()
         ],
     }
+
+
+def _split_workers(running: Any, now: float) -> tuple[list[Any], dict[Any, str]]:
+    """The live runs among those marked running, and the gone ones with the reason.
+
+    On this host the process itself is asked (pid and start time, as the run recorded
+    them); elsewhere a run is gone once its heartbeat is older than a lease.
+    """
+    host = socket.gethostname()
+    live: list[Any] = []
+    gone: dict[Any, str] = {}
+    for row in running:
+        if row.host == host:
+            if process_alive(row.pid, row.pid_start):
+                live.append(row)
+            else:
+                gone[row] = f"process {row.pid} ended without finishing its run"
+        elif now - row.heartbeat_at <= STALE_HEARTBEAT:
+            live.append(row)
+        else:
+            gone[row] = f"no heartbeat from {row.host} for {human_duration(now - row.heartbeat_at)}"
+    return live, gone
 
 
 def status_document(ledger: Ledger, job_name: str | None = None) -> dict[str, Any]:
@@ -170,8 +218,13 @@ def render_status(doc: dict[str, Any]) -> str:
             "  "
             + "  ".join(f"{state} {count}" for state, count in counts.items())
             + f"  (total {job['total']})",
-            f"  sent {human_bytes(job['bytes_sent'])}; rate {job['rate']:.1f}/s "
-            f"({human_bytes(job['bytes_rate'])}/s); ETA {human_duration(job['eta_seconds'])}"
+            f"  sent {human_bytes(job['bytes_sent'])}; "
+            + (
+                f"rate {job['rate']:.1f}/s ({human_bytes(job['bytes_rate'])}/s); "
+                f"ETA {human_duration(job['eta_seconds'])}"
+                if job["workers"]
+                else "no worker running"
+            )
             + ("" if job["listing_done"] else "; listing not finished"),
         ]
         if job["top_errors"]:
@@ -183,6 +236,16 @@ def render_status(doc: dict[str, Any]) -> str:
             lines.append(
                 f"  worker {w['owner']} ({w['command']}): {w['in_flight']} in flight, "
                 f"sent {w['sent']}"
+            )
+        for w in job["gone_workers"]:
+            lines.append(
+                f"  worker {w['owner']} ({w['command']}) is gone: {w['reason']}"
+                + (
+                    f"; its {w['in_flight']} rows in flight are abandoned, the next run "
+                    "takes them back"
+                    if w["in_flight"]
+                    else ""
+                )
             )
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -5,16 +5,19 @@ totals and size units."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import struct
 import warnings
 from pathlib import Path
 
-from conftest import ledger_rows, run_cli
+from conftest import ledger_rows, run_cli, start_cli, wait_for_sent
 
 from migrator.ledger import Ledger, Outcome
 from migrator.states import State
-from migrator.testkit import make_dataset
+from migrator.testkit import make_dataset, upload_all
+from migrator.testkit.fastgen import fast_dataset
 
 
 def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -283,3 +286,48 @@ def test_upgrade_to_unbounded_text_keeps_rows(tmp_path, pg_url):
             assert db.current_revision(ledger.engine) == db.HEAD_REVISION
         finally:
             ledger.close()
+
+
+# -- dead workers in status ---------------------------------------------------------------
+
+
+def test_status_shows_a_killed_worker_as_gone(orthanc_factory, ledger_path, ledger_url):
+    # A worker killed with -9 stayed in `status` as running, with its rows in flight and
+    # an ETA, long after its lease ran out.
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    upload_all(source, fast_dataset(60, seed=41))
+    proc = start_cli(
+        "replicate",
+        source.url,
+        target.url,
+        "--ledger",
+        ledger_url,
+        "--max-rate",
+        "10",
+        env={"MIGRATOR_PROGRESS": "none"},
+    )
+    try:
+        wait_for_sent(ledger_path, 5)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=30)
+    held = ledger_rows(ledger_path, "SELECT COUNT(*) FROM instances WHERE state = 'in_flight'")
+    assert held[0][0] > 0  # the killed worker's leases are still in the ledger
+
+    result = run_cli("status", "--json", "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    (job,) = json.loads(result.stdout)["jobs"]
+    assert job["workers"] == []
+    assert job["eta_seconds"] is None and job["rate"] == 0
+    (gone,) = job["gone_workers"]
+    assert gone["in_flight"] == job["abandoned"] == held[0][0]
+    assert f"process {proc.pid} ended" in gone["reason"]
+
+    text = run_cli("status", "--ledger", ledger_url).stdout
+    assert "ETA" not in text and "no worker running" in text
+    assert "is gone" in text and "the next run takes them back" in text
+
+    # The next run takes the rows back and finishes the job.
+    assert run_cli("replicate", source.url, target.url, "--ledger", ledger_url).code == 0
+    (job,) = json.loads(run_cli("status", "--json", "--ledger", ledger_url).stdout)["jobs"]
+    assert job["gone_workers"] == [] and job["counts"]["sent"] == 60
