@@ -26,6 +26,7 @@ from migrator.errors import (
     LedgerError,
     UsageError,
 )
+from migrator.identity import same_orthanc
 from migrator.ledger import Job, Ledger, make_owner
 from migrator.orthanc import OrthancClient
 from migrator.preflight import warn_about_target
@@ -193,7 +194,28 @@ def _rest_ends(
         "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
     )
     check_endpoints(settings, source=source_ep, target=target_ep)
+    check_distinct(settings, source_ep, target_ep)
     return source_ep, target_ep, name
+
+
+def check_distinct(settings: Settings, source_ep: Endpoint, target_ep: Endpoint) -> None:
+    """Refuse a source and a target that are one Orthanc under two URLs (`localhost` and
+    `127.0.0.1`, a proxy and its server): every instance would be "sent" to itself."""
+
+    async def check() -> bool:
+        source = make_client(source_ep, "source", settings)
+        target = make_client(target_ep, "target", settings)
+        try:
+            return await same_orthanc(source, target)
+        finally:
+            await source.aclose()
+            await target.aclose()
+
+    if asyncio.run(check()):
+        raise UsageError(
+            f"source {source_ep.display} and target {target_ep.display} are the same "
+            f"Orthanc: give another target"
+        )
 
 
 def replicate(

@@ -210,3 +210,53 @@ def test_rerun_with_other_credentials_resumes_the_import_job(
     assert again.code == 0, again.stderr
     assert ledger_rows(ledger_path, "SELECT COUNT(*) FROM jobs") == [(1,)]
     assert target.count() == 6
+
+
+# -- a source that is the target ---------------------------------------------------------
+
+
+def test_replicating_an_orthanc_into_itself_is_refused(orthanc_factory, ledger_path):
+    server = orthanc_factory("only")
+    fill(server, 3)
+    ledger = f"sqlite:///{ledger_path}"
+    as_localhost = server.url.replace("127.0.0.1", "localhost")
+    result = run_cli("replicate", server.url, as_localhost, "--ledger", ledger)
+    assert result.code == 2, result.stderr
+    result.assert_one_line_error()
+    assert "are the same Orthanc" in result.stderr
+    # Behind a proxy (another port): the same server still.
+    with Proxy("127.0.0.1", server.http_port) as proxy:
+        behind = run_cli("mirror", proxy.url, server.url, "--ledger", ledger)
+    assert behind.code == 2, behind.stderr
+    behind.assert_one_line_error()
+    assert not ledger_path.exists() or ledger_rows(ledger_path, "SELECT COUNT(*) FROM jobs") == [
+        (0,)
+    ]
+
+
+def test_two_servers_configured_alike_are_two(orthanc_factory, ledger_path):
+    """Two fresh servers with the same name and AET: accepted. Their /system answers
+    differ only by ports, so the probe itself is checked too: a job started on one is
+    unknown to the other, and known to the same server under another name."""
+    from migrator import identity
+
+    first, second = orthanc_factory("orthanc"), orthanc_factory("orthanc")
+    fill(first, 3)
+    result = run_cli("replicate", first.url, second.url, "--ledger", f"sqlite:///{ledger_path}")
+    assert result.code == 0, result.stderr
+    assert second.count() == 3
+
+    async def probe(origin_url: str, other_url: str) -> bool | None:
+        origin = OrthancClient(parse_endpoint(origin_url, role="source"), "source")
+        other = OrthancClient(parse_endpoint(other_url, role="target"), "target")
+        try:
+            job = await identity._start_probe(origin)
+            assert job is not None
+            return await identity._knows_job(other, job)
+        finally:
+            await origin.aclose()
+            await other.aclose()
+
+    assert asyncio.run(probe(first.url, second.url)) is False
+    assert asyncio.run(probe(second.url, first.url)) is False
+    assert asyncio.run(probe(first.url, first.url.replace("127.0.0.1", "localhost"))) is True
