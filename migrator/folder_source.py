@@ -20,8 +20,25 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from migrator.errors import FatalError, Kind, TransferError, UsageError, Verdict
-from migrator.fileclass import Candidate, CorruptFile, classify_file, read_dicom_bytes
-from migrator.folder import FolderInfo, detect, iter_folder, iter_index, iter_orphans, open_index
+from migrator.fileclass import (
+    HELD_REASONS,
+    Candidate,
+    CorruptFile,
+    classify_file,
+    read_dicom_bytes,
+)
+from migrator.folder import (
+    FOLDER_ADVICE,
+    FolderInfo,
+    detect,
+    escape_name,
+    has_storage_layout,
+    iter_index,
+    iter_orphans,
+    iter_tree,
+    open_index,
+    real_path,
+)
 from migrator.ledger import Lease
 from migrator.sources import ListingPage
 from migrator.states import State
@@ -35,6 +52,15 @@ FIRST_TREE_PAGE_SECONDS = 0.01
 INLINE_READ = 256 * 1024
 MISSING = "file missing from the storage folder (the index lists it)"
 ORPHAN = "orphan: the index does not know this file (retry --state skipped --error orphan)"
+PERMISSION_DENIED = "permission denied; run as a user who can read it"
+# A storage folder that is not the one the index describes (Orthanc's IndexDirectory apart
+# from its StorageDirectory, an unmounted share) makes every index row "missing": that must
+# stop the import, not end it as a success made of vanished rows. The listing stops before
+# saving when the first PROBE_MISSING rows it reads are all missing (or all of them, fewer,
+# in a folder without Orthanc's layout), and when MISSING_RUN rows in a row are missing.
+PROBE_MISSING = 100
+MISSING_RUN = 1000
+STORAGE_HINT = "give the folder holding the xx/yy/<uuid> files with --storage DIR"
 
 
 def _row(cand: Candidate) -> dict[str, Any]:
@@ -69,28 +95,46 @@ class FolderSource:
     """Files on disk; rows are keyed by Orthanc ID (index) or relative path (bare folder)."""
 
     kind = "import"
-    # Sending starts with the first page: header-only copies are skipped as they are
-    # listed, and the ledger leases one copy per instance at a time.
+    # Sending starts with the first page: files without pixel data are held (skipped)
+    # until the listing is complete, and the ledger leases one copy per instance at a time.
     send_while_listing = True
     copies_possible = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage: str | None = None) -> None:
         self.path = os.path.abspath(path)
-        if not os.path.lexists(self.path):
-            raise UsageError(f"{path}: no such file or folder")
+        try:
+            os.lstat(self.path)
+        except PermissionError:
+            # A folder on the way cannot be entered (Debian's /var/lib/orthanc is 0750).
+            raise UsageError(f"{path}: {PERMISSION_DENIED}") from None
+        except OSError:
+            raise UsageError(f"{path}: no such file or folder") from None
         try:
             self.info = detect(self.path)
         except PermissionError:
-            raise UsageError(f"{path}: permission denied") from None
+            raise UsageError(f"{path}: {PERMISSION_DENIED}") from None
         except (NotADirectoryError, OSError) as exc:
             raise UsageError(f"{path}: not a folder to import ({exc})") from None
         if self.info.kind in ("empty", "missing"):
             raise UsageError(f"{path}: {self.info.kind} folder, nothing to import")
-        self.display = self.info.path
+        if storage is not None:
+            self.info = self._with_storage(path, storage)
+        self.display = escape_name(self.info.path)
         # Index rows are keyed by Orthanc ID; bare folders by path relative to the root.
         self.root = self.info.storage or self.info.path
         # An index has one row per instance: no copies to reduce to one.
         self.copies_possible = self.info.index is None
+
+    def _with_storage(self, path: str, storage: str) -> FolderInfo:
+        """The index's files live in ``storage`` rather than beside the index."""
+        if self.info.kind != "orthanc-index":
+            raise UsageError(f"--storage applies to an Orthanc index only; {path} has none")
+        folder = os.path.abspath(storage)
+        if not os.path.isdir(folder):
+            raise UsageError(f"--storage {storage}: no such folder")
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise UsageError(f"--storage {storage}: permission denied")
+        return FolderInfo(self.info.kind, self.info.path, folder, self.info.index)
 
     async def preflight(self) -> str:
         if self.info.kind == "orthanc-index":
@@ -137,25 +181,48 @@ class FolderSource:
     def _index_pages(self, state: dict[str, Any]) -> Iterator[ListingPage]:
         assert self.info.index is not None
         if state.get("phase", "index") == "index":
-            rows: list[dict[str, Any]] = []
+            check = _MissingFiles(self.root)
+            listed: list[tuple[int, dict[str, Any]]] = []
             for internal_id, cand in iter_index(
                 self.info.index, state.get("after"), storage=self.info.storage
             ):
-                rows.append(_row(cand))
-                state["after"] = internal_id
-                if len(rows) >= PAGE:
-                    yield ListingPage(rows, json.dumps(state))
-                    rows = []
+                listed.append((internal_id, _row(cand)))
+                check.see(cand)
+                # Rows after the last file found wait: if they begin a mass of missing
+                # files, the listing stops before saving them, and a rerun with the right
+                # --storage lists them again.
+                ready = len(listed) - check.run
+                if ready >= PAGE:
+                    yield _index_page(listed[:ready], state)
+                    del listed[:ready]
+            check.finish()
             state["phase"] = "orphans"
-            yield ListingPage(rows, json.dumps(state))
+            yield _index_page(listed, state)
         rows = []
         for rel in iter_orphans(self.info.index, storage=self.info.storage):
             if state.get("orphan") is not None and rel <= state["orphan"]:
                 continue
-            cand = classify_file(os.path.join(self.root, rel), self.root)
+            try:
+                cand = classify_file(os.path.join(self.root, rel), self.root)
+            except OSError as exc:
+                # An orphan is skipped anyway: one that cannot be read says why.
+                cand = Candidate(
+                    source_key=rel,
+                    path=os.path.join(self.root, rel),
+                    orthanc_id=None,
+                    sop_uid=None,
+                    study_uid=None,
+                    series_uid=None,
+                    size=None,
+                    md5=None,
+                    has_pixels=None,
+                    compressed=False,
+                    skip_reason=f"cannot read this file: {exc.strerror or exc}",
+                )
             row = _row(cand)
             row["source_key"] = f"orphan:{rel}"
-            row["skip_reason"] = cand.skip_reason or ORPHAN
+            held = cand.skip_reason in HELD_REASONS  # settled for bare folders only
+            row["skip_reason"] = ORPHAN if held else cand.skip_reason or ORPHAN
             rows.append(row)
             state["orphan"] = rel
             if len(rows) >= PAGE:
@@ -169,9 +236,14 @@ class FolderSource:
         # Classifying files costs time (their headers are parsed): hand rows over after a
         # short while, so that sending starts at once; then in longer pages (fewer commits).
         seconds = FIRST_TREE_PAGE_SECONDS
-        for cand in iter_folder(self.root, state.get("after")):
-            rows.append(_row(cand))
-            state["after"] = cand.source_key
+        for rel, cand, failure in iter_tree(self.root, state.get("after")):
+            row = _row(cand)
+            if failure is not None:
+                row["state"] = State.FAILED.value
+            rows.append(row)
+            # The real name (undecodable bytes as surrogates, which JSON escapes): the
+            # walk resumes by comparing names as the file system gives them.
+            state["after"] = rel
             if len(rows) >= PAGE or time.monotonic() - started > seconds:
                 yield ListingPage(rows, json.dumps(state))
                 rows = []
@@ -182,14 +254,26 @@ class FolderSource:
     async def fetch(self, lease: Lease) -> bytes:
         if not lease.path:
             raise TransferError(Verdict(Kind.FATAL, f"row {lease.source_key} has no file path"))
+        path = real_path(lease.path)
         try:
             if lease.size is not None and lease.size <= INLINE_READ:
-                return read_dicom_bytes(lease.path)
-            return await asyncio.to_thread(read_dicom_bytes, lease.path)
+                return read_dicom_bytes(path)
+            return await asyncio.to_thread(read_dicom_bytes, path)
         except FileNotFoundError:
+            if await asyncio.to_thread(self._source_gone):
+                raise FatalError(
+                    f"{self.root} is gone or empty (an unmounted share?): {lease.path} cannot "
+                    "be read; mount it again and rerun"
+                ) from None
             raise TransferError(Verdict(Kind.VANISHED, f"file {lease.path} is gone")) from None
         except CorruptFile as exc:
             raise TransferError(Verdict(Kind.PERMANENT, f"corrupt file: {exc}")) from None
+        except IsADirectoryError:
+            # A folder that could not be listed, retried: the listing is over, so its
+            # files are listed by an import of their own.
+            raise TransferError(
+                Verdict(Kind.PERMANENT, f"{lease.path} is a folder: {FOLDER_ADVICE}")
+            ) from None
         except PermissionError:
             raise FatalError(f"cannot read {lease.path}: permission denied") from None
         except OSError as exc:
@@ -197,5 +281,62 @@ class FolderSource:
                 Verdict(Kind.RETRYABLE, f"cannot read {lease.path}: {exc}")
             ) from None
 
+    def _source_gone(self) -> bool:
+        """Whether the folder itself went away, as opposed to one file of it."""
+        if self.info.index is not None:
+            return not has_storage_layout(self.root)
+        try:
+            with os.scandir(self.root) as it:
+                return next(it, None) is None
+        except OSError:
+            return True
+
     async def aclose(self) -> None:
         return None
+
+
+def _index_page(listed: list[tuple[int, dict[str, Any]]], state: dict[str, Any]) -> ListingPage:
+    if listed:
+        state["after"] = listed[-1][0]
+    return ListingPage([row for _, row in listed], json.dumps(state))
+
+
+class _MissingFiles:
+    """Watches the index rows of one listing for files missing from the storage folder."""
+
+    def __init__(self, storage: str) -> None:
+        self.storage = storage
+        self.run = 0  # missing files since the last one found
+        self.found = False  # a file of this listing was found
+        self.first: str | None = None  # the first file of the current run
+
+    def see(self, cand: Candidate) -> None:
+        """Count one row; raise :class:`FatalError` when files are missing en masse."""
+        if not cand.missing:
+            self.run, self.found = 0, True
+            return
+        self.run += 1
+        if self.run == 1:
+            self.first = cand.path
+        if not self.found and self.run >= PROBE_MISSING:
+            raise self._error(f"none of the first {self.run} files the index lists exists")
+        if self.run >= MISSING_RUN:
+            raise self._error(
+                f"{self.run} files in a row that the index lists are missing", listed=True
+            )
+
+    def finish(self) -> None:
+        """At the end of the index: refuse when no file was found in a folder that has
+        no Orthanc files at all (the index's own folder, when the files live elsewhere)."""
+        if self.run and not self.found and not has_storage_layout(self.storage):
+            raise self._error(
+                f"none of the {self.run} files the index lists exists (no Orthanc files there)"
+            )
+
+    def _error(self, what: str, *, listed: bool = False) -> FatalError:
+        # Rows from the first missing one on are not saved: a rerun lists them again.
+        return FatalError(
+            f"{what} under {self.storage} (e.g. {self.first}): is the storage folder "
+            f"elsewhere or not mounted? {STORAGE_HINT}"
+            + ("" if listed else "; nothing of it was listed")
+        )
