@@ -34,6 +34,7 @@ from migrator.progress import NullProgress, make_progress
 from migrator.reports import job_counts
 from migrator.scheduler import RunResult, Scheduler
 from migrator.sources import RestSource, Source
+from migrator.units import human_bytes
 
 log = logging.getLogger("migrator")
 
@@ -73,7 +74,7 @@ class JobReport:
             )
         else:
             lines.append(
-                f"this run: sent {r.sent} ({r.bytes / 1e6:.1f} MB) in {r.elapsed:.1f} s, "
+                f"this run: sent {r.sent} ({human_bytes(r.bytes)}) in {r.elapsed:.1f} s, "
                 f"rejected {r.rejected}, failed {r.failed}, vanished {r.vanished}, "
                 f"retries {r.retries}"
             )
@@ -338,7 +339,7 @@ def work(
 
         return _run_folder(
             ledger,
-            FolderSource(job.source),
+            FolderSource(job.source, job.options.get("storage")),
             target_ep,
             settings,
             name=job.name,
@@ -387,11 +388,16 @@ def import_path(
     job_name: str | None = None,
     dry_run: bool = False,
     show_progress: bool = True,
+    storage: str | None = None,
 ) -> JobReport:
-    """Import an Orthanc storage folder or any folder of DICOM files (`migrator import`)."""
+    """Import an Orthanc storage folder or any folder of DICOM files (`migrator import`).
+
+    ``storage`` is the folder holding the attachment files of an Orthanc index (``path``)
+    when it is not the index's own folder.
+    """
     from migrator.folder_source import FolderSource  # only imports read folders
 
-    source = FolderSource(path)
+    source = FolderSource(path, storage)
     target_ep = endpoint_from(target_url, "target", settings)
     name = job_name or default_job_name("import", source.display, target_ep)
     asyncio.run(source.preflight())
@@ -404,7 +410,12 @@ def import_path(
             target_ep,
             settings,
             name=name,
-            options={"concurrency": settings.concurrency, "folder_kind": source.info.kind},
+            options={
+                "concurrency": settings.concurrency,
+                "folder_kind": source.info.kind,
+                # A worker joining the job reads the files from the same place.
+                **({"storage": source.info.storage} if storage else {}),
+            },
             dry_run=dry_run,
             show_progress=show_progress,
         )

@@ -300,6 +300,14 @@ def mirror(
 def import_(
     path: Annotated[str, typer.Argument(help="Orthanc storage folder, or any DICOM folder.")],
     target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Folder holding the xx/yy/<uuid> files of an Orthanc index that lives "
+            "elsewhere (Orthanc's StorageDirectory apart from its IndexDirectory).",
+        ),
+    ] = None,
     job: JobOpt = None,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
@@ -317,7 +325,9 @@ def import_(
     Example: migrator import /var/lib/orthanc/db-v5 http://orthanc:orthanc@localhost:8042/
     """
     _job_command(
-        lambda s: api.import_path(path, target_url, s, job_name=job, dry_run=dry_run),
+        lambda s: api.import_path(
+            path, target_url, s, job_name=job, dry_run=dry_run, storage=storage
+        ),
         verbose=verbose,
         config=config,
         throttle=(max_rate, max_bandwidth, window),

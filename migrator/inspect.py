@@ -15,6 +15,7 @@ from typing import Any
 
 from migrator.fileclass import SKIP_DICOMDIR, SKIP_EMPTY, SKIP_HEADER_ONLY, SKIP_JSON, Candidate
 from migrator.folder import FolderInfo, detect, index_summary, iter_folder, iter_index, iter_orphans
+from migrator.units import human_bytes
 
 __all__ = ["inspect_path", "render_text"]
 
@@ -175,11 +176,7 @@ def _advice(report: dict[str, Any]) -> str:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    return human_bytes(n)
 
 
 def _line(label: str, value: object, note: str = "") -> str:

@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from migrator.errors import UsageError
+from migrator.units import human_bytes
 
 if TYPE_CHECKING:
     from migrator.config import Settings
@@ -128,12 +129,12 @@ class Limits:
     bandwidth: float | None = None
 
     def describe(self) -> str:
-        """'50/s, 10.0 MB/s', or 'unlimited'."""
+        """'50/s, 9.5 MiB/s', or 'unlimited'."""
         parts = []
         if self.rate is not None:
             parts.append(f"{self.rate:g}/s")
         if self.bandwidth is not None:
-            parts.append(f"{self.bandwidth / 1e6:.1f} MB/s")
+            parts.append(f"{human_bytes(self.bandwidth)}/s")
         return ", ".join(parts) or "unlimited"
 
 

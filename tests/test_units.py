@@ -126,7 +126,7 @@ def test_progress_bar_counts_and_renders() -> None:
     bar.advance(State.REJECTED, 0)
     bar.close()
     assert (bar.done, bar.total, bar.by_state["sent"], bar.by_state["rejected"]) == (3, 6, 2, 1)
-    assert "3/6" in out.getvalue() and "1.5 MB" in out.getvalue()
+    assert "3/6" in out.getvalue() and "1.4 MiB" in out.getvalue()
 
 
 @pytest.mark.parametrize(
