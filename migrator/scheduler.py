@@ -41,7 +41,7 @@ from migrator.orthanc import OrthancClient, md5_hex
 from migrator.progress import Progress
 from migrator.sources import Source
 from migrator.states import State
-from migrator.throttle import Gate
+from migrator.throttle import Gate, Legs
 
 log = logging.getLogger("migrator")
 
@@ -68,6 +68,10 @@ class RunResult:
     # Endpoint outages (circuit breaker trips) and time paused outside the windows.
     outages: int = 0
     paused: float = 0.0
+    # Seconds spent in each leg of the instances sent: the source's downloads (or reads)
+    # and the target's stores, summed over concurrent transfers.
+    fetch_seconds: float = 0.0
+    store_seconds: float = 0.0
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rng: random.Random) -> float:
@@ -130,7 +134,9 @@ class Scheduler:
         self.listing_done = job.listing_done
         self._skipped_at_sent: int | None = None
         self.breaker = Breaker(settings.outage_timeout, self._probe)
-        self.gate = Gate.from_settings(settings, self.stopping)
+        # An Orthanc source is downloaded from; a folder is read.
+        self._fetch_noun = "downloads" if getattr(source, "client", None) else "reads"
+        self.gate = Gate.from_settings(settings, self.stopping, fetch_noun=self._fetch_noun)
         self._ledger_thread = LedgerThread()
         self.outcomes: Batch[Outcome] = Batch(
             self._ledger_thread,
@@ -206,7 +212,19 @@ class Scheduler:
             self.result.paused = self.gate.paused_seconds
             self._ledger_thread.close()
         self.result.elapsed = time.monotonic() - started
+        self._log_legs()
         return self.result
+
+    def _log_legs(self) -> None:
+        """Say which end the time went to, so that a slow run names its slow end."""
+        r = self.result
+        if r.sent:
+            log.info(
+                "per instance sent: source %s %.3f s, target stores %.3f s (averages)",
+                self._fetch_noun,
+                r.fetch_seconds / r.sent,
+                r.store_seconds / r.sent,
+            )
 
     # -- listing ------------------------------------------------------------------------
 
@@ -359,19 +377,24 @@ class Scheduler:
                 self.queue.task_done()  # stopping: the lease is handed back at the end
                 continue
             outcome: Outcome | None = None
-            started = time.monotonic()
+            # Each leg is timed apart, so that a slow source is not taken for a slow
+            # target (the wait for the memory budget is neither).
+            legs = Legs()
             try:
                 async with self.gate.memory.hold(lease.size):
-                    outcome = await self._transfer(lease)
-                self._add_outcome(outcome)
+                    outcome = await self._transfer(lease, legs)
+                self._add_outcome(outcome, legs)
             finally:
-                self.gate.after(outcome, time.monotonic() - started)
+                self.gate.after(outcome, legs)
                 self.queue.task_done()
 
-    async def _transfer(self, lease: Lease) -> Outcome:
+    async def _transfer(self, lease: Lease, legs: Legs) -> Outcome:
+        """Fetch one leased instance and store it on the target, filling in `legs`."""
         side = "source"
         try:
+            started = time.monotonic()
             data = await self.source.fetch(lease)
+            legs.fetch = time.monotonic() - started
             self.breaker.success("source")
             digest = md5_hex(data)
             if lease.md5 and lease.md5 != digest:
@@ -381,9 +404,12 @@ class Scheduler:
                     error=f"source file corrupt: MD5 {digest} differs from expected {lease.md5}",
                 )
             side = "target"
+            started = time.monotonic()
             stored = await self.target.store(data)
+            legs.store = time.monotonic() - started
             self.breaker.success("target")
         except TransferError as exc:
+            legs.failed = side
             return self._failure(lease, exc.verdict, side)
         if lease.orthanc_id and stored.orthanc_id and stored.orthanc_id != lease.orthanc_id:
             log.warning(
@@ -435,7 +461,7 @@ class Scheduler:
             next_attempt_at=time.time() + delay,
         )
 
-    def _add_outcome(self, outcome: Outcome) -> None:
+    def _add_outcome(self, outcome: Outcome, legs: Legs) -> None:
         self.outcomes.add(outcome)
         self.held.discard(outcome.id)
         if not self.held:
@@ -444,6 +470,8 @@ class Scheduler:
         if outcome.state is State.SENT:
             result.sent += 1
             result.bytes += outcome.size or 0
+            result.fetch_seconds += legs.fetch or 0.0
+            result.store_seconds += legs.store or 0.0
         elif outcome.state is State.REJECTED:
             result.rejected += 1
         elif outcome.state is State.FAILED:

@@ -7,8 +7,10 @@ Three brakes, applied by one `Gate` that the scheduler awaits before every trans
 - a weekly timetable (``--window``, repeatable; syntax in `migrator.timetable`): inside
   a window the run goes at the window's limits, outside every window it pauses, and
   says until when;
-- adaptive concurrency (`AdaptiveLimit`, AIMD): when the target answers 5xx, times out or
-  slows down, fewer transfers run at once; as answers come back healthy, more again.
+- adaptive concurrency (`migrator.adaptive.AdaptiveLimit`, AIMD): when an end answers
+  5xx, times out or slows down, fewer transfers run at once, and the log names that end
+  (each transfer's download and store are timed apart); as answers come back healthy,
+  more again.
 
 Beside them, `MemoryBudget` (``[throttle] max_memory``) bounds the bytes of instances held
 in memory at once, whatever their sizes and the concurrency.
@@ -24,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from migrator.adaptive import AdaptiveLimit, Legs, is_overload
 from migrator.states import State
 from migrator.timetable import (
     Limits,
@@ -41,13 +44,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("migrator")
 
+__all__ = ["AdaptiveLimit", "Gate", "Legs", "MemoryBudget", "TokenBucket", "is_overload"]
+
 # Re-check the timetable at least this often while paused (clock changes, DST).
 MAX_PAUSE_STEP = 30.0
-# Seconds between two log lines about adaptive concurrency (debug level in between).
-LOG_EVERY = 60.0
 
 
-# -- buckets and the AIMD limiter --------------------------------------------------------
+# -- buckets and the memory budget --------------------------------------------------------
 
 
 class TokenBucket:
@@ -151,133 +154,7 @@ class MemoryBudget:
                 changed.notify_all()
 
 
-class AdaptiveLimit:
-    """Additive-increase / multiplicative-decrease limit on concurrent transfers.
-
-    Each healthy answer adds 1/limit (one more slot per `limit` answers); an overload
-    signal (5xx, 429, timeout, network error) halves the limit, a slow answer (over 3x
-    the usual latency and 1 s more) takes a quarter off; at most one cut per `cooldown`
-    seconds, since the transfers already running all report the same trouble.
-    """
-
-    def __init__(
-        self,
-        maximum: int,
-        minimum: int = 1,
-        *,
-        cooldown: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.maximum = maximum
-        self.minimum = min(minimum, maximum)
-        self.cooldown = cooldown
-        self.clock = clock
-        self.limit = float(maximum)
-        self.in_use = 0
-        self.baseline: float | None = None
-        self.lowest = maximum
-        self.cuts = 0
-        self._last_cut = float("-inf")
-        self._logged: dict[str, float] = {}
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def allowed(self) -> int:
-        """How many transfers may run at once right now."""
-        return max(self.minimum, int(self.limit))
-
-    async def acquire(self) -> None:
-        """Wait for a free slot."""
-        while self.in_use >= self.allowed:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-        self.in_use += 1
-
-    def release(self) -> None:
-        """Give a slot back."""
-        self.in_use -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        # Wake everyone; each re-checks. Waiters are at most the run's workers.
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def record(self, latency: float | None, overloaded: bool, reason: str = "") -> None:
-        """Feed one transfer's result: `latency` of a success, or an overload signal."""
-        before = self.allowed
-        if overloaded:
-            self._cut(0.5, reason or "errors")
-        elif latency is not None:
-            base = self.baseline
-            slow = base is not None and latency > max(3 * base, base + 1.0)
-            # The baseline follows the usual latency slowly, so a lasting change of pace
-            # (bigger files, a busier network) becomes the new normal.
-            alpha = 0.02 if slow else 0.1
-            self.baseline = latency if base is None else (1 - alpha) * base + alpha * latency
-            if slow:
-                self._cut(0.75, f"answers slowed to {latency:.1f} s")
-            else:
-                self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
-        if self.allowed > before:
-            self._wake()
-            if self.allowed == self.maximum and "cut" in self._logged:
-                self._say(
-                    "up",
-                    logging.INFO,
-                    "target keeps up again: back to %d concurrent transfers",
-                    self.maximum,
-                )
-
-    def _cut(self, factor: float, reason: str) -> None:
-        now = self.clock()
-        if now - self._last_cut < self.cooldown or self.limit <= self.minimum:
-            return
-        before = self.allowed
-        self._last_cut = now
-        self.limit = max(float(self.minimum), self.limit * factor)
-        self.cuts += 1
-        self.lowest = min(self.lowest, self.allowed)
-        if self.allowed < before:
-            self._say(
-                "cut",
-                logging.WARNING,
-                "target struggling (%s): %d concurrent transfers instead of %d",
-                reason,
-                self.allowed,
-                before,
-            )
-
-    def _say(self, key: str, level: int, message: str, *args: object) -> None:
-        # Random faults can cut and restore the limit every second: say it once a
-        # minute at most (debug level in between), but always the first time.
-        now = self.clock()
-        if now - self._logged.get(key, float("-inf")) < LOG_EVERY:
-            level = logging.DEBUG
-        else:
-            self._logged[key] = now
-        log.log(level, message, *args)
-
-
 # -- the gate ---------------------------------------------------------------------------
-
-
-def is_overload(outcome: Outcome | None) -> tuple[bool, str]:
-    """Whether a transfer's outcome says the far end is overloaded, and a short why."""
-    if outcome is None or outcome.state not in (State.PENDING, State.FAILED):
-        return False, ""
-    status = outcome.http_status
-    if status is None:
-        return True, "timeouts or network errors"
-    if status == 429 or status >= 500:
-        return True, f"HTTP {status}"
-    return False, ""
 
 
 class Gate:
@@ -293,6 +170,7 @@ class Gate:
         adaptive: bool = True,
         memory: int | None = None,
         clock: Callable[[], datetime] = datetime.now,
+        fetch_noun: str = "downloads",
     ) -> None:
         self.defaults = defaults
         self.schedule = schedule
@@ -300,7 +178,7 @@ class Gate:
         self.clock = clock
         self.instances = TokenBucket(defaults.rate)
         self.bytes = TokenBucket(defaults.bandwidth)
-        self.adaptive = AdaptiveLimit(concurrency) if adaptive else None
+        self.adaptive = AdaptiveLimit(concurrency, fetch_noun=fetch_noun) if adaptive else None
         self.memory = MemoryBudget(memory)
         self.window: Window | None = None
         self.paused_seconds = 0.0
@@ -310,8 +188,11 @@ class Gate:
         self._paused_since: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, stop: asyncio.Event) -> Gate:
-        """A gate for the throttle settings (already validated by `config.validate`)."""
+    def from_settings(
+        cls, settings: Settings, stop: asyncio.Event, *, fetch_noun: str = "downloads"
+    ) -> Gate:
+        """A gate for the throttle settings (already validated by `config.validate`);
+        `fetch_noun` names the source leg in the log ("downloads", "reads")."""
         defaults = Limits(
             parse_rate(settings.max_rate) if settings.max_rate else None,
             parse_bandwidth(settings.max_bandwidth) if settings.max_bandwidth else None,
@@ -323,6 +204,7 @@ class Gate:
             stop,
             adaptive=settings.adaptive,
             memory=parse_memory(settings.max_memory),
+            fetch_noun=fetch_noun,
         )
 
     def describe(self) -> str:
@@ -350,14 +232,22 @@ class Gate:
             return False
         return True
 
-    def after(self, outcome: Outcome | None, latency: float) -> None:
-        """Account for a finished transfer (outcome None: it raised)."""
+    def after(self, outcome: Outcome | None, legs: Legs) -> None:
+        """Account for a finished transfer (outcome None: it raised), timed leg by leg."""
         sent = outcome is not None and outcome.state is State.SENT
         if sent:
             self.bytes.charge(outcome.size or 0)  # type: ignore[union-attr]
         if self.adaptive is not None:
             overloaded, reason = is_overload(outcome)
-            self.adaptive.record(latency if sent else None, overloaded, reason)
+            # Only a success's legs say what is usual; an overload is blamed on the end
+            # whose error ended the transfer (the target when unknown).
+            self.adaptive.record(
+                legs.store if sent else None,
+                overloaded,
+                reason,
+                fetch=legs.fetch if sent else None,
+                side=legs.failed or "target",
+            )
             self.adaptive.release()
 
     async def _window_open(self) -> bool:

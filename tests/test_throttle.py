@@ -28,7 +28,7 @@ from migrator.states import State
 from migrator.testkit.fastgen import fast_dataset
 from migrator.testkit.faults import ScriptedFaults, Status
 from migrator.testkit.proxy import Proxy
-from migrator.throttle import AdaptiveLimit, Gate, MemoryBudget, TokenBucket, is_overload
+from migrator.throttle import AdaptiveLimit, Gate, Legs, MemoryBudget, TokenBucket, is_overload
 from migrator.timetable import Limits, Schedule, parse_bandwidth, parse_rate, parse_window
 
 MONDAY = datetime(2024, 1, 1)  # a Monday
@@ -337,7 +337,7 @@ def test_gate_applies_the_open_windows_limits(caplog):
         schedule = Schedule.parse(["Mon-Fri 19:00-07:00=20/s,1M", "Sat-Sun 00:00-24:00"])
         gate = Gate(Limits(5, None), schedule, 4, asyncio.Event(), clock=lambda: at(0, 22))
         assert await gate.before()
-        gate.after(Outcome(1, State.SENT, size=1000), 0.01)
+        gate.after(Outcome(1, State.SENT, size=1000), Legs(fetch=0.01, store=0.01))
         return gate
 
     gate = asyncio.run(main())

@@ -61,7 +61,9 @@ class OrthancProcess:
 
     The HTTP and DICOM ports are picked once and kept across :meth:`restart`, so URLs
     handed out earlier stay valid. The configuration is rewritten on every :meth:`start`,
-    which lets a test change :attr:`extra` and restart.
+    which lets a test change :attr:`extra` and restart. ``http_compression`` is
+    ``HttpCompressionEnabled``: on, as in Orthanc's own default and Debian's config (the
+    server gzips its answers to clients that accept gzip).
     """
 
     def __init__(
@@ -73,12 +75,14 @@ class OrthancProcess:
         lua: str | None = None,
         extra: dict[str, Any] | None = None,
         http_port: int | None = None,
+        http_compression: bool = True,
     ) -> None:
         self.workdir = Path(workdir)
         self.name = name
         self.users = dict(users) if users else None
         self.lua = lua
         self.extra: dict[str, Any] = dict(extra or {})
+        self.http_compression = http_compression
         self.http_port = http_port if http_port is not None else free_port()
         self.dicom_port = free_port()
         self.config_path = self.workdir / "orthanc.json"
@@ -120,6 +124,7 @@ class OrthancProcess:
             "MaximumStorageSize": 0,
             "MaximumPatientCount": 0,
             "OverwriteInstances": False,
+            "HttpCompressionEnabled": self.http_compression,
         }
         if self.users is not None:
             cfg["RegisteredUsers"] = dict(self.users)
