@@ -6,7 +6,7 @@ common encodings (explicit and implicit VR little endian after a Part-10 preambl
 without building a dataset and keeps only what the classification of a file needs.
 
 Whatever it does not handle the same way pydicom would (big endian, deflate, no preamble,
-non-ASCII or multi-valued identifiers, malformed or truncated elements before the pixel
+non-ASCII identifiers, malformed or truncated elements before the pixel
 data) raises :class:`Unsupported`; the caller then parses the file with pydicom, so odd
 files are classified exactly as before and only the common case is fast.
 """
@@ -206,8 +206,10 @@ def _skip_items(data: bytes | memoryview, pos: int, end: int, explicit: bool, de
 
 
 def _text(raw: bytes) -> str:
-    if b"\\" in raw or b"\x1b" in raw:
-        raise Unsupported("multi-valued or escaped text")
+    # Multi-valued ASCII text is kept whole, backslashes and inner padding included, as
+    # Orthanc hashes it; an escape sequence (ISO 2022) is left to pydicom.
+    if b"\x1b" in raw:
+        raise Unsupported("escaped text")
     try:
         return raw.decode("ascii").rstrip(" \x00")
     except UnicodeDecodeError:

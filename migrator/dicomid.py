@@ -9,9 +9,14 @@ target-side ID of a file before (or without) uploading it.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
-__all__ = ["format_sha1", "orthanc_id_from_dataset", "orthanc_instance_id"]
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import tag_for_keyword
+from pydicom.multival import MultiValue
+
+__all__ = ["format_sha1", "orthanc_id_from_dataset", "orthanc_instance_id", "tag_text"]
 
 
 def format_sha1(text: str) -> str:
@@ -29,13 +34,51 @@ def orthanc_instance_id(patient_id: str, study_uid: str, series_uid: str, sop_ui
     return format_sha1(f"{patient_id}|{study_uid}|{series_uid}|{sop_uid}")
 
 
-def _tag_text(ds: Any, keyword: str) -> str:
-    value = getattr(ds, keyword, None)
+def tag_text(ds: Any, keyword: str) -> str:
+    """Return the value of ``keyword`` in a pydicom ``Dataset`` as Orthanc hashes it.
+
+    Orthanc takes the stored value whole, with the backslashes between the values of a
+    multi-valued element, and removes only the trailing space/NUL padding of the whole
+    string (checked on 1.10.1: PatientID ``A \\B `` hashes as ``A \\B``, `` P X `` as
+    `` P X``). pydicom's view of such a value is a list of values with each one's padding
+    removed, so the raw bytes are used while the element is still unparsed (as after
+    ``dcmread``/``read_partial``); a parsed element's values are joined with backslashes.
+    An absent or unreadable element is "".
+    """
+    try:
+        elem = ds.get_item(tag_for_keyword(keyword))
+    except Exception:  # a malformed element must not hide the rest of the header
+        return ""
+    value = None if elem is None else elem.value
     if value is None:
         return ""
-    # Orthanc hashes values with trailing space/NUL padding removed but leading spaces
-    # kept (checked on 1.10.1: PatientID " P X " hashes as " P X").
-    return str(value).rstrip(" \x00")
+    if isinstance(value, bytes | bytearray):
+        text = _decode(bytes(value), ds)
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, list | tuple | MultiValue):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.rstrip(" \x00")
+
+
+def _decode(raw: bytes, ds: Any) -> str:
+    """Decode a raw text value with the dataset's character set, value by value (as
+    pydicom does: an ISO 2022 escape does not outlive a backslash)."""
+    try:
+        raw_charset = ds.get_item(0x00080005)
+        charset = raw_charset.value if raw_charset is not None else None
+        if isinstance(charset, bytes):
+            names = [v.decode("ascii", "replace").strip() for v in charset.split(b"\\")]
+            encodings = convert_encodings(names)
+        else:
+            encodings = convert_encodings(charset or None)
+    except Exception:  # an unknown character set: decode as the default repertoire
+        encodings = ["iso8859"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return "\\".join(decode_bytes(v, encodings, set()) for v in raw.split(b"\\"))
 
 
 def orthanc_id_from_dataset(ds: Any) -> str:
@@ -45,8 +88,8 @@ def orthanc_id_from_dataset(ds: Any) -> str:
     ``ValueError`` when one of the three UIDs is missing or empty, because Orthanc rejects
     such a file instead of storing it.
     """
-    patient_id = _tag_text(ds, "PatientID")
-    uids = [_tag_text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+    patient_id = tag_text(ds, "PatientID")
+    uids = [tag_text(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
     if not all(uids):
         raise ValueError("dataset lacks StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
     return orthanc_instance_id(patient_id, *uids)

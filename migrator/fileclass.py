@@ -19,7 +19,6 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 from migrator.dicomhead import (
     PIXEL_TAGS,
@@ -28,10 +27,14 @@ from migrator.dicomhead import (
     element_header_size,
     read_header,
 )
-from migrator.dicomid import orthanc_instance_id
+from migrator.dicomid import orthanc_instance_id, tag_text
 
 __all__ = [
     "DICOMDIR_SOP_CLASS",
+    "HELD_REASONS",
+    "HELD_STORAGE",
+    "HELD_TREE",
+    "SKIP_NO_PIXELS",
     "Candidate",
     "CorruptFile",
     "classify_file",
@@ -44,12 +47,30 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 SKIP_JSON = "JSON summary (DicomAsJson)"
 SKIP_HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
+# Bare folders: a copy without pixel data whose instance also has a copy with them.
+SKIP_NO_PIXELS = "copy without pixel data (a copy with pixel data of this instance is sent)"
+# An image without pixel data is either a header-only copy (Orthanc's DicomUntilPixelData,
+# which must never be sent: the target would answer "AlreadyStored" to the real file
+# later) or a valid instance without pixels (MR spectroscopy, some structured objects).
+# Only the other files of the folder tell which, so such a file is listed skipped with
+# one of these reasons, and the ledger settles it once the listing is complete
+# (``Ledger.settle_held_copies``): skipped as a header-only copy (Orthanc storage layout)
+# or as a copy without pixels (any other folder) when a copy with pixel data of its
+# instance is listed, sent otherwise. The storage form starts like SKIP_HEADER_ONLY, so
+# that ``retry --state skipped`` leaves it alone meanwhile.
+HELD_STORAGE = "header-only copy? (no pixel data; held until the listing is complete)"
+HELD_TREE = "copy without pixel data? (held until the listing is complete)"
+HELD_REASONS = {HELD_STORAGE: SKIP_HEADER_ONLY, HELD_TREE: SKIP_NO_PIXELS}
 SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
 NOT_DICOM = "not DICOM: no DICM marker"
 
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"
 _JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
+# Where Orthanc keeps an attachment: xx/yy/uuid, xx and yy the uuid's first four digits.
+_STORAGE_KEY = re.compile(
+    r"^([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+)
 # Values above this are read lazily by pydicom; keeps big private blobs out of memory.
 _DEFER_SIZE = 64 * 1024
 # JSON summaries are small; a bigger file starting with "{" is not one of them.
@@ -222,9 +243,11 @@ def _classify_bytes(
     head = data[:132]
     if size == 0:
         return _skipped(key, path, SKIP_EMPTY, compressed, 0)
-    if head.lstrip()[:1] == b"{":
-        return _skipped(key, path, _json_reason(data), compressed, size)
+    # The DICM marker first: a Part-10 file's 128-byte preamble is free-form and may
+    # well start with "{".
     part10 = head[128:132] == b"DICM"
+    if not part10 and head.lstrip()[:1] == b"{":
+        return _skipped(key, path, _json_reason(data), compressed, size)
     if not part10 and not _looks_like_raw_dataset(head):
         return _skipped(key, path, NOT_DICOM, compressed, size)
     try:
@@ -251,10 +274,8 @@ def _classify_bytes(
     has_pixels = header.pixel is not None
     skip = None
     if not has_pixels and header.rows_and_columns:
-        # An image without its pixels is what Orthanc writes as DicomUntilPixelData.
-        # Sending it would store a pixel-less instance and make the real file
-        # "AlreadyStored" later, so it is never sent, even when no full copy exists.
-        skip = SKIP_HEADER_ONLY
+        # Header-only copy or an instance without pixels: see HELD_STORAGE.
+        skip = HELD_STORAGE if _STORAGE_KEY.match(key) else HELD_TREE
     problem = _truncation(header, size)
     return Candidate(
         source_key=key,
@@ -322,10 +343,10 @@ def _pydicom_header(data: bytes | mmap.mmap, force: bool) -> Header:
     return Header(
         sop_class=str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "",
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-        patient_id=_text(ds, "PatientID"),
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
-        sop_uid=_text(ds, "SOPInstanceUID"),
+        patient_id=tag_text(ds, "PatientID"),
+        study_uid=tag_text(ds, "StudyInstanceUID"),
+        series_uid=tag_text(ds, "SeriesInstanceUID"),
+        sop_uid=tag_text(ds, "SOPInstanceUID"),
         rows_and_columns="Rows" in ds and "Columns" in ds,
         pixel=pixel,
     )
@@ -342,15 +363,3 @@ def _truncation(header: Header, size: int) -> str | None:
     if available < length:
         return f"truncated DICOM: pixel data has {max(available, 0)} of {length} bytes"
     return None
-
-
-def _text(ds: Any, keyword: str) -> str:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed value must not hide the rest of the header
-        return ""
-    if value is None:
-        return ""
-    # As migrator.dicomid and migrator.dicomhead: Orthanc drops the trailing padding of
-    # string values and keeps leading spaces (PatientID " P X " is " P X" to Orthanc).
-    return str(value).rstrip(" \x00")

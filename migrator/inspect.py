@@ -8,18 +8,38 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
-from migrator.fileclass import SKIP_DICOMDIR, SKIP_EMPTY, SKIP_HEADER_ONLY, SKIP_JSON, Candidate
-from migrator.folder import FolderInfo, detect, index_summary, iter_folder, iter_index, iter_orphans
+from migrator.fileclass import HELD_REASONS, SKIP_DICOMDIR, SKIP_EMPTY, SKIP_JSON, Candidate
+from migrator.folder import (
+    FolderInfo,
+    detect,
+    index_summary,
+    iter_folder,
+    iter_index,
+    iter_orphans,
+    open_index,
+    walk_files,
+)
 from migrator.units import human_bytes
 
 __all__ = ["inspect_path", "render_text"]
 
 EXAMPLES = 5
+# The one advice about orphans, the same as the import's reason for them and the README.
+ORPHAN_ADVICE = (
+    "the import lists them skipped as orphans; `migrator retry --state skipped --error "
+    "orphan` sends them"
+)
+PERMISSION_ADVICE = "permission denied; run as a user who can read it"
+# An attachment's place in an Orthanc storage folder: xx/yy/uuid.
+_ATTACHMENT = re.compile(
+    r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+)
 TARGET_PLACEHOLDER = "http://TARGET:8042/"
 _KIND_TEXT = {
     "orthanc-index": "Orthanc storage area with its index",
@@ -35,13 +55,26 @@ def inspect_path(path: str) -> dict[str, Any]:
     Always present: ``path``, ``kind`` (see :func:`migrator.folder.detect`) and ``advice``
     (the command line to run next). An index adds ``schema_version``, ``instances``, sizes,
     ``compression``, ``attachments``, ``missing_files``/``missing_examples`` and
-    ``orphan_files``/``orphan_examples``; a bare folder adds per-category file counts and
-    ``distinct_instances``. Raises ``FileNotFoundError``/``PermissionError`` for a path
-    that is absent or unreadable and ``IndexLocked`` if Orthanc is running on the index.
+    ``orphan_files``/``orphan_examples``, ``compressed_files``/``plain_files`` (attachments
+    stored with and without compression) and ``other_files``/``other_examples`` (files of
+    the storage folder that are no attachment); a bare folder adds per-category file
+    counts and ``distinct_instances``. Raises ``FileNotFoundError``/``PermissionError`` for
+    a path that is absent or unreadable and ``IndexLocked`` if Orthanc is running on the
+    index.
     """
     path = os.path.abspath(path)
-    if not os.path.lexists(path):
-        raise FileNotFoundError(errno.ENOENT, f"nothing to import at {path}: no such path", path)
+    try:
+        os.lstat(path)
+    except PermissionError:
+        # A folder on the way cannot be entered (Debian's /var/lib/orthanc is 0750): the
+        # path may well exist, "no such path" would send the user looking elsewhere.
+        raise PermissionError(
+            errno.EACCES, f"cannot read {path}: {PERMISSION_ADVICE}", path
+        ) from None
+    except OSError:
+        raise FileNotFoundError(
+            errno.ENOENT, f"nothing to import at {path}: no such path", path
+        ) from None
     try:
         info = detect(path)
         report: dict[str, Any] = {"path": path, "kind": info.kind}
@@ -52,9 +85,7 @@ def inspect_path(path: str) -> dict[str, Any]:
     except PermissionError as exc:
         where = exc.filename or path
         raise PermissionError(
-            errno.EACCES,
-            f"cannot read {where}: permission denied (run as a user who can read the source)",
-            where,
+            errno.EACCES, f"cannot read {where}: {PERMISSION_ADVICE}", where
         ) from exc
     report["advice"] = _advice(report)
     return report
@@ -85,7 +116,36 @@ def _inspect_index(info: FolderInfo) -> dict[str, Any]:
             orphan_examples.append(rel)
     report["orphan_files"] = orphans
     report["orphan_examples"] = orphan_examples
+    report.update(_compression_counts(info.index))
+    report.update(_other_files(info.storage))
     return report
+
+
+def _compression_counts(index: str) -> dict[str, int]:
+    """Attachments stored compressed and plain: a store where StorageCompression was
+    switched on (or off) at some point holds both."""
+    conn = open_index(index)
+    try:
+        rows = conn.execute(
+            "SELECT compressionType = 1, COUNT(*) FROM AttachedFiles GROUP BY compressionType = 1"
+        ).fetchall()
+    finally:
+        conn.close()
+    counts = dict(rows)
+    return {"compressed_files": counts.get(0, 0), "plain_files": counts.get(1, 0)}
+
+
+def _other_files(storage: str) -> dict[str, Any]:
+    """Files of a storage folder outside the xx/yy/uuid layout: no attachment of Orthanc's,
+    so neither the index nor the import lists them."""
+    count = 0
+    examples: list[str] = []
+    for rel in walk_files(storage):
+        if not _ATTACHMENT.match(rel):
+            count += 1
+            if len(examples) < EXAMPLES:
+                examples.append(rel)
+    return {"other_files": count, "other_examples": examples}
 
 
 _COUNTERS = (
@@ -95,6 +155,7 @@ _COUNTERS = (
     "compressed_files",
     "json_summaries",
     "header_only",
+    "no_pixel_instances",
     "dicomdir",
     "empty_files",
     "other_files",
@@ -110,26 +171,41 @@ def _inspect_tree(info: FolderInfo) -> dict[str, Any]:
     # Python set, so millions of files do not have to fit in memory.
     ids = sqlite3.connect("")
     try:
-        ids.execute("CREATE TABLE ids(id TEXT PRIMARY KEY, full INTEGER) WITHOUT ROWID")
-        batch: list[tuple[str, int]] = []
+        # Per instance: whether a copy has pixel data, another copy to send, and the
+        # held copies without pixel data (files and bytes), settled as the import does.
+        ids.execute(
+            "CREATE TABLE ids(id TEXT PRIMARY KEY, pixels INTEGER, sent INTEGER,"
+            " held INTEGER, held_bytes INTEGER) WITHOUT ROWID"
+        )
+        batch: list[tuple[str, int, int, int, int]] = []
         for cand in iter_folder(info.storage):
             _count(cand, counts, other_examples)
-            if cand.orthanc_id and cand.skip_reason in (None, SKIP_HEADER_ONLY):
-                batch.append((cand.orthanc_id, int(cand.skip_reason is None)))
+            held = cand.skip_reason in HELD_REASONS
+            if cand.orthanc_id and (held or cand.skip_reason is None):
+                size = cand.size or 0
+                batch.append(
+                    (cand.orthanc_id, int(bool(cand.has_pixels)), int(not held), held, held * size)
+                )
             if len(batch) >= 1000:
                 _add_ids(ids, batch)
                 batch = []
         _add_ids(ids, batch)
-        distinct, header_only_alone = ids.execute(
-            "SELECT TOTAL(full), COUNT(*) - TOTAL(full) FROM ids"
+        distinct, header_only, alone, alone_bytes = ids.execute(
+            "SELECT COUNT(*), TOTAL(held * pixels), TOTAL(held * (1 - pixels)),"
+            " TOTAL(held_bytes * (1 - pixels)) FROM ids"
         ).fetchone()
     finally:
         ids.close()
+    # A copy without pixel data is skipped when its instance has a copy with them, and
+    # sent (a valid instance without pixels) when it has not.
+    counts["header_only"] = int(header_only)
+    counts["no_pixel_instances"] = int(alone)
+    counts["dicom_files"] += int(alone)
+    counts["dicom_bytes"] += int(alone_bytes)
     return {
         **counts,
         "distinct_instances": int(distinct),
         "duplicates": counts["dicom_files"] - int(distinct),
-        "header_only_without_full_copy": int(header_only_alone),
         "other_examples": other_examples,
     }
 
@@ -144,8 +220,8 @@ def _count(cand: Candidate, counts: dict[str, int], examples: list[str]) -> None
         counts["truncated"] += cand.problem is not None
     elif reason == SKIP_JSON:
         counts["json_summaries"] += 1
-    elif reason == SKIP_HEADER_ONLY:
-        counts["header_only"] += 1
+    elif reason in HELD_REASONS:
+        pass  # settled once every file is seen (see _inspect_tree)
     elif reason == SKIP_DICOMDIR:
         counts["dicomdir"] += 1
     elif reason == SKIP_EMPTY:
@@ -156,10 +232,12 @@ def _count(cand: Candidate, counts: dict[str, int], examples: list[str]) -> None
             examples.append(f"{cand.source_key}: {reason}")
 
 
-def _add_ids(conn: sqlite3.Connection, rows: Iterable[tuple[str, int]]) -> None:
+def _add_ids(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, int, int, int]]) -> None:
     conn.executemany(
-        "INSERT INTO ids(id, full) VALUES (?, ?) "
-        "ON CONFLICT(id) DO UPDATE SET full = max(full, excluded.full)",
+        "INSERT INTO ids(id, pixels, sent, held, held_bytes) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET pixels = max(pixels, excluded.pixels), "
+        "sent = sent + excluded.sent, held = held + excluded.held, "
+        "held_bytes = held_bytes + excluded.held_bytes",
         rows,
     )
 
@@ -197,7 +275,13 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def _render_index(r: dict[str, Any]) -> list[str]:
-    stored = "stored compressed" if r["compression"] else "stored uncompressed"
+    compressed, plain = r["compressed_files"], r["plain_files"]
+    if compressed and plain:
+        stored = f"mixed: {compressed:,} files compressed, {plain:,} plain"
+    elif compressed:
+        stored = f"all {compressed:,} files compressed"
+    else:
+        stored = f"none ({plain:,} files plain)"
     attachments = ", ".join(f"{k} {v:,}" for k, v in sorted(r["attachments"].items()))
     lines = [
         _line("index schema", r["schema_version"]),
@@ -207,28 +291,33 @@ def _render_index(r: dict[str, Any]) -> list[str]:
         _line("attachments", attachments or "none"),
         _line("missing files", r["missing_files"], ", ".join(r["missing_examples"])),
         _line("orphan files", r["orphan_files"], ", ".join(r["orphan_examples"])),
+        _line("other files", r["other_files"], ", ".join(r["other_examples"])),
     ]
     if r.get("unsupported_files"):
         lines.append(_line("unsupported files", r["unsupported_files"], "will be skipped"))
     if r["missing_files"]:
         lines.append("  missing files cannot be migrated and will be reported as such")
     if r["orphan_files"]:
-        lines.append(
-            "  orphan files are not in the index; import the folder without its index "
-            "to include them"
-        )
+        lines.append(f"  orphan files are not in the index: {ORPHAN_ADVICE}")
+    if r["other_files"]:
+        lines.append("  other files are no attachment of Orthanc's: the import leaves them out")
     return lines
 
 
 def _render_tree(r: dict[str, Any]) -> list[str]:
     dup = f"{r['distinct_instances']:,} distinct instances, {r['duplicates']:,} duplicates"
-    alone = r["header_only_without_full_copy"]
+    alone = r["no_pixel_instances"]
+    # "Header-only" is what such copies are in an Orthanc storage folder; elsewhere they
+    # are plain copies that happen to lack their pixels.
+    storage = r["kind"] == "orthanc-storage-no-index"
+    copies = "header-only copies" if storage else "copies without pixels"
     lines = [
         _line("files", r["files"]),
         _line("DICOM to send", r["dicom_files"], f"{dup}, {_size(r['dicom_bytes'])}"),
         _line("Orthanc-compressed", r["compressed_files"]),
         _line("JSON summaries", r["json_summaries"], "skipped"),
-        _line("header-only copies", r["header_only"], f"skipped; {alone:,} without full copy"),
+        _line(copies, r["header_only"], "skipped: a copy with pixel data is sent"),
+        _line("instances w/o pixels", alone, "sent: no copy with pixel data"),
         _line("DICOMDIR", r["dicomdir"], "skipped"),
         _line("empty files", r["empty_files"], "skipped"),
         _line("other files", r["other_files"], "skipped"),

@@ -34,6 +34,7 @@ from migrator.errors import (
     TransferError,
     Verdict,
 )
+from migrator.fileclass import HELD_REASONS
 from migrator.health import Breaker
 from migrator.ledger import Job, Lease, Ledger, Outcome
 from migrator.ledgerio import Batch, LedgerThread
@@ -277,6 +278,11 @@ class Scheduler:
             await self._listing()
         finally:
             self._listed.set()  # the leaser sees the end of the listing at once
+        if self.listing_done and self.source.copies_possible:
+            # Files without pixel data were held back while the folder was listed: only
+            # the whole listing tells a header-only copy from an instance to send.
+            await self.db(self.ledger.settle_held_copies, self.job.id, HELD_REASONS)
+            self._listed.set()
         await self._skip_copies()
         while self.follow is not None and not self.stopping.is_set():
             # Mirror mode: keep listing what the source receives, every `follow` seconds.

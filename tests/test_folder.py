@@ -21,7 +21,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from migrator.fileclass import DICOMDIR_SOP_CLASS
+from migrator.fileclass import DICOMDIR_SOP_CLASS, HELD_STORAGE, HELD_TREE
 from migrator.folder import (
     CorruptFile,
     IndexLocked,
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 N = 6
-HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
 
 
 @dataclass
@@ -208,7 +207,8 @@ def test_compressed_store_without_index(compressed_store: Store, tmp_path: Path)
     cands = list(iter_folder(str(storage)))
     assert len(cands) == 2 * N
     full = [c for c in cands if c.skip_reason is None]
-    header_only = [c for c in cands if c.skip_reason == HEADER_ONLY]
+    # Held until the listing is complete; the full twins make them header-only then.
+    header_only = [c for c in cands if c.skip_reason == HELD_STORAGE]
     assert len(full) == len(header_only) == N
     assert all(c.compressed for c in cands)
     assert {c.orthanc_id for c in full} == {c.orthanc_id for c in header_only}
@@ -227,7 +227,7 @@ def test_compressed_store_without_index(compressed_store: Store, tmp_path: Path)
     assert report["dicom_files"] == report["distinct_instances"] == N
     assert report["compressed_files"] == 2 * N
     assert report["header_only"] == N
-    assert report["header_only_without_full_copy"] == 0
+    assert report["no_pixel_instances"] == 0
     assert report["advice"] == f"migrator import {storage} http://TARGET:8042/"
 
 
@@ -310,8 +310,9 @@ def test_mixed_folder_classification(mixed: tuple[Path, list[SyntheticInstance]]
         "c/5b/0e/5b0e0000-0000-4000-8000-000000000005",
     }
     reasons = {k: c.skip_reason for k, c in cands.items() if c.skip_reason}
-    assert reasons["a/sub/two-header.dcm"] == HEADER_ONLY
-    assert reasons["b/alone-header.dcm"] == HEADER_ONLY
+    # Not an Orthanc storage layout: held, then skipped only if a copy with pixels exists.
+    assert reasons["a/sub/two-header.dcm"] == HELD_TREE
+    assert reasons["b/alone-header.dcm"] == HELD_TREE
     assert reasons["DICOMDIR"] == "DICOMDIR"
     assert reasons["summary.json"] == "JSON summary (DicomAsJson)"
     assert reasons["empty"] == "empty file"
@@ -337,21 +338,23 @@ def test_mixed_folder_classification(mixed: tuple[Path, list[SyntheticInstance]]
     report = inspect_path(str(root))
     expected = {
         "files": 15,
-        "dicom_files": 6,
+        # b/alone-header.dcm has no copy with pixel data: an instance to send.
+        "dicom_files": 7,
         "compressed_files": 2,
         "json_summaries": 1,
-        "header_only": 2,
         "dicomdir": 1,
         "empty_files": 1,
         "other_files": 4,
         "truncated": 1,
-        "distinct_instances": 5,
+        "header_only": 1,
+        "no_pixel_instances": 1,
+        "distinct_instances": 6,
         "duplicates": 1,
-        "header_only_without_full_copy": 1,
     }
     assert {k: report[k] for k in expected} == expected
     text = render_text(report)
-    assert "header-only copies" in text and text.endswith(report["advice"])
+    assert "copies without pixels" in text and "header-only" not in text
+    assert text.endswith(report["advice"])
 
 
 def test_corrupt_compressed_files(mixed: tuple[Path, list[SyntheticInstance]]) -> None:
