@@ -659,9 +659,7 @@ def db_upgrade(ledger: LedgerOpt = None, config: ConfigOpt = None) -> None:
         settings = _settings(config, ledger=ledger)
         engine = db.make_engine(settings.ledger, must_exist=True)
         try:
-            before = db.current_revision(engine)
-            db.upgrade(engine)
-            after = db.current_revision(engine)
+            before, after = db.upgrade_ledger(engine)
         finally:
             engine.dispose()
         typer.echo(f"ledger schema: {before or 'empty'} -> {after}")

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
+from migrator.endpoints import redact
 from migrator.errors import LedgerError, LedgerOutdated, UsageError
 
 
@@ -69,8 +70,10 @@ def known_revisions() -> set[str]:
 def _normalise_url(url: str) -> str:
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise UsageError(f"ledger URL {url!r} is not valid (try sqlite:///migrator.db)") from None
+    except (ArgumentError, ValueError):
+        # ValueError: a port that is not a number. The URL is shown without its password.
+        shown = redact(url)
+        raise UsageError(f"ledger URL {shown!r} is not valid (try sqlite:///migrator.db)") from None
     backend = parsed.get_backend_name()
     if backend == "postgresql" and parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -146,13 +149,12 @@ def check_revision(engine: Engine, *, create: bool, url_for_messages: str) -> No
             tables = set(inspect(conn).get_table_names())
             current = _read_revision(conn, tables)
     except SQLAlchemyError as exc:
-        reason = short_error(exc)
-        raise LedgerError(f"cannot open the ledger {url_for_messages}: {reason}") from None
+        raise _unreadable(exc, url_for_messages) from None
     if current == head:
         return
     if current is None:
         if tables:
-            raise LedgerError(f"{url_for_messages} holds tables but is not a migrator ledger")
+            raise UsageError(f"{url_for_messages} holds tables but is not a migrator ledger")
         if not create:
             raise UsageError(f"{url_for_messages} is not a migrator ledger (no tables yet)")
         try:
@@ -228,10 +230,49 @@ def downgrade(engine: Engine, revision: str) -> None:
     _migrate(engine, command.downgrade, revision)
 
 
+def upgrade_ledger(engine: Engine) -> tuple[str | None, str | None]:
+    """`migrator db upgrade`: bring a ledger to the head revision; returns (before, after).
+
+    Refuses a database that holds other tables, or a ledger written by a newer migrator,
+    in one line instead of alembic's own errors.
+    """
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            before = _read_revision(conn, tables)
+    except SQLAlchemyError as exc:
+        raise _unreadable(exc, shown) from None
+    if before is None and tables:
+        raise UsageError(f"{shown} holds tables but is not a migrator ledger")
+    if before is not None and before not in known_revisions():
+        raise LedgerError(
+            f"the ledger {shown} is at revision {before}, written by a newer migrator "
+            f"(this one knows up to {head_revision()})"
+        )
+    try:
+        upgrade(engine)
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"cannot upgrade the ledger {shown}: {short_error(exc)}") from None
+    return before, current_revision(engine)
+
+
 def current_revision(engine: Engine) -> str | None:
     """The ledger's alembic revision, or None for an empty database."""
-    with engine.connect() as conn:
-        return _read_revision(conn, set(inspect(conn).get_table_names()))
+    try:
+        with engine.connect() as conn:
+            return _read_revision(conn, set(inspect(conn).get_table_names()))
+    except SQLAlchemyError as exc:
+        raise _unreadable(exc, engine.url.render_as_string(hide_password=True)) from None
+
+
+def _unreadable(exc: SQLAlchemyError, shown: str) -> LedgerError | UsageError:
+    """The one-line error for a ledger that cannot be read: a file that is no database at
+    all is bad input (exit 2); anything else, a fatal ledger error."""
+    reason = short_error(exc)
+    if "file is not a database" in reason:
+        return UsageError(f"{shown} is not a migrator ledger ({reason})")
+    return LedgerError(f"cannot open the ledger {shown}: {reason}")
 
 
 def _read_revision(conn: Connection, tables: set[str]) -> str | None:

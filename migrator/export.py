@@ -5,6 +5,9 @@ each page in its own short read transaction: memory stays flat for ten million r
 an SQLite reader never pins an old snapshot (which would stop the WAL from being
 checkpointed while workers write). Times are ISO 8601 UTC. The ledger never holds a
 password; text fields still pass through `redact`, since an error message may quote a URL.
+In CSV, a text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a
+leading ``'`` (OWASP's advice against CSV injection): a spreadsheet would otherwise run it
+as a formula. JSON Lines, read by programs, keeps every value as stored.
 """
 
 from __future__ import annotations
@@ -63,6 +66,17 @@ def _iso(epoch: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# First characters that make a spreadsheet read a cell as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV value that a spreadsheet shows as text, never runs as a formula."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _clean(text: str | None) -> str | None:
     # A URL with credentials has '@' in it; most rows have none, so skip the regex.
     return redact(text) if text and "@" in text else text
@@ -114,7 +128,7 @@ def write_report(rows: Iterator[dict[str, Any]], fmt: str, out: IO[str]) -> int:
         writer = csv.DictWriter(out, fieldnames=list(COLUMNS), lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow(row)
+            writer.writerow({name: _cell(value) for name, value in row.items()})
             n += 1
     elif fmt == "jsonl":
         for row in rows:

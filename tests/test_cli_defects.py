@@ -3,11 +3,15 @@ ledger URLs and files, spreadsheet-safe CSV, the web server's Host check, closed
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import sqlite3
 import subprocess
 import urllib.parse
 
 import pytest
-from conftest import MIGRATOR, fill, run_cli
+from conftest import MIGRATOR, fill, ledger_rows, run_cli
 
 from migrator.cli import EXIT_PIPE
 
@@ -116,3 +120,61 @@ def test_closed_pipe_ends_quietly(filled_ledger, args):
     assert err == ""
     assert proc.returncode == EXIT_PIPE
 
+
+# -- ledgers that are not ledgers --------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("status",), ("db", "current"), ("db", "upgrade")])
+def test_ledger_url_with_a_bad_port_is_bad_input(command):
+    result = run_cli(*command, "--ledger", "postgresql://alice:s3cret@127.0.0.1:99x/ledger")
+    assert result.code == 2, result.stderr
+    result.assert_one_line_error()
+    assert "internal error" not in result.stderr
+    _assert_no_secret(result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("command", [("status",), ("db", "current"), ("db", "upgrade")])
+def test_file_that_is_not_a_database_is_bad_input(command, ledger_path, ledger_url):
+    content = b"name,size\nscan.dcm,512\n" * 200
+    ledger_path.write_bytes(content)
+    result = run_cli(*command, "--ledger", ledger_url)
+    assert result.code == 2, result.stderr
+    result.assert_one_line_error()
+    assert "not a migrator ledger" in result.stderr
+    assert ledger_path.read_bytes() == content
+
+
+def test_upgrade_refuses_a_database_of_something_else(ledger_path, ledger_url):
+    conn = sqlite3.connect(ledger_path)
+    conn.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    result = run_cli("db", "upgrade", "--ledger", ledger_url)
+    assert result.code == 2, result.stderr
+    result.assert_one_line_error()
+    assert "not a migrator ledger" in result.stderr
+    assert [name for (name,) in ledger_rows(ledger_path, "SELECT name FROM sqlite_master")] == [
+        "patients"
+    ]
+
+
+# -- CSV that a spreadsheet opens safely ------------------------------------------------
+
+
+def test_csv_report_never_starts_a_cell_with_a_formula(source_target, ledger_url):
+    source, target = source_target
+    fill(source, 2)
+    jobs = ['=HYPERLINK("http://evil.example/")', "+1+2", "-3+4", "@SUM(A1)", "\tx"]
+    for job in jobs:
+        result = run_cli("replicate", source.url, target.url, "--job", job, "--ledger", ledger_url)
+        assert result.code == 0, result.stderr
+    report = run_cli("report", "--ledger", ledger_url)
+    assert report.code == 0, report.stderr
+    rows = list(csv.DictReader(io.StringIO(report.stdout)))
+    assert sorted({row["job"] for row in rows}) == sorted(f"'{job}" for job in jobs)
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), row
+    # JSON Lines is for programs: the values as stored.
+    jsonl = run_cli("report", "--format", "jsonl", "--ledger", ledger_url)
+    assert sorted({json.loads(line)["job"] for line in jsonl.stdout.splitlines()}) == sorted(jobs)
