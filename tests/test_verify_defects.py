@@ -14,7 +14,7 @@ import pytest
 from conftest import ledger_rows, run_cli, start_cli, state_counts
 
 from migrator.ledger import Ledger, Outcome
-from migrator.states import State
+from migrator.states import State, VerifyResult
 from migrator.testkit import OrthancProcess, Proxy, make_dataset, upload_all
 
 N = 40
@@ -235,3 +235,46 @@ def test_verify_refuses_times_that_are_not_times(args, ledger_url):
     assert result.code == 2, result.stderr
     result.assert_one_line_error()
     assert "--since" in result.stderr or "--max-age" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_verification_pass_and_stand_in_skips_on_both_backends(backend, tmp_path, request):
+    """The ledger side of a pass (kept beside the job's options, finished only by the pass
+    that began it) and of skipped copies without a sent twin, on SQLite and PostgreSQL."""
+    from migrator.verify import select_page
+    from migrator.verify_report import STAND_IN_REASONS
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else (
+        f"sqlite:///{tmp_path / 'l.db'}"
+    )  # fmt: skip
+    ledger = Ledger.open(url, create=True)
+    try:
+        job = ledger.ensure_job("j", "import", "/d", "http://t:8042/", {"concurrency": 4})
+        rows = [{"source_key": f"k{i}", "orthanc_id": f"o{i}"} for i in range(4)]
+        rows += [
+            {"source_key": "h0", "orthanc_id": "o0", "skip_reason": HEADER_ONLY},
+            {"source_key": "h9", "orthanc_id": "o9", "skip_reason": HEADER_ONLY},
+            {"source_key": "j", "skip_reason": "JSON summary (DicomAsJson)"},
+        ]
+        ledger.save_listing(job.id, rows, None, done=True)
+        leases = ledger.lease(job.id, "me", 4, 60)
+        ledger.record("me", [Outcome(le.id, State.SENT, "Success", md5="0" * 32) for le in leases])
+        assert ledger.skipped_without_copy(job.id, STAND_IN_REASONS) == 1
+        assert ledger.skip_reasons(job.id) == {HEADER_ONLY: 2, "JSON summary (DicomAsJson)": 1}
+
+        assert ledger.verify_pass(job.id) is None
+        first = ledger.begin_verify_pass(job.id, 100.0, 200.0)
+        page = select_page(ledger, job.id, 0, first.since)
+        ledger.record_verification([(r.id, VerifyResult.MATCH, None) for r in page[:3]])
+        assert len(select_page(ledger, job.id, 0, first.since)) == 1
+        newer = ledger.begin_verify_pass(job.id, 300.0, 300.0)
+        ledger.end_verify_pass(job.id, first.started_at)  # an older pass ends nothing
+        assert ledger.verify_pass(job.id) == newer
+        ledger.end_verify_pass(job.id, newer.started_at)
+        done = ledger.verify_pass(job.id)
+        assert done is not None and done.finished_at is not None and done.since == 300.0
+        assert ledger.get_job("j").options["concurrency"] == 4
+        count, oldest = ledger.verified_before(job.id, time.time() + 1)
+        assert count == 3 and oldest is not None
+    finally:
+        ledger.close()
