@@ -96,6 +96,13 @@ def _supersede(ids: Any, now: float) -> Any:
     )
 
 
+class Listed(int):
+    """How many listed rows `Ledger.save_listing` added; `to_send` counts those among them
+    that are to be sent (not skipped as they were listed)."""
+
+    to_send: int = 0
+
+
 class Requeued(int):
     """How many rows `Ledger.retry` put back to pending; `kept` counts the skipped rows it
     left skipped, by reason (their files must never be sent)."""
@@ -233,32 +240,41 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
         *,
         done: bool = False,
         changes_seq: int | None = None,
-    ) -> int:
+    ) -> Listed:
         """Add listed instances (ignoring ones already there) and move the listing cursor,
         in one transaction so that a crash never loses or duplicates a page.
 
-        Returns how many rows were new.
+        Returns how many rows were new; its `to_send` how many of them are to be sent
+        (not skipped as they were listed, as JSON summaries are): what progress counts.
         """
         now = time.time()
-        added = 0
+        added = Listed(0)
         with self._write() as conn:
-            if rows:
-                # Raw DBAPI executemany: the ORM-free fast path, ~10x quicker than compiling
-                # one parameter set per row, which matters for listings of millions of rows.
-                params = [
-                    (
-                        job_id,
-                        r.get("state")
-                        or (State.SKIPPED.value if r.get("skip_reason") else State.PENDING.value),
-                        r.get("skip_reason"),
-                        now,
-                        now,
-                        *(r.get(k) for k in _LISTED_COLUMNS),
-                    )
-                    for r in rows
-                ]
-                result = conn.exec_driver_sql(self._listing_sql, params)
-                added = max(result.rowcount, 0)
+            # Raw DBAPI executemany: the ORM-free fast path, ~10x quicker than compiling
+            # one parameter set per row, which matters for listings of millions of rows.
+            # Rows to send and rows skipped go in two batches, to count the former.
+            to_send: list[tuple[Any, ...]] = []
+            skipped: list[tuple[Any, ...]] = []
+            for r in rows:
+                state = r.get("state") or (
+                    State.SKIPPED.value if r.get("skip_reason") else State.PENDING.value
+                )
+                params = (
+                    job_id,
+                    state,
+                    r.get("skip_reason"),
+                    now,
+                    now,
+                    *(r.get(k) for k in _LISTED_COLUMNS),
+                )
+                (to_send if state == State.PENDING.value else skipped).append(params)
+            new_to_send = new_skipped = 0
+            if to_send:
+                new_to_send = max(conn.exec_driver_sql(self._listing_sql, to_send).rowcount, 0)
+            if skipped:
+                new_skipped = max(conn.exec_driver_sql(self._listing_sql, skipped).rowcount, 0)
+            added = Listed(new_to_send + new_skipped)
+            added.to_send = new_to_send
             changes: dict[str, Any] = {"listing_cursor": cursor, "updated_at": now}
             if done:
                 changes["listing_done"] = True

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from migrator.states import State
+from migrator.units import human_bytes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -94,12 +95,12 @@ class PlainProgress(NullProgress):
         eta = f"{left / rate:.0f}s" if rate > 0 else "-"
         states = " ".join(f"{k}={v}" for k, v in self.by_state.items() if v)
         log.info(
-            "progress %d/%d (%s) %.1f/s, %.1f MB sent this run, ETA %s",
+            "progress %d/%d (%s) %.1f/s, %s sent this run, ETA %s",
             self.done,
             self.total,
             states or "none",
             rate,
-            self.bytes / 1e6,
+            human_bytes(self.bytes),
             eta,
         )
 
@@ -128,7 +129,7 @@ class BarProgress(NullProgress):
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:.1f}/s"),
-            TextColumn("{task.fields[mb]:.1f} MB"),
+            TextColumn("{task.fields[sent]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
@@ -140,7 +141,7 @@ class BarProgress(NullProgress):
         super().start(counts)
         self.bar.start()
         self.task = self.bar.add_task(
-            "instances", total=self.total, completed=self.done, rate=0.0, mb=0.0
+            "instances", total=self.total, completed=self.done, rate=0.0, sent=human_bytes(0)
         )
 
     def add_total(self, n: int) -> None:
@@ -151,7 +152,9 @@ class BarProgress(NullProgress):
     def advance(self, state: State, nbytes: int) -> None:
         super().advance(state, nbytes)
         if self.task is not None:
-            self.bar.update(self.task, completed=self.done, rate=self.rate(), mb=self.bytes / 1e6)
+            self.bar.update(
+                self.task, completed=self.done, rate=self.rate(), sent=human_bytes(self.bytes)
+            )
 
     def close(self) -> None:
         self.bar.stop()

@@ -17,6 +17,9 @@ from migrator.ledger import Job, Ledger
 from migrator.ledger_runs import process_alive
 from migrator.schema import instances, runs
 from migrator.states import ALL_STATES, State
+from migrator.units import human_bytes
+
+__all__ = ["human_bytes", "human_duration", "job_status", "render_status", "status_document"]
 
 RATE_WINDOW = 300.0
 # A worker on another host whose heartbeat is older than this (the default lease; it beats
@@ -183,15 +186,6 @@ def status_document(ledger: Ledger, job_name: str | None = None) -> dict[str, An
     else:
         jobs = ledger.list_jobs()
     return {"jobs": [job_status(ledger, job) for job in jobs]}
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def human_duration(seconds: float | None) -> str:

@@ -264,7 +264,7 @@ class Scheduler:
             self.result.notes.extend(page.notes)
             if added:
                 self._listed.set()
-                self.progress.add_total(added)
+                self.progress.add_total(added.to_send)
             if page.done:
                 self.listing_done = True
             elif time.monotonic() - renewed > self.settings.lease_seconds / 3:

@@ -331,3 +331,71 @@ def test_status_shows_a_killed_worker_as_gone(orthanc_factory, ledger_path, ledg
     assert run_cli("replicate", source.url, target.url, "--ledger", ledger_url).code == 0
     (job,) = json.loads(run_cli("status", "--json", "--ledger", ledger_url).stdout)["jobs"]
     assert job["gone_workers"] == [] and job["counts"]["sent"] == 60
+
+
+# -- progress totals, units, idle status --------------------------------------------------
+
+
+def _tree_with_summaries(root: Path, n: int, seed: int) -> Path:
+    files = {f"i{i}.dcm": inst.data for i, inst in enumerate(make_dataset(n, seed=seed))}
+    for i in range(4):
+        doc = {"0008,0018": {"Name": "SOPInstanceUID", "Value": str(i)}}
+        files[f"s{i}.json"] = json.dumps(doc).encode()
+    return _write_tree(root, files)
+
+
+def _last_progress(stderr: str) -> tuple[int, int]:
+    found = re.findall(r"progress (\d+)/(\d+) ", stderr)
+    assert found, stderr
+    return int(found[-1][0]), int(found[-1][1])
+
+
+def test_progress_totals_count_only_rows_to_send(orthanc_factory, tmp_path, ledger_url):
+    # Files skipped as they were listed (here JSON summaries) counted in the total and
+    # never in the done: a finished import ended "progress 6/10".
+    root = _tree_with_summaries(tmp_path / "tree", 6, seed=51)
+    target = orthanc_factory("target")
+    plain = {"MIGRATOR_PROGRESS": "plain"}
+    result = run_cli("import", str(root), target.url, "--ledger", ledger_url, env=plain)
+    assert result.code == 0, result.stderr
+    assert _last_progress(result.stderr) == (6, 6)
+
+    # Resumed after a dry run: the listing is done, the rows are counted from the ledger.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    target2 = orthanc_factory("target2")
+    assert run_cli("import", str(root), target2.url, "--ledger", other, "--dry-run").code == 0
+    result = run_cli("import", str(root), target2.url, "--ledger", other, env=plain)
+    assert result.code == 0, result.stderr
+    assert _last_progress(result.stderr) == (6, 6)
+
+
+def test_sizes_are_shown_in_iec_units_and_idle_status_has_no_rate(
+    orthanc_factory, tmp_path, ledger_url
+):
+    # The run summary said MB (10^6 bytes), `status` MiB (2^20): one convention, IEC.
+    root = _tree_with_summaries(tmp_path / "tree", 6, seed=52)
+    target = orthanc_factory("target")
+    result = run_cli(
+        "import", str(root), target.url, "--ledger", ledger_url, env={"MIGRATOR_PROGRESS": "plain"}
+    )
+    assert result.code == 0, result.stderr
+    sent_bytes = sum(len(p.read_bytes()) for p in root.glob("*.dcm"))
+    size = f"{sent_bytes / 1024:.1f} KiB"
+    out = result.stdout + result.stderr
+    assert f"this run: sent 6 ({size})" in out, out
+    assert f"{size} sent this run" in out
+    assert not re.search(r"\d (MB|KB|GB)\b", out), out
+    status = run_cli("status", "--ledger", ledger_url).stdout
+    assert f"sent {size}" in status, status
+    inspected = run_cli("inspect", str(root))
+    assert inspected.code == 0, inspected.stderr
+    assert size in inspected.stdout and not re.search(r"\d (MB|KB)\b", inspected.stdout)
+
+    # Sent rows put back to pending while no worker runs: the recent sends gave a rate
+    # and an ETA, as if something were moving.
+    assert run_cli("retry", "--state", "sent", "--ledger", ledger_url).code == 0
+    (job,) = json.loads(run_cli("status", "--json", "--ledger", ledger_url).stdout)["jobs"]
+    assert job["remaining"] == 6 and job["workers"] == []
+    assert job["rate"] == 0 and job["bytes_rate"] == 0 and job["eta_seconds"] is None
+    text = run_cli("status", "--ledger", ledger_url).stdout
+    assert "ETA" not in text and "no worker running" in text
