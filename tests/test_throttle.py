@@ -350,8 +350,8 @@ def test_gate_applies_the_open_windows_limits(caplog):
 
 
 def _run_seconds(output: str) -> float:
-    """The run's own timing, from its summary line ("sent 100 (0.2 MB) in 2.1 s")."""
-    match = re.search(r"this run: sent \d+ \([\d.]+ MB\) in ([\d.]+) s", output)
+    """The run's own timing, from its summary line ("sent 100 (166.4 KiB) in 2.1 s")."""
+    match = re.search(r"this run: sent \d+ \([\d.]+ (?:B|KiB|MiB|GiB)\) in ([\d.]+) s", output)
     assert match, output
     return float(match.group(1))
 
