@@ -627,6 +627,14 @@ def serve(
     host: Annotated[
         str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")
     ] = "127.0.0.1",
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Also answer requests for this host name, e.g. a reverse proxy's (repeatable; "
+            "* for any). Always answered: IP addresses, localhost and this machine's names.",
+        ),
+    ] = None,
     ledger: LedgerOpt = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -643,7 +651,7 @@ def serve(
     def body() -> None:
         if not 0 <= port <= 65535:
             raise UsageError("port must be between 0 and 65535")
-        run_server(_settings(config, ledger=ledger).ledger, host, port)
+        run_server(_settings(config, ledger=ledger).ledger, host, port, allow_host or ())
 
     _guard(body)
 

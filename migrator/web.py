@@ -9,7 +9,8 @@ Routes (GET only; the server never writes the ledger, so it can run beside the w
     /metrics       Prometheus text format
 
 Standard library only (``ThreadingHTTPServer``): no CDN, nothing to install. Answers are
-cached for a second, so ten open pages cost the ledger what one does.
+cached for a second, so ten open pages cost the ledger what one does. Requests for a host
+name the server does not know get 421 (`migrator.web_hosts`: DNS rebinding).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +30,7 @@ from migrator.errors import MigratorError, UsageError
 from migrator.ledger import Ledger
 from migrator.reports import status_document
 from migrator.schema import instances
+from migrator.web_hosts import HostCheck, hostname
 from migrator.web_page import PAGE
 
 log = logging.getLogger("migrator")
@@ -255,6 +257,9 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(send_body=False)
 
     def _answer(self, *, send_body: bool) -> None:
+        if not self.server.hosts.accepts(self.headers.get("Host")):
+            self._refuse_host(send_body)
+            return
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         cache, ledger = self.server.cache, self.server.ledger
@@ -290,6 +295,16 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send(200, body, ctype, send_body)
 
+    def _refuse_host(self, send_body: bool) -> None:
+        # A page on another domain rebound to this address (or a name nobody declared):
+        # nothing from the ledger. Logged once per name, for the operator of a proxy.
+        name = hostname(self.headers.get("Host", "")) or "?"
+        if name not in self.server.refused:
+            self.server.refused.add(name)
+            log.warning("refused requests for host name %r (allow it with --allow-host)", name)
+        body = b"unknown host name: start migrator serve with --allow-host NAME\n"
+        self._send(421, body, "text/plain", send_body)
+
     def do_POST(self) -> None:
         """Read-only server: nothing accepts a POST."""
         self._send(405, b"read-only\n", "text/plain", True)
@@ -314,9 +329,13 @@ class DashboardServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], ledger: Ledger) -> None:
+    def __init__(
+        self, address: tuple[str, int], ledger: Ledger, hosts: HostCheck | None = None
+    ) -> None:
         super().__init__(address, Handler)
         self.ledger = ledger
+        self.hosts = hosts or HostCheck(address[0])
+        self.refused: set[str] = set()
         self.cache = _Cache()
         self.history = History(ledger)
 
@@ -348,11 +367,14 @@ def _minutes(query: dict[str, list[str]]) -> int:
     return min(max(minutes, 1), MAX_MINUTES)
 
 
-def serve(ledger_url: str, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until interrupted (`migrator serve`)."""
+def serve(
+    ledger_url: str, host: str = "127.0.0.1", port: int = 8080, allow_hosts: Sequence[str] = ()
+) -> None:
+    """Serve until interrupted (`migrator serve`); `allow_hosts`: more host names to answer
+    for, besides addresses, localhost and this machine's names."""
     ledger = Ledger.open(ledger_url, create=False)
     try:
-        server = DashboardServer((host, port), ledger)
+        server = DashboardServer((host, port), ledger, HostCheck(host, allow_hosts))
     except OSError as exc:
         ledger.close()
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -6,14 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import sqlite3
 import subprocess
+import time
 import urllib.parse
 
+import httpx
 import pytest
-from conftest import MIGRATOR, fill, ledger_rows, run_cli
+from conftest import MIGRATOR, fill, ledger_rows, run_cli, start_cli
 
 from migrator.cli import EXIT_PIPE
+from migrator.testkit.orthanc import free_port
 
 # Every character that ends the user information of a URL for a standard parser.
 SECRET = "s3cr#e/t?x@y:z"
@@ -178,3 +182,50 @@ def test_csv_report_never_starts_a_cell_with_a_formula(source_target, ledger_url
     # JSON Lines is for programs: the values as stored.
     jsonl = run_cli("report", "--format", "jsonl", "--ledger", ledger_url)
     assert sorted({json.loads(line)["job"] for line in jsonl.stdout.splitlines()}) == sorted(jobs)
+
+
+# -- the web server answers only for its own names ---------------------------------------
+
+
+@pytest.mark.parametrize("bound", ["127.0.0.1", "0.0.0.0"])
+def test_serve_refuses_unknown_host_names(filled_ledger, bound):
+    port = free_port()
+    proc = start_cli(
+        *("serve", "--host", bound, "--port", str(port), "--ledger", filled_ledger),
+        *("--allow-host", "dash.example"),
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/api/status", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+
+        def get(path: str, host: str) -> httpx.Response:
+            return httpx.get(base + path, headers={"Host": host}, timeout=10)
+
+        # A page of a rebound domain name, and malformed names: nothing from the ledger.
+        for host in (f"evil.example:{port}", "evil.example", "localhost.evil.example", "a:b"):
+            for path in ("/api/status", "/metrics", "/"):
+                answer = get(path, host)
+                assert answer.status_code == 421, (host, path)
+                assert "replicate:" not in answer.text
+        names = [
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"[::1]:{port}",
+            "DASH.example.",
+            socket.gethostname(),
+        ]
+        for host in names:
+            answer = get("/api/status", host)
+            assert answer.status_code == 200, host
+            assert answer.json()["jobs"][0]["name"].startswith("replicate:")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "evil.example" in err  # the operator sees what was refused
