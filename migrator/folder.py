@@ -30,6 +30,7 @@ from migrator.fileclass import (
 )
 
 __all__ = [
+    "INDEX_SIDECARS",
     "Candidate",
     "CorruptFile",
     "Entry",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 INDEX_NAME = "index"
-_INDEX_SIDECARS = ("index", "index-wal", "index-shm", "index-journal")
+INDEX_SIDECARS = ("index", "index-wal", "index-shm", "index-journal")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEX2 = re.compile(r"^[0-9a-f]{2}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -144,7 +145,7 @@ def walk_entries(root: str, after: str | None = None) -> Iterator[Entry]:
     its own rather than an error that stops the listing.
     """
     root = os.path.abspath(root)
-    skip = set(_INDEX_SIDECARS) if _is_sqlite(os.path.join(root, INDEX_NAME)) else set()
+    skip = set(INDEX_SIDECARS) if _is_sqlite(os.path.join(root, INDEX_NAME)) else set()
     cursor = after.split("/") if after else []
     real_root = os.path.join(os.path.realpath(root), "")
     visited: set[tuple[int, int]] = set()
@@ -259,6 +260,8 @@ def iter_tree(root: str, after: str | None = None) -> Iterator[tuple[str, Candid
         else:
             try:
                 cand = classify_file(path, root)
+            except FileNotFoundError:
+                continue  # deleted since the folder was read: no longer part of it
             except OSError as exc:
                 failure = f"cannot read this file: {_why(exc)}"
                 cand = _not_read(entry.rel, path, failure)
@@ -300,15 +303,18 @@ _ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 
 
 def escape_name(name: str) -> str:
-    """Return ``name`` as text any database accepts.
+    """Return ``name`` as text any database accepts, one text per name.
 
     A name the file system gave with undecodable bytes (``os.fsdecode`` turns them into
     lone surrogates, which neither SQLite nor PostgreSQL store) is written with ``\\xNN``
-    for each such byte and ``\\\\`` for a backslash; a valid UTF-8 name is unchanged.
+    for each such byte and ``\\\\`` for a backslash. A valid UTF-8 name is unchanged,
+    unless it already holds such a sequence: then its backslashes are doubled too, so
+    that no two names share a text.
     """
     try:
         name.encode("utf-8")
-        return name
+        if "\\" not in name or not _ESCAPE.search(name):
+            return name
     except UnicodeEncodeError:
         pass
     out = []

@@ -29,6 +29,7 @@ from migrator.fileclass import (
 )
 from migrator.folder import (
     FOLDER_ADVICE,
+    INDEX_SIDECARS,
     FolderInfo,
     detect,
     escape_name,
@@ -282,12 +283,11 @@ class FolderSource:
             ) from None
 
     def _source_gone(self) -> bool:
-        """Whether the folder itself went away, as opposed to one file of it."""
-        if self.info.index is not None:
-            return not has_storage_layout(self.root)
+        """Whether the folder itself went away (an empty mount point, or nothing at all;
+        the index may be all that is left), as opposed to one file of it."""
         try:
             with os.scandir(self.root) as it:
-                return next(it, None) is None
+                return all(e.name in INDEX_SIDECARS for e in it)
         except OSError:
             return True
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import MIGRATOR, CliResult, ledger_rows, run_cli, state_counts
 
+from migrator.folder import escape_name, ledger_path, real_path, walk_files
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
 
 # Root reads any file whatever its mode: without these two capabilities it obeys the mode
@@ -241,6 +242,23 @@ def test_odd_names_and_unreadable_files_are_rows_of_their_own(
     alone = _run_as_plain_root("import", str(root / "closed"), target.url, "--ledger", ledger)
     assert alone.code == 0, alone.stdout + alone.stderr
     assert sorted(target.instance_ids()) == sorted(i.orthanc_id for i in expected.values())
+
+
+def test_names_round_trip_and_the_walk_resumes_across_them(tmp_path):
+    names = ["a.dcm", "b\udcff.dcm", "c\\d", "c\\x41", "c\\\\x", "d\\\udcfe", "e\\xAB"]
+    texts = [escape_name(n) for n in names]
+    assert texts[:3] == ["a.dcm", "b\\xff.dcm", "c\\d"]
+    assert len(set(texts)) == len(names)  # no two names share a key
+    for name, text in zip(names, texts, strict=True):
+        text.encode("utf-8")  # storable
+        assert real_path(ledger_path(f"/x/{name}")) == f"/x/{name}"
+    raw_root = os.fsencode(tmp_path)
+    for raw in (b"a.dcm", b"b\xff.dcm", b"c.dcm"):
+        with open(raw_root + b"/" + raw, "wb") as fh:
+            fh.write(b"x")
+    files = list(walk_files(str(tmp_path)))
+    assert files == ["a.dcm", "b\udcff.dcm", "c.dcm"]
+    assert list(walk_files(str(tmp_path), after=files[1])) == ["c.dcm"]
 
 
 def _rows(ledger: str) -> dict[str, tuple[str, str | None, str]]:
