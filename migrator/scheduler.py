@@ -281,7 +281,9 @@ class Scheduler:
         if self.listing_done and self.source.copies_possible:
             # Files without pixel data were held back while the folder was listed: only
             # the whole listing tells a header-only copy from an instance to send.
-            await self.db(self.ledger.settle_held_copies, self.job.id, HELD_REASONS)
+            released = await self.db(self.ledger.settle_held_copies, self.job.id, HELD_REASONS)
+            if released:
+                self.progress.add_total(released)  # rows to send now
             self._listed.set()
         await self._skip_copies()
         while self.follow is not None and not self.stopping.is_set():

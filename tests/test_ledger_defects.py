@@ -36,6 +36,18 @@ def _wrong_pixel_length(data: bytes) -> bytes:
     return data[: at + 8] + struct.pack("<I", length - 2) + data[at + 12 :] + b"\0" * 600
 
 
+def _without_pixels(data: bytes) -> bytes:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.PixelData
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def _rows(ledger_path: Path) -> dict[str, tuple[str, str | None]]:
     rows = ledger_rows(ledger_path, "SELECT source_key, state, last_error FROM instances")
     return {key: (state, error) for key, state, error in rows}
@@ -145,20 +157,12 @@ def test_retry_skipped_leaves_files_that_must_never_be_sent(
 ):
     # `retry --state skipped` put header-only copies back to pending; sent first, they
     # make the target keep an instance without pixel data ("AlreadyStored" to the rest).
-    import io
-
-    import pydicom
-
     inst = make_dataset(2, seed=33)
-    ds = pydicom.dcmread(io.BytesIO(inst[0].data))
-    del ds.PixelData
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
     summary = json.dumps({"0008,0018": {"Name": "SOPInstanceUID", "Value": "1"}}).encode()
     root = _write_tree(
         tmp_path / "tree",
         {
-            "a/header.dcm": out.getvalue(),
+            "a/header.dcm": _without_pixels(inst[0].data),
             "e/full.dcm": inst[0].data,
             "b/summary.json": summary,
             "c/other.dcm": inst[1].data,
@@ -367,6 +371,21 @@ def test_progress_totals_count_only_rows_to_send(orthanc_factory, tmp_path, ledg
     result = run_cli("import", str(root), target2.url, "--ledger", other, env=plain)
     assert result.code == 0, result.stderr
     assert _last_progress(result.stderr) == (6, 6)
+
+
+def test_progress_counts_files_released_after_the_listing(orthanc_factory, tmp_path, ledger_url):
+    # A file without pixel data is held (listed skipped) until the listing is complete,
+    # then sent when no copy with pixel data of its instance exists: it is a row to send.
+    inst = make_dataset(3, seed=53)
+    files = {f"i{i}.dcm": x.data for i, x in enumerate(inst[1:])}
+    files["nopixels.dcm"] = _without_pixels(inst[0].data)
+    root = _write_tree(tmp_path / "tree", files)
+    target = orthanc_factory("target")
+    plain = {"MIGRATOR_PROGRESS": "plain"}
+    result = run_cli("import", str(root), target.url, "--ledger", ledger_url, env=plain)
+    assert result.code == 0, result.stderr
+    assert target.count() == 3
+    assert _last_progress(result.stderr) == (3, 3)
 
 
 def test_sizes_are_shown_in_iec_units_and_idle_status_has_no_rate(
