@@ -12,6 +12,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import sqlalchemy as sa
 from conftest import ledger_rows, run_cli, start_cli, wait_for_sent
 
 from migrator.ledger import Ledger, Outcome
@@ -147,6 +148,64 @@ def test_lease_tries_copies_best_first(tmp_path):
         assert order == ["large", "small", "nopix"]
     finally:
         ledger.close()
+
+
+def test_skip_superseded_settles_only_copies_of_sent_instances(tmp_path, pg_url):
+    for url in (f"sqlite:///{tmp_path / 's.db'}", pg_url):
+        ledger = Ledger.open(url, create=True)
+        try:
+            job = ledger.ensure_job("j", "import", "/data", "http://b/", {})
+            rows = [
+                {"source_key": key, "orthanc_id": oid, "size": 10}
+                for key, oid in [
+                    ("sent", "o1"),
+                    ("pending", "o1"),
+                    ("refused", "o1"),
+                    ("alone-a", "o2"),
+                    ("alone-b", "o2"),
+                    ("old-mark", "o3"),
+                    ("old-kept", "o3"),
+                ]
+            ]
+            ledger.save_listing(job.id, rows, None, done=True)
+            with ledger.engine.begin() as conn:
+                for key, state, error in [
+                    ("sent", "sent", None),
+                    ("refused", "rejected", "HTTP 400: Bad file format"),
+                    (
+                        "old-mark",
+                        "skipped",
+                        "superseded: a better copy of this instance is sent instead",
+                    ),
+                    ("old-kept", "rejected", "HTTP 400: Bad file format"),
+                ]:
+                    conn.execute(
+                        sa.text(
+                            "UPDATE instances SET state = :s, last_error = :e WHERE source_key = :k"
+                        ),
+                        {"s": state, "e": error, "k": key},
+                    )
+            # One pending copy skipped, one wrongly superseded copy put back: net 0.
+            assert ledger.skip_superseded(job.id) == 0
+            with ledger.engine.connect() as conn:
+                got = {
+                    key: (state, error)
+                    for key, state, error in conn.execute(
+                        sa.text("SELECT source_key, state, last_error FROM instances")
+                    )
+                }
+            assert got["sent"] == ("sent", None)
+            assert got["pending"][0] == "skipped" and got["pending"][1].startswith("superseded")
+            assert got["refused"][0] == "skipped"
+            assert (
+                got["refused"][1].startswith("superseded")
+                and "Bad file format" in got["refused"][1]
+            )
+            assert got["alone-a"] == got["alone-b"] == ("pending", None)
+            assert got["old-mark"] == ("pending", None)
+            assert got["old-kept"][0] == "rejected"
+        finally:
+            ledger.close()
 
 
 # -- retry --state skipped ----------------------------------------------------------------
