@@ -48,7 +48,7 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 SKIP_JSON = "JSON summary (DicomAsJson)"
 SKIP_HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
 # Bare folders: a copy without pixel data whose instance also has a copy with them.
-SKIP_NO_PIXELS = "copy without pixel data (a copy with pixel data of this instance is sent)"
+SKIP_NO_PIXELS = "copy without pixel data (the folder holds a copy of this instance with pixels)"
 # An image without pixel data is either a header-only copy (Orthanc's DicomUntilPixelData,
 # which must never be sent: the target would answer "AlreadyStored" to the real file
 # later) or a valid instance without pixels (MR spectroscopy, some structured objects).

@@ -23,12 +23,16 @@ from conftest import ledger_rows, run_cli
 from migrator.dicomhead import read_header
 from migrator.dicomid import orthanc_id_from_dataset
 from migrator.fileclass import (
+    HELD_REASONS,
+    HELD_STORAGE,
+    HELD_TREE,
     SKIP_HEADER_ONLY,
     SKIP_NO_PIXELS,
     _pydicom_header,
     classify_file,
 )
 from migrator.inspect import ORPHAN_ADVICE, inspect_path, render_text
+from migrator.ledger import Ledger
 from migrator.testkit import OrthancProcess, make_dataset, make_instance, upload_all
 from migrator.testkit.fastgen import fast_dataset
 
@@ -286,3 +290,56 @@ def test_inspect_mixed_compression_and_other_files(tmp_path: Path) -> None:
     assert "retry --state skipped --error orphan" in ORPHAN_ADVICE
     assert "retry --state skipped --error\n     orphan" in (ROOT / "README.md").read_text()
     assert json.loads(json.dumps(report)) == report
+
+
+# --- the settling of held files, on both ledgers -------------------------------------
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_settle_held_copies(dialect: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = (
+        request.getfixturevalue("pg_url")
+        if dialect == "postgresql"
+        else f"sqlite:///{tmp_path}/l.db"
+    )
+    ledger = Ledger.open(url, create=True)
+    try:
+        job = ledger.ensure_job("held", "import", "/data", "http://t/", {})
+
+        def row(key: str, orthanc_id: str, pixels: bool, skip: str | None = None) -> dict:
+            return {
+                "source_key": key,
+                "orthanc_id": orthanc_id,
+                "has_pixels": pixels,
+                "skip_reason": skip,
+                "path": key,
+                "size": 1,
+            }
+
+        rows = [
+            row("aa/bb/header", "I1", False, HELD_STORAGE),
+            row("aa/bb/full", "I1", True),
+            row("spectro.dcm", "I2", False, HELD_TREE),
+            row("nopix.dcm", "I3", False, HELD_TREE),
+            row("z/full.dcm", "I3", True),
+        ]
+        ledger.save_listing(job.id, rows, None, done=True)
+        assert ledger.settle_held_copies(job.id, HELD_REASONS) == 1
+        with ledger.engine.connect() as conn:
+            got = dict(
+                (key, (state, error))
+                for key, state, error in conn.exec_driver_sql(
+                    "SELECT source_key, state, last_error FROM instances"
+                )
+            )
+        assert got == {
+            "aa/bb/header": ("skipped", SKIP_HEADER_ONLY),
+            "aa/bb/full": ("pending", None),
+            "spectro.dcm": ("pending", None),
+            "nopix.dcm": ("skipped", SKIP_NO_PIXELS),
+            "z/full.dcm": ("pending", None),
+        }
+        # Settled once: a second call (a resumed run) changes nothing.
+        assert ledger.settle_held_copies(job.id, HELD_REASONS) == 0
+    finally:
+        ledger.close()
