@@ -115,7 +115,7 @@ def run_scenario(
         "faults_total": sum(injected.values()) + sum(source_injected.values()),
         "retries": retries,
         "outages": out.count("is not answering: pausing"),
-        "concurrency_cuts": out.count("target struggling"),
+        "concurrency_cuts": out.count("concurrent transfers instead of"),
         "posts_at_target": posts,
         "file_gets_at_source": gets,
         "elapsed_s": round(elapsed, 2),
