@@ -575,7 +575,9 @@ def verify(
         if as_json:
             typer.echo(json.dumps({"jobs": [r.as_json() for r in reports]}, indent=2))
         else:
-            typer.echo(verify_report.render_text(reports))
+            from migrator.verify_text import render_text
+
+            typer.echo(render_text(reports))
         return verify_report.exit_code(reports)
 
     raise typer.Exit(_guard(body))

@@ -388,10 +388,3 @@ def exit_code(reports: list[JobVerification]) -> int:
     if any(r.run.interrupted for r in reports):
         return EXIT_INTERRUPTED
     return EXIT_OK if all(r.complete for r in reports) else EXIT_INCOMPLETE
-
-
-def render_text(reports: list[JobVerification]) -> str:
-    """Human output: see `migrator.verify_text`."""
-    from migrator.verify_text import render_text as render
-
-    return render(reports)

@@ -5,6 +5,7 @@ keeps the job from being complete, each with what to run about it.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from migrator.states import VerifyResult
@@ -64,7 +65,8 @@ def _job_block(r: JobVerification) -> str:
         if total > len(listed):
             lines.append(
                 f"  ... and {total - len(listed)} more: "
-                f"migrator report --job {r.job.name} --state {result.value} --format csv"
+                f"migrator report --job {shlex.quote(r.job.name)} --state {result.value} "
+                "--format csv"
             )
     lines += _verdict_lines(r)
     return "\n".join(lines)
@@ -88,7 +90,8 @@ def _verdict_lines(r: JobVerification) -> list[str]:
     summary = ", ".join(f"{n} {name}" for name, n in blocking.items())
     lines = [f"verdict: NOT complete: {summary}"]
     for name in blocking:
-        lines.append(f"  {name}: {_hint(name, r.job.name)}")
+        # Quoted: job names hold `>` (replicate:a->b), which a shell reads as a redirection.
+        lines.append(f"  {name}: {_hint(name, shlex.quote(r.job.name))}")
     return lines
 
 
@@ -100,7 +103,8 @@ def _hint(name: str, job: str) -> str:
     hints = {
         "listing unfinished": f"the source was not fully listed: {run_again}",
         "pending": f"not sent yet: {run_again}",
-        "in_flight": "a run is sending them: verify again when it has ended",
+        "in_flight": "a run is sending them: verify again when it has ended (if no run is "
+        f"going on, {run_again})",
         "failed": f"`migrator retry --job {job}`, then {run_again}",
         "rejected": f"the target refused them: `migrator report --job {job} --state rejected` "
         f"says why; once fixed, `migrator retry --job {job} --state rejected`, then {run_again}",

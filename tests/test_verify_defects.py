@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import signal
 import time
 
@@ -112,7 +113,7 @@ def test_verify_names_vanished_and_rejected_rows(source, orthanc_factory, ledger
     assert job["blocking"] == {"rejected": n_refused}
     text = run_cli("verify", "--ledger", ledger_url, "--job", name)
     assert f"verdict: NOT complete: {n_refused} rejected" in text.stdout
-    assert f"migrator retry --job {name} --state rejected" in text.stdout
+    assert f"migrator retry --job {shlex.quote(name)} --state rejected" in text.stdout
 
 
 def test_verify_after_the_target_was_wiped_reports_every_instance_missing(
