@@ -371,7 +371,7 @@ def detect(path: str) -> FolderInfo:
         return FolderInfo("orthanc-index", path, path, index)
     if _has_storage_layout(path):
         return FolderInfo("orthanc-storage-no-index", path, path)
-    if next(walk_files(path), None) is None:
+    if next(walk_entries(path), None) is None:
         return FolderInfo("empty", path)
     return FolderInfo("dicom-tree", path, path)
 

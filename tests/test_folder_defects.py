@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import MIGRATOR, CliResult, ledger_rows, run_cli, state_counts
 
+from migrator import folder_source
+from migrator.errors import FatalError
 from migrator.folder import escape_name, ledger_path, real_path, walk_files
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
 
@@ -95,6 +97,27 @@ def test_storage_missing_most_files_is_refused(orthanc_factory, tmp_path, ledger
     assert "none of the first 100 files the index lists exists" in result.stdout + result.stderr
     assert target.count() == 0
     assert state_counts(ledger_path) == {}
+
+
+def test_a_run_of_missing_files_stops_the_listing_before_saving_it(tmp_path, monkeypatch):
+    # Bounds as small as the store: 8 files missing in a row after 4 that are there.
+    monkeypatch.setattr(folder_source, "MISSING_RUN", 5)
+    monkeypatch.setattr(folder_source, "PAGE", 2)
+    _orthanc_store(tmp_path / "orthanc", make_dataset(12, seed=167))
+    storage = tmp_path / "orthanc" / "storage"
+    order = _index_order(storage / "index")
+    for _, uuid in order[4:]:
+        _attachment(storage, uuid).unlink()
+    pages = []
+    with pytest.raises(FatalError, match="5 files in a row that the index lists are missing"):
+        for page in folder_source.FolderSource(str(storage))._index_pages({}):
+            pages.append(page)
+    # The pages before the run were saved; the missing ones were not, so that a rerun
+    # with the right --storage lists them.
+    assert [row["source_key"] for page in pages for row in page.rows] == [
+        public_id for public_id, _ in order[:4]
+    ]
+    assert all("state" not in row for page in pages for row in page.rows)
 
 
 def test_storage_unmounted_after_listing_is_fatal(
