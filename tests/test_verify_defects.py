@@ -210,6 +210,30 @@ def test_verify_blocks_on_a_copy_skipped_for_a_twin_that_was_never_sent(
     }
 
 
+def test_verify_blocks_while_the_source_is_not_fully_listed(orthanc_factory, ledger_url):
+    """Every listed row matching says nothing about the rows not listed yet."""
+    target = orthanc_factory("target")
+    data = make_dataset(3, seed=63)
+    upload_all(target, data)
+    ledger = Ledger.open(ledger_url, create=True)
+    try:
+        job = ledger.ensure_job("j", "replicate", "http://source:8042/", target.url, {})
+        rows = [{"source_key": d.orthanc_id, "orthanc_id": d.orthanc_id} for d in data]
+        ledger.save_listing(job.id, rows, '{"since": 3}', done=False)
+        leases = ledger.lease(job.id, "me", 3, 60)
+        md5 = {d.orthanc_id: hashlib.md5(d.data).hexdigest() for d in data}
+        ledger.record(
+            "me", [Outcome(le.id, State.SENT, "Success", md5=md5[le.orthanc_id]) for le in leases]
+        )
+    finally:
+        ledger.close()
+    code, job = _verify(ledger_url)
+    assert code == 1 and job["match"] == 3
+    assert job["blocking"] == {"listing unfinished": 1}
+    text = run_cli("verify", "--ledger", ledger_url)
+    assert "listing unfinished: the source was not fully listed: run the job again" in text.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [
