@@ -541,9 +541,7 @@ def verify(
 ) -> None:
     """Check that the target holds every instance of the job with the same bytes (MD5).
 
-    Each run asks the target about every sent row (a plain rerun carries on an interrupted
-    pass) and compares the number of instances per study. Exit 0 only when every row is
-    sent and matches, or was skipped on purpose; otherwise 1, naming the rows in the way.
+    Exit 0 only when every row is sent and matches, or was skipped on purpose.
 
     Example: migrator verify --job nightly --json
     """
