@@ -44,7 +44,7 @@ PROGRESS_EVERY = 5.0
 PROBLEMS = (VerifyResult.MISSING, VerifyResult.DIFFER, VerifyResult.ERROR)
 # Skipped rows that are fine only while another copy of the same instance is sent: the
 # starts of the reasons `Ledger.skip_superseded` and `fileclass` write.
-STAND_IN_REASONS = ("superseded", "header-only copy")
+STAND_IN_REASONS = ("superseded", "header-only copy", "copy without pixel data")
 # States of rows that keep a job from being complete (vanished unless accepted).
 UNSENT_BLOCKING = (State.PENDING, State.IN_FLIGHT, State.FAILED, State.REJECTED)
 
