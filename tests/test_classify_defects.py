@@ -258,7 +258,9 @@ def test_unreadable_storage_says_permission_denied(
 # --- inspect on a store that changed its compression -----------------------------------
 
 
-def test_inspect_mixed_compression_and_other_files(tmp_path: Path) -> None:
+def test_inspect_mixed_compression_and_other_files(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_url: str
+) -> None:
     plain, packed = make_dataset(3, seed=71), make_dataset(2, seed=72)
     orthanc = OrthancProcess(tmp_path / "mixed", extra={"StorageCompression": False})
     with orthanc:
@@ -290,6 +292,13 @@ def test_inspect_mixed_compression_and_other_files(tmp_path: Path) -> None:
     assert "retry --state skipped --error orphan" in ORPHAN_ADVICE
     assert "retry --state skipped --error\n     orphan" in (ROOT / "README.md").read_text()
     assert json.loads(json.dumps(report)) == report
+
+    # And the import sends every instance of the mixed store, byte for byte.
+    target = orthanc_factory("target")
+    result = run_cli("import", str(storage), target.url, "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    for inst in plain + packed:
+        assert _md5(target.file(inst.orthanc_id)) == _md5(inst.data)
 
 
 # --- the settling of held files, on both ledgers -------------------------------------
