@@ -54,6 +54,9 @@ INLINE_READ = 256 * 1024
 MISSING = "file missing from the storage folder (the index lists it)"
 ORPHAN = "orphan: the index does not know this file (retry --state skipped --error orphan)"
 PERMISSION_DENIED = "permission denied; run as a user who can read it"
+# Files read in a row without permission before a run stops (see fetch).
+DENIED_RUN = 20
+DENIED = "cannot read this file: permission denied"
 # A storage folder that is not the one the index describes (Orthanc's IndexDirectory apart
 # from its StorageDirectory, an unmounted share) makes every index row "missing": that must
 # stop the import, not end it as a success made of vanished rows. The listing stops before
@@ -121,6 +124,7 @@ class FolderSource:
         if storage is not None:
             self.info = self._with_storage(path, storage)
         self.display = escape_name(self.info.path)
+        self._denied = 0  # files refused in a row by the file system (see fetch)
         # Index rows are keyed by Orthanc ID; bare folders by path relative to the root.
         self.root = self.info.storage or self.info.path
         # An index has one row per instance: no copies to reduce to one.
@@ -240,7 +244,8 @@ class FolderSource:
         for rel, cand, failure in iter_tree(self.root, state.get("after")):
             row = _row(cand)
             if failure is not None:
-                row["state"] = State.FAILED.value
+                # A source file that cannot be read is rejected like a corrupt one.
+                row["state"] = State.REJECTED.value
             rows.append(row)
             # The real name (undecodable bytes as surrogates, which JSON escapes): the
             # walk resumes by comparing names as the file system gives them.
@@ -258,8 +263,11 @@ class FolderSource:
         path = real_path(lease.path)
         try:
             if lease.size is not None and lease.size <= INLINE_READ:
-                return read_dicom_bytes(path)
-            return await asyncio.to_thread(read_dicom_bytes, path)
+                data = read_dicom_bytes(path)
+            else:
+                data = await asyncio.to_thread(read_dicom_bytes, path)
+            self._denied = 0
+            return data
         except FileNotFoundError:
             if await asyncio.to_thread(self._source_gone):
                 raise FatalError(
@@ -276,7 +284,16 @@ class FolderSource:
                 Verdict(Kind.PERMANENT, f"{lease.path} is a folder: {FOLDER_ADVICE}")
             ) from None
         except PermissionError:
-            raise FatalError(f"cannot read {lease.path}: permission denied") from None
+            # One file without read permission is that file's problem (the run goes on,
+            # the row is rejected); many in a row mean the wrong user.
+            self._denied += 1
+            if self._denied >= DENIED_RUN:
+                raise FatalError(
+                    f"cannot read {lease.path} nor the {self._denied - 1} files before it: "
+                    f"{PERMISSION_DENIED}, then `migrator retry --state rejected --error "
+                    f"'{DENIED}'`"
+                ) from None
+            raise TransferError(Verdict(Kind.PERMANENT, f"{DENIED} ({lease.path})")) from None
         except OSError as exc:
             raise TransferError(
                 Verdict(Kind.RETRYABLE, f"cannot read {lease.path}: {exc}")

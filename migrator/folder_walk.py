@@ -197,7 +197,8 @@ def iter_tree(root: str, after: str | None = None) -> Iterator[tuple[str, Candid
     as ``after`` to resume); the candidate's ``source_key`` and ``path`` are in ledger form
     (:func:`escape_name`, :func:`ledger_path`). ``failure`` is None, or why the entry could
     not be read (a file or folder without read permission, a read error): such an entry
-    is a row that failed, not an error that stops the listing.
+    is a row of its own (the import saves it `rejected`), not an error that stops the
+    listing.
     """
     root = os.path.abspath(root)
     for entry in walk_entries(root, after):

@@ -227,7 +227,8 @@ def test_odd_names_and_unreadable_files_are_rows_of_their_own(
     target = orthanc_factory("target")
 
     result = _run_as_plain_root("import", str(root), target.url, "--ledger", ledger)
-    # The unreadable file and folder are not sent: the job is not complete.
+    # The unreadable file and folder are not sent: the job is not complete. They are
+    # rejected, as a corrupt source file is.
     assert result.code == 1, result.stdout + result.stderr
     assert "internal error" not in result.stdout + result.stderr
     sendable = ["a.dcm", "c/d.dcm", "b\\xff.dcm", "\\xe9t\\xe9/e.dcm"]
@@ -239,8 +240,8 @@ def test_odd_names_and_unreadable_files_are_rows_of_their_own(
         "b\\xff.dcm": "sent",
         "c/d.dcm": "sent",
         "\\xe9t\\xe9/e.dcm": "sent",
-        "locked.dcm": "failed",
-        "closed": "failed",
+        "locked.dcm": "rejected",
+        "closed": "rejected",
         "pipe.dcm": "skipped",
         "gone.dcm": "skipped",
     }
@@ -255,7 +256,7 @@ def test_odd_names_and_unreadable_files_are_rows_of_their_own(
     # files are imported on their own, as its row says.
     (root / "locked.dcm").chmod(0o644)
     (root / "closed").chmod(0o755)
-    retried = _run_as_plain_root("retry", "--state", "failed", "--ledger", ledger)
+    retried = _run_as_plain_root("retry", "--state", "rejected", "--ledger", ledger)
     assert retried.code == 0, retried.stdout + retried.stderr
     again = _run_as_plain_root("import", str(root), target.url, "--ledger", ledger)
     assert again.code == 1, again.stdout + again.stderr
@@ -282,6 +283,39 @@ def test_names_round_trip_and_the_walk_resumes_across_them(tmp_path):
     files = list(walk_files(str(tmp_path)))
     assert files == ["a.dcm", "b\udcff.dcm", "c.dcm"]
     assert list(walk_files(str(tmp_path), after=files[1])) == ["c.dcm"]
+
+
+def test_unreadable_file_of_an_index_is_rejected_alone(orthanc_factory, tmp_path, ledger_url):
+    instances = make_dataset(5, seed=168)
+    _orthanc_store(tmp_path / "orthanc", instances)
+    storage = tmp_path / "orthanc" / "storage"
+    order = _index_order(storage / "index")
+    locked_id, locked_uuid = order[1]
+    _attachment(storage, locked_uuid).chmod(0)
+    target = orthanc_factory("target")
+
+    result = _run_as_plain_root("import", str(storage), target.url, "--ledger", ledger_url)
+    assert result.code == 1, result.stdout + result.stderr
+    assert sorted(target.instance_ids()) == sorted(
+        i.orthanc_id for i in instances if i.orthanc_id != locked_id
+    )
+    state, error, _ = _rows(ledger_url)[locked_id]
+    assert state == "rejected"
+    assert error.startswith("cannot read this file: permission denied")
+
+
+def test_many_unreadable_files_in_a_row_stop_the_run(orthanc_factory, tmp_path, ledger_url):
+    # The wrong user: every file refused. The run stops rather than reject them all.
+    _orthanc_store(tmp_path / "orthanc", make_dataset(30, seed=169, size=8))
+    storage = tmp_path / "orthanc" / "storage"
+    for _, uuid in _index_order(storage / "index"):
+        _attachment(storage, uuid).chmod(0)
+    target = orthanc_factory("target")
+    result = _run_as_plain_root("import", str(storage), target.url, "--ledger", ledger_url)
+    assert result.code == 3, result.stdout + result.stderr
+    assert "run as a user who can read it" in result.stdout + result.stderr
+    assert target.count() == 0
+    assert sum(1 for row in _rows(ledger_url).values() if row[0] == "rejected") < 20
 
 
 def _rows(ledger: str) -> dict[str, tuple[str, str | None, str]]:
