@@ -17,8 +17,12 @@ The rule, in order (it must never call two distinct servers the same):
    the same server knows it. The probe is started on the target first (a migration
    writes there anyway), else on the source.
 3. When neither end accepts the probe (e.g. credentials limited by an authorization
-   plugin), the job histories are compared: equal and non-empty lists of random job IDs
-   are one server's. Otherwise the ends are taken as two servers, with a warning.
+   plugin), their contents are compared: equal and non-empty job histories (lists of
+   random job IDs) are one server's; so are an equal change-log position, equal
+   `/statistics` and equal attachment UUIDs (random, given when a file is stored) for
+   the first instances of the source. A distinct server can match all of that only as
+   an untouched copy of the source's storage, which holds everything already: refusing
+   it loses nothing. Anything else is taken as two servers, with a warning.
 
 Two Orthanc processes sharing one database are different processes: this rule does not
 call them the same, and a copy of a storage folder served by a second Orthanc (a
@@ -51,8 +55,7 @@ async def same_orthanc(source: OrthancClient, target: OrthancClient) -> bool:
         known = await _knows_job(other, job)
         if known is not None:
             return known
-    jobs = [await _json(end, "jobs") for end in (source, target)]
-    if isinstance(jobs[0], list) and jobs[0] and jobs[0] == jobs[1]:
+    if await _same_contents(source, target):
         return True
     log.warning(
         "cannot tell whether %s and %s are two servers (same /system answer, no probe "
@@ -61,6 +64,26 @@ async def same_orthanc(source: OrthancClient, target: OrthancClient) -> bool:
         target.endpoint.display,
     )
     return False
+
+
+async def _same_contents(source: OrthancClient, target: OrthancClient) -> bool:
+    """Whether both ends hold the same job history, or the same change-log position,
+    statistics and stored files (rule 3 of the module)."""
+    jobs = [await _json(end, "jobs") for end in (source, target)]
+    if isinstance(jobs[0], list) and jobs[0] and jobs[0] == jobs[1]:
+        return True
+    for path in ("changes?last", "statistics"):
+        answers = [await _json(end, path) for end in (source, target)]
+        if answers[0] is None or answers[0] != answers[1]:
+            return False
+    sample = await _json(source, "instances?since=0&limit=3&expand")
+    if not isinstance(sample, list) or not sample:
+        return False
+    for item in sample:
+        theirs = await _json(target, f"instances/{item.get('ID')}")
+        if not isinstance(theirs, dict) or theirs.get("FileUuid") != item.get("FileUuid"):
+            return False
+    return True
 
 
 async def _start_probe(client: OrthancClient) -> str | None:

@@ -20,7 +20,7 @@ from migrator.orthanc import OrthancClient
 from migrator.sources import RestSource
 from migrator.testkit.dicomgen import make_dataset
 from migrator.testkit.orthanc import OrthancProcess
-from migrator.testkit.proxy import Proxy
+from migrator.testkit.proxy import Proxy, ScriptedFaults, Status
 
 
 def _listing_order(server: OrthancProcess) -> list[str]:
@@ -267,3 +267,44 @@ def test_two_servers_configured_alike_are_two(orthanc_factory, ledger_path):
     assert asyncio.run(probe(first.url, second.url)) is False
     assert asyncio.run(probe(second.url, first.url)) is False
     assert asyncio.run(probe(first.url, first.url.replace("127.0.0.1", "localhost"))) is True
+
+
+def test_same_server_is_refused_when_no_probe_job_is_allowed(orthanc_factory, ledger_path):
+    """Both URLs refuse the probe job (as an authorization plugin may): the contents
+    (change log, statistics, stored files) still tell the same server from two."""
+    server = orthanc_factory("only")
+    fill(server, 3)
+    refuse = ScriptedFaults([Status(403)] * 10, only=("POST", "/tools/create-archive"))
+    with (
+        Proxy("127.0.0.1", server.http_port) as one,
+        Proxy("127.0.0.1", server.http_port) as other,
+    ):
+        one.set_faults(refuse)
+        other.set_faults(refuse)
+        result = run_cli("replicate", one.url, other.url, "--ledger", f"sqlite:///{ledger_path}")
+    assert result.code == 2, result.stderr
+    result.assert_one_line_error()
+    assert refuse.position == 2  # the probe was tried on both ends, and refused
+
+
+def test_two_servers_holding_the_same_instances_have_different_contents(orthanc_factory):
+    from migrator import identity
+
+    first, second = orthanc_factory("orthanc"), orthanc_factory("orthanc")
+    data = make_dataset(3, seed=5)
+    for server in (first, second):
+        for instance in data:
+            server.upload(instance.data)
+
+    async def same() -> bool:
+        a = OrthancClient(parse_endpoint(first.url, role="source"), "source")
+        b = OrthancClient(parse_endpoint(second.url, role="target"), "target")
+        try:
+            return await identity._same_contents(a, b)
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    # Same change-log position and statistics: only the stored files' UUIDs differ.
+    assert first._request("GET", "statistics").json() == second._request("GET", "statistics").json()
+    assert asyncio.run(same()) is False
