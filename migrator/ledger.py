@@ -18,37 +18,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator import db
 from migrator.errors import LedgerError, UsageError
 from migrator.ledger_copies import CopiesMixin
 from migrator.ledger_runs import RunsMixin
+from migrator.ledger_supersede import (
+    SUPERSEDED,
+    TWIN_SENT,
+    TWIN_STATE,
+    SupersedeMixin,
+)
 from migrator.ledger_verify import VerifyMixin
-from migrator.schema import COPY_STATES_SQL, instances, jobs, runs
+from migrator.schema import instances, jobs, runs
 from migrator.states import NEVER_SEND_REASONS, State, check_transition
 
-# Built once: aliasing the table copies all its columns, which cost more than the query.
-_other = instances.alias("other")
-# Whether another copy of a row's instance is sent (2) or in flight (1), or NULL: one
-# lookup in the partial index ix_instances_copies, whose condition the query spells the
-# same way so that it is used. (Not max(state): PostgreSQL turns a bare max into a
-# backward scan of the (job_id, state) index.)
-_TWIN_SENT, _TWIN_IN_FLIGHT = 2, 1
-_TWIN_STATE = (
-    select(func.max(case((_other.c.state == State.SENT.value, _TWIN_SENT), else_=_TWIN_IN_FLIGHT)))
-    .where(
-        _other.c.job_id == instances.c.job_id,
-        _other.c.orthanc_id == instances.c.orthanc_id,
-        _other.c.id != instances.c.id,
-        text(f"other.{COPY_STATES_SQL}"),
-    )
-    .scalar_subquery()
-    .label("twin_state")
-)
-SUPERSEDED_PREFIX = "superseded:"
-SUPERSEDED = f"{SUPERSEDED_PREFIX} another copy of this instance is sent"
 # A row whose twin is in flight waits this long before it is looked at again.
 TWIN_WAIT_SECONDS = 5.0
 # Rounds of blocked candidates a lease clears before it gives up for this call.
@@ -138,7 +124,7 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
+class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:
@@ -319,7 +305,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
         now = time.time()
         columns = [instances.c.id, instances.c.orthanc_id]
         if one_per_instance:
-            columns += [instances.c.has_pixels, instances.c.size, _TWIN_STATE]
+            columns += [instances.c.has_pixels, instances.c.size, TWIN_STATE]
         due = (
             select(*columns)
             .where(
@@ -382,7 +368,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
                         ids.append(row_id)
                         continue
                     has_pixels, size, twin = more
-                    if twin == _TWIN_SENT:
+                    if twin == TWIN_SENT:
                         superseded.append(row_id)
                     elif twin is not None:
                         postponed.append(row_id)
@@ -546,79 +532,6 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin):
                     heartbeat_at=now,
                 )
             )
-
-    def skip_superseded(self, job_id: int) -> int:
-        """Settle the copies of instances that are sent: every other copy still pending,
-        refused, failed or vanished ends skipped as superseded (the instance is on the
-        target). Only a copy that is actually sent supersedes: copies that are all still
-        pending are left to the lease, which tries them one at a time, best first, so
-        that a refused copy is followed by the next one. Copies a past version of this
-        tool marked superseded with no sent twin are put back to pending.
-
-        Returns how many pending rows were skipped, less the ones put back (the change
-        in the number of rows left to send).
-        """
-        for old in (State.PENDING, State.REJECTED, State.FAILED, State.VANISHED):
-            check_transition(old, State.SKIPPED)
-        check_transition(State.SKIPPED, State.PENDING)
-        now = time.time()
-        sent_twin = (
-            select(_other.c.id)
-            .where(
-                _other.c.job_id == instances.c.job_id,
-                _other.c.orthanc_id == instances.c.orthanc_id,
-                _other.c.id != instances.c.id,
-                # Spelled as the partial index's condition, so that it is used.
-                text(f"other.{COPY_STATES_SQL}"),
-                _other.c.state == State.SENT.value,
-            )
-            .exists()
-        )
-        mine = [instances.c.job_id == job_id, instances.c.orthanc_id.is_not(None)]
-        with self._write() as conn:
-            revived = conn.execute(
-                update(instances)
-                .where(
-                    *mine,
-                    instances.c.state == State.SKIPPED.value,
-                    instances.c.last_error.startswith(SUPERSEDED_PREFIX, autoescape=True),
-                    ~sent_twin,
-                )
-                .values(
-                    state=State.PENDING.value,
-                    last_error=None,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    updated_at=now,
-                )
-            ).rowcount
-            skipped = conn.execute(
-                update(instances)
-                .where(*mine, instances.c.state == State.PENDING.value, sent_twin)
-                .values(state=State.SKIPPED.value, last_error=SUPERSEDED, updated_at=now)
-            ).rowcount
-            # A copy the target refused (or that failed or vanished) keeps its own
-            # reason after the mark, for the record.
-            conn.execute(
-                update(instances)
-                .where(
-                    *mine,
-                    instances.c.state.in_(
-                        [State.REJECTED.value, State.FAILED.value, State.VANISHED.value]
-                    ),
-                    sent_twin,
-                )
-                .values(
-                    state=State.SKIPPED.value,
-                    last_error=func.coalesce(
-                        SUPERSEDED + " (this copy: " + instances.c.last_error + ")", SUPERSEDED
-                    ),
-                    lease_owner=None,
-                    lease_expires=None,
-                    updated_at=now,
-                )
-            )
-        return skipped - revived
 
     def retry(
         self, job_id: int, states: Sequence[State], error_contains: str | None = None
