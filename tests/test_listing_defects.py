@@ -1,8 +1,11 @@
-"""Listing a source that changes under it, and jobs' identity: against real Orthanc processes.
+"""The ends of a REST job, against real Orthanc processes.
 
-The REST listing pages through an offset (``/instances?since=``): deletions during the
-listing shift later instances down. These tests delete instances between two pages and
-check that every instance the source still holds ends up in the ledger and on the target.
+- Listing a source that changes under it: the REST listing pages through an offset
+  (``/instances?since=``) and deletions shift later instances down. These tests delete
+  instances between two pages and check that every instance the source still holds
+  ends up in the ledger and on the target.
+- A job's identity: the same ends with credentials given another way are the same job.
+- A target that is the source under another URL is refused; two servers are not.
 """
 
 from __future__ import annotations
