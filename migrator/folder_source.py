@@ -111,7 +111,7 @@ class FolderSource:
         except PermissionError:
             # A folder on the way cannot be entered (Debian's /var/lib/orthanc is 0750).
             raise UsageError(f"{path}: {PERMISSION_DENIED}") from None
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the path
             raise UsageError(f"{path}: no such file or folder") from None
         try:
             self.info = detect(self.path)

@@ -71,7 +71,7 @@ def inspect_path(path: str) -> dict[str, Any]:
         raise PermissionError(
             errno.EACCES, f"cannot read {path}: {PERMISSION_ADVICE}", path
         ) from None
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         raise FileNotFoundError(
             errno.ENOENT, f"nothing to import at {path}: no such path", path
         ) from None
