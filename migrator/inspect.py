@@ -300,13 +300,14 @@ def _render_index(r: dict[str, Any]) -> list[str]:
     if r["orphan_files"]:
         lines.append(f"  orphan files are not in the index: {ORPHAN_ADVICE}")
     if r["other_files"]:
-        lines.append("  other files are no attachment of Orthanc's: the import leaves them out")
+        lines.append("  other files are not Orthanc attachments: the import leaves them out")
     return lines
 
 
 def _render_tree(r: dict[str, Any]) -> list[str]:
     dup = f"{r['distinct_instances']:,} distinct instances, {r['duplicates']:,} duplicates"
     alone = r["no_pixel_instances"]
+    plain = r["files"] - r["compressed_files"]
     # "Header-only" is what such copies are in an Orthanc storage folder; elsewhere they
     # are plain copies that happen to lack their pixels.
     storage = r["kind"] == "orthanc-storage-no-index"
@@ -314,7 +315,7 @@ def _render_tree(r: dict[str, Any]) -> list[str]:
     lines = [
         _line("files", r["files"]),
         _line("DICOM to send", r["dicom_files"], f"{dup}, {_size(r['dicom_bytes'])}"),
-        _line("Orthanc-compressed", r["compressed_files"]),
+        _line("Orthanc-compressed", r["compressed_files"], f"{plain:,} not compressed"),
         _line("JSON summaries", r["json_summaries"], "skipped"),
         _line(copies, r["header_only"], "skipped: a copy with pixel data is sent"),
         _line("instances w/o pixels", alone, "sent: no copy with pixel data"),
