@@ -1,9 +1,9 @@
 """A source configured as Debian ships Orthanc (``HttpCompressionEnabled: true``): file
 downloads come as stored, not gzipped, and a slow end of a transfer is named as such.
 
-Orthanc gzips every answer to a client that accepts gzip; deflating DICOM files made the
-source the slow end of a replication while the adaptive limiter blamed the target. Each
-leg (the source's download, the target's store) is now timed apart.
+Orthanc gzips every answer to a client that accepts gzip; deflating DICOM files makes the
+source the slow end of a replication, which the adaptive limiter must not blame on the
+target. Each leg (the source's download, the target's store) is timed apart.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import httpx
 from faultkit import assert_converged, fast_fill, invoke, write_config
 
 from migrator.testkit.dicomgen import make_dataset, upload_all
+from migrator.testkit.faults import Fault
 from migrator.testkit.proxy import Proxy
 from migrator.throttle import AdaptiveLimit
 
@@ -43,7 +44,7 @@ class LateAnswers(Proxy):
         self.seen = 0
         self.late = 0
 
-    def _on_request(self, method: str, path: str):  # type: ignore[no-untyped-def]
+    def _on_request(self, method: str, path: str) -> Fault | None:
         # Called on the proxy's loop thread, which alone touches the connections.
         fault = super()._on_request(method, path)
         if method == self.match[0] and path.startswith(self.match[1]):
