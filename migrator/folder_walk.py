@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from migrator.fileclass import Candidate, classify_file
 
@@ -41,6 +41,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # The listing of a job passes a folder once: files found later belong to another job.
 FOLDER_ADVICE = "its files are not in this job; once readable, import that folder on its own"
+_FILE, _DIR, _OTHER = 0, 1, 2
 # Why an entry of a tree cannot be read as a file; the walk reports it instead of a path.
 _SPECIAL = (
     (stat.S_ISFIFO, "named pipe"),
@@ -50,8 +51,7 @@ _SPECIAL = (
 )
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One entry of a tree as :func:`walk_entries` sees it.
 
     ``rel`` is the relative posix path as the file system names it (undecodable bytes as
@@ -112,7 +112,7 @@ def _walk(
         st = os.stat(directory)
         visited.add((st.st_dev, st.st_ino))
         with os.scandir(directory) as it:
-            entries = sorted((e.name, *_kind(e)) for e in it if e.name not in skip)
+            entries = sorted(_kind(e) for e in it if e.name not in skip)
     except OSError as exc:
         if not prefix:
             raise  # the root itself: the caller says what is wrong with the path
@@ -126,42 +126,44 @@ def _walk(
             if name < first:
                 continue
             matched, first = name == first, None
-            if matched and kind != "dir":
+            if matched and kind != _DIR:
                 # The cursor entry itself, or a file sorting before a deeper cursor.
                 continue
             if matched:
                 # Resume inside; an empty rest means all of it sorts after the cursor.
                 rest = cursor[1:]
-        path = os.path.join(directory, name)
-        if kind == "dir":
+        if kind == _FILE:
+            yield Entry(prefix + name)
+        elif kind == _DIR:
+            path = os.path.join(directory, name)
             if _follow(path, real_root, visited, symlink=problem == "link"):
                 yield from _walk(path, f"{prefix}{name}/", rest, set(), real_root, visited)
-        elif kind == "file":
-            yield Entry(prefix + name)
         else:
             yield Entry(prefix + name, problem)
 
 
-def _kind(entry: os.DirEntry[str]) -> tuple[str, str | None]:
-    """("dir", None|"link"), ("file", None) or ("other", why it is not a file)."""
+def _kind(entry: os.DirEntry[str]) -> tuple[str, int, str | None]:
+    """(name, _FILE, None), (name, _DIR, None or "link"), or (name, _OTHER, why it is not
+    a file). Plain files and folders cost no system call (the listing's d_type says)."""
+    name = entry.name
     try:
+        if entry.is_file(follow_symlinks=False):
+            return name, _FILE, None
         if entry.is_dir(follow_symlinks=False):
-            return "dir", None
+            return name, _DIR, None
         if entry.is_symlink():
             if entry.is_dir():
-                return "dir", "link"
+                return name, _DIR, "link"
             if entry.is_file():
-                return "file", None
+                return name, _FILE, None
             if not os.path.exists(entry.path):
-                return "other", "not a file: broken symbolic link"
+                return name, _OTHER, "not a file: broken symbolic link"
             mode = os.stat(entry.path).st_mode
-            return "other", f"not a file: symbolic link to a {_special(mode)}"
-        if entry.is_file(follow_symlinks=False):
-            return "file", None
+            return name, _OTHER, f"not a file: symbolic link to a {_special(mode)}"
         mode = entry.stat(follow_symlinks=False).st_mode
-        return "other", f"not a file: {_special(mode)}"
+        return name, _OTHER, f"not a file: {_special(mode)}"
     except OSError as exc:
-        return "other", f"cannot read this entry: {_why(exc)}"
+        return name, _OTHER, f"cannot read this entry: {_why(exc)}"
 
 
 def _special(mode: int) -> str:
