@@ -146,7 +146,21 @@ class FolderSource:
             # Fails at once, with a clear message, when Orthanc still runs on the index.
             conn = await asyncio.to_thread(open_index, self.info.index)
             conn.close()
+            # And before any job is made when its files are not in the storage folder.
+            await asyncio.to_thread(self._probe_files)
         return f"source: {describe(self.info)}"
+
+    def _probe_files(self) -> None:
+        """Raise :class:`FatalError` when the first index rows have no file (see
+        :class:`_MissingFiles`); the listing checks every row again, from its cursor."""
+        assert self.info.index is not None
+        check = _MissingFiles(self.root)
+        with contextlib.closing(iter_index(self.info.index, storage=self.info.storage)) as rows:
+            for _, cand in rows:
+                check.see(cand)
+                if check.found:
+                    return
+        check.finish()
 
     async def listing(self, cursor: str | None) -> AsyncIterator[ListingPage]:
         state: dict[str, Any] = json.loads(cursor) if cursor else {}
@@ -335,25 +349,22 @@ class _MissingFiles:
         self.run += 1
         if self.run == 1:
             self.first = cand.path
+        where = f"under {self.storage} (e.g. {self.first})"
         if not self.found and self.run >= PROBE_MISSING:
-            raise self._error(f"none of the first {self.run} files the index lists exists")
+            raise _missing(f"none of the first {self.run} files the index lists exists {where}")
         if self.run >= MISSING_RUN:
-            raise self._error(
-                f"{self.run} files in a row that the index lists are missing", listed=True
-            )
+            raise _missing(f"{self.run} files in a row that the index lists are missing {where}")
 
     def finish(self) -> None:
         """At the end of the index: refuse when no file was found in a folder that has
         no Orthanc files at all (the index's own folder, when the files live elsewhere)."""
         if self.run and not self.found and not has_storage_layout(self.storage):
-            raise self._error(
-                f"none of the {self.run} files the index lists exists (no Orthanc files there)"
+            raise _missing(
+                f"none of the {self.run} files the index lists exists under {self.storage}, "
+                f"which holds no Orthanc files (e.g. {self.first})"
             )
 
-    def _error(self, what: str, *, listed: bool = False) -> FatalError:
-        # Rows from the first missing one on are not saved: a rerun lists them again.
-        return FatalError(
-            f"{what} under {self.storage} (e.g. {self.first}): is the storage folder "
-            f"elsewhere or not mounted? {STORAGE_HINT}"
-            + ("" if listed else "; nothing of it was listed")
-        )
+
+def _missing(what: str) -> FatalError:
+    # The rows from the first missing one on are not saved: a rerun lists them again.
+    return FatalError(f"{what}: is the storage folder elsewhere or not mounted? {STORAGE_HINT}")
