@@ -52,6 +52,7 @@ COLUMNS: dict[str, Any] = {
     "updated_at": instances.c.updated_at,
     "sent_at": instances.c.sent_at,
     "verified_at": instances.c.verified_at,
+    "target_id": instances.c.target_id,
 }
 TIMES = frozenset({"created_at", "updated_at", "sent_at", "verified_at"})
 TEXTS = frozenset({"source_key", "verify_detail", "last_error"})

@@ -117,6 +117,17 @@ class Outcome:
     # Give back the attempt this lease was charged (the endpoint was down, not the
     # instance at fault).
     refund: bool = False
+    # The ID the target gave the instance, when it differs from the row's `orthanc_id`.
+    target_id: str | None = None
+
+
+@dataclass
+class Activity:
+    """What a run is doing right now, saved with its heartbeat for `status`: transfers
+    under way (rows it leased ahead wait in its queue) and the concurrency it allows."""
+
+    transferring: int = 0
+    concurrency: int | None = None
 
 
 def make_owner() -> str:
@@ -261,6 +272,11 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                 new_skipped = max(conn.exec_driver_sql(self._listing_sql, skipped).rowcount, 0)
             added = Listed(new_to_send + new_skipped)
             added.to_send = new_to_send
+            if new_to_send < len(to_send):
+                # A row the source had lost (`vanished`) and lists again is there once
+                # more (deleted, then stored again): it is to be sent, not left behind.
+                revived = self._revive_vanished(conn, job_id, [p[5] for p in to_send], now)
+                added.to_send += revived
             changes: dict[str, Any] = {"listing_cursor": cursor, "updated_at": now}
             if done:
                 changes["listing_done"] = True
@@ -268,6 +284,29 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                 changes["changes_seq"] = changes_seq
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(**changes))
         return added
+
+    @staticmethod
+    def _revive_vanished(conn: Any, job_id: int, keys: Sequence[str], now: float) -> int:
+        """Vanished rows among `keys` back to pending with a fresh attempt budget."""
+        check_transition(State.VANISHED, State.PENDING)
+        revived = 0
+        for start in range(0, len(keys), 500):
+            revived += conn.execute(
+                update(instances)
+                .where(
+                    instances.c.job_id == job_id,
+                    instances.c.state == State.VANISHED.value,
+                    instances.c.source_key.in_(keys[start : start + 500]),
+                )
+                .values(
+                    state=State.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=0.0,
+                    last_error=None,
+                    updated_at=now,
+                )
+            ).rowcount
+        return revived
 
     def reset_listing(self, job_id: int) -> None:
         """Forget the listing cursor so that the next run lists the source again."""
@@ -446,7 +485,14 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
             )
         return result.rowcount
 
-    def renew(self, owner: str, lease_seconds: float, *, job_id: int | None = None) -> None:
+    def renew(
+        self,
+        owner: str,
+        lease_seconds: float,
+        *,
+        job_id: int | None = None,
+        activity: Activity | None = None,
+    ) -> None:
         """Extend every lease `owner` holds, and beat its run's heartbeat."""
         now = time.time()
         scope = [] if job_id is None else [instances.c.job_id == job_id]
@@ -460,12 +506,18 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                 )
                 .values(lease_expires=now + lease_seconds)
             )
-            conn.execute(update(runs).where(runs.c.owner == owner).values(heartbeat_at=now))
+            conn.execute(
+                update(runs)
+                .where(runs.c.owner == owner)
+                .values(heartbeat_at=now, **_activity_values(activity))
+            )
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def record(self, owner: str, outcomes: Sequence[Outcome]) -> None:
-        """Record a batch of outcomes in one transaction.
+    def record(
+        self, owner: str, outcomes: Sequence[Outcome], *, activity: Activity | None = None
+    ) -> None:
+        """Record a batch of outcomes in one transaction (and the run's `activity`).
 
         `sent` is accepted from any worker whose row is still pending or in flight (the
         target confirmed it; that is the truth whoever holds the lease); every other
@@ -502,6 +554,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                         target_status=bindparam("b_status"),
                         md5=func.coalesce(bindparam("b_md5"), instances.c.md5),
                         size=func.coalesce(bindparam("b_size"), instances.c.size),
+                        target_id=bindparam("b_target_id"),
                         sent_at=now,
                     )
                 elif state is State.PENDING:
@@ -519,6 +572,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                         "b_md5": o.md5,
                         "b_size": o.size,
                         "b_next": o.next_attempt_at,
+                        "b_target_id": o.target_id,
                     }
                     for o in items
                 ]
@@ -530,6 +584,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                     sent=runs.c.sent + len(sent),
                     bytes=runs.c.bytes + sum(o.size or 0 for o in sent),
                     heartbeat_at=now,
+                    **_activity_values(activity),
                 )
             )
 
@@ -625,3 +680,9 @@ def _job(row: Any) -> Job:
         listing_done=bool(row["listing_done"]),
         changes_seq=row["changes_seq"],
     )
+
+
+def _activity_values(activity: Activity | None) -> dict[str, Any]:
+    if activity is None:
+        return {}
+    return {"transferring": activity.transferring, "concurrency": activity.concurrency}

@@ -95,7 +95,7 @@ class VerifyMixin:
         self, job_id: int, after_id: int, since: float | None, limit: int
     ) -> list[tuple[Any, ...]]:
         """The next `sent` rows to ask after `after_id`, in id order (keyset pagination):
-        (id, source_key, orthanc_id, md5, target_status).
+        (id, source_key, the target's Orthanc ID, md5, target_status).
 
         Always rows never verified since they were (last) sent, and rows whose check ended
         in `error`; with `since`, also rows last verified before that time.
@@ -106,7 +106,14 @@ class VerifyMixin:
         if since is not None:
             stale.append(c.verified_at < since)
         query = (
-            select(c.id, c.source_key, c.orthanc_id, c.md5, c.target_status)
+            # The ID the target gave the instance, where it differs from the computed one.
+            select(
+                c.id,
+                c.source_key,
+                func.coalesce(c.target_id, c.orthanc_id),
+                c.md5,
+                c.target_status,
+            )
             # `job_id + 0` keeps SQLite on the primary key from `after_id` (see export.py):
             # through the (job_id, state) index it would sort every sent row for each page.
             .where(

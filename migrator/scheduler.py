@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import signal
@@ -36,7 +35,7 @@ from migrator.errors import (
 )
 from migrator.fileclass import HELD_REASONS
 from migrator.health import Breaker
-from migrator.ledger import Job, Lease, Ledger, Outcome
+from migrator.ledger import Activity, Job, Lease, Ledger, Outcome
 from migrator.ledgerio import Batch, LedgerThread
 from migrator.orthanc import OrthancClient, md5_hex
 from migrator.progress import Progress
@@ -141,13 +140,15 @@ class Scheduler:
         self._ledger_thread = LedgerThread()
         self.outcomes: Batch[Outcome] = Batch(
             self._ledger_thread,
-            functools.partial(ledger.record, owner),
+            lambda batch: ledger.record(owner, batch, activity=self.activity()),
             size=FLUSH_SIZE,
             interval=FLUSH_INTERVAL,
             on_failure=self._not_recorded,
         )
         self._signals = 0
         self._hard_stop = asyncio.Event()
+        # Workers between the gate and their outcome (leased rows wait in the queue).
+        self.transferring = 0
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a ledger call on the ledger thread."""
@@ -388,11 +389,13 @@ class Scheduler:
             # Each leg is timed apart, so that a slow source is not taken for a slow
             # target (the wait for the memory budget is neither).
             legs = Legs()
+            self.transferring += 1
             try:
                 async with self.gate.memory.hold(lease.size):
                     outcome = await self._transfer(lease, legs)
                 self._add_outcome(outcome, legs)
             finally:
+                self.transferring -= 1
                 self.gate.after(outcome, legs)
                 self.queue.task_done()
 
@@ -419,15 +422,23 @@ class Scheduler:
         except TransferError as exc:
             legs.failed = side
             return self._failure(lease, exc.verdict, side)
+        target_id = None
         if lease.orthanc_id and stored.orthanc_id and stored.orthanc_id != lease.orthanc_id:
+            # Recorded, so that verify asks the target for the instance it really holds.
+            target_id = stored.orthanc_id
             log.warning(
-                "%s stored as %s, not %s: does the target transcode on ingest?",
+                "%s stored as %s, not %s: does the target change identifiers on ingest?",
                 lease.source_key,
                 stored.orthanc_id,
                 lease.orthanc_id,
             )
         return Outcome(
-            lease.id, State.SENT, target_status=stored.status, md5=digest, size=len(data)
+            lease.id,
+            State.SENT,
+            target_status=stored.status,
+            md5=digest,
+            size=len(data),
+            target_id=target_id,
         )
 
     def _failure(self, lease: Lease, verdict: Verdict, side: str) -> Outcome:
@@ -507,8 +518,18 @@ class Scheduler:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
             await self.db(
-                self.ledger.renew, self.owner, self.settings.lease_seconds, job_id=self.job.id
+                self.ledger.renew,
+                self.owner,
+                self.settings.lease_seconds,
+                job_id=self.job.id,
+                activity=self.activity(),
             )
+
+    def activity(self) -> Activity:
+        """Transfers under way and the concurrency allowed now (for `status`)."""
+        adaptive = self.gate.adaptive
+        allowed = adaptive.allowed if adaptive is not None else self.settings.concurrency
+        return Activity(self.transferring, allowed)
 
     async def _refresh_progress(self) -> None:
         from migrator.reports import job_counts

@@ -85,6 +85,9 @@ instances = Table(
     Column("verify_result", String(10)),
     Column("verified_at", Float),
     Column("verify_detail", Text),
+    # Revision 0007: the ID the target answered, when it differs from `orthanc_id`
+    # (verify asks the target for this one).
+    Column("target_id", String(44)),
     UniqueConstraint("job_id", "source_key", name="uq_instances_job_source_key"),
     Index("ix_instances_lease", "job_id", "state", "next_attempt_at", "id"),
     # Revision 0005: "another copy of this instance is in flight or sent" in one lookup;
@@ -120,6 +123,10 @@ runs = Table(
     Column("status", String(20), nullable=False),
     Column("sent", BigInteger, nullable=False, server_default="0"),
     Column("bytes", BigInteger, nullable=False, server_default="0"),
+    # Refreshed with the heartbeat: transfers under way (rows leased ahead only wait in
+    # the process's queue) and the concurrency in use.
+    Column("transferring", Integer, nullable=False, server_default="0"),
+    Column("concurrency", Integer),
     Index("ix_runs_job", "job_id", "status"),
 )
 
