@@ -32,7 +32,7 @@ from migrator.ledger_supersede import (
     SupersedeMixin,
 )
 from migrator.ledger_verify import VerifyMixin
-from migrator.schema import instances, jobs, runs
+from migrator.schema import instances, jobs, pending_again, runs
 from migrator.states import NEVER_SEND_REASONS, State, check_transition
 
 # A row whose twin is in flight waits this long before it is looked at again.
@@ -298,13 +298,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                     instances.c.state == State.VANISHED.value,
                     instances.c.source_key.in_(keys[start : start + 500]),
                 )
-                .values(
-                    state=State.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    last_error=None,
-                    updated_at=now,
-                )
+                .values(last_error=None, **pending_again(now))
             ).rowcount
         return revived
 
@@ -629,15 +623,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
         budget (and the `also` columns set); returns how many."""
         with self._write() as conn:
             result = conn.execute(
-                update(instances)
-                .where(*conditions)
-                .values(
-                    state=State.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    updated_at=time.time(),
-                    **also,
-                )
+                update(instances).where(*conditions).values(**pending_again(time.time()), **also)
             )
         return result.rowcount
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from migrator.schema import instances
+from migrator.schema import instances, pending_again
 from migrator.states import State, check_transition
 
 
@@ -51,12 +51,6 @@ class CopiesMixin:
             released = conn.execute(
                 update(instances)
                 .where(*is_held, c.last_error.in_(list(held)))
-                .values(
-                    state=State.PENDING.value,
-                    last_error=None,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    updated_at=now,
-                )
+                .values(last_error=None, **pending_again(now))
             ).rowcount
         return released

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import case, func, select, text, update
 
-from migrator.schema import COPY_STATES_SQL, instances
+from migrator.schema import COPY_STATES_SQL, instances, pending_again
 from migrator.states import State, check_transition
 
 # Built once: aliasing the table copies all its columns, which cost more than the query.
@@ -81,13 +81,7 @@ class SupersedeMixin:
                     instances.c.last_error.startswith(SUPERSEDED_PREFIX, autoescape=True),
                     ~sent_twin,
                 )
-                .values(
-                    state=State.PENDING.value,
-                    last_error=None,
-                    attempts=0,
-                    next_attempt_at=0.0,
-                    updated_at=now,
-                )
+                .values(last_error=None, **pending_again(now))
             ).rowcount
             skipped = conn.execute(
                 update(instances)

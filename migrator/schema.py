@@ -9,6 +9,8 @@ are unbounded text (revision 0006): Orthanc accepts UIDs longer than DICOM's 64 
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -140,3 +142,9 @@ def use_dialect(name: str) -> None:
     """
     if name == "postgresql":
         ix_copies.dialect_kwargs["postgresql_where"] = text(COPY_STATES_SQL)
+
+
+def pending_again(now: float) -> dict[str, Any]:
+    """Column values that put an instance row back to `pending`: due now, with a fresh
+    attempt budget."""
+    return {"state": "pending", "attempts": 0, "next_attempt_at": 0.0, "updated_at": now}
