@@ -56,6 +56,14 @@ JobOpt = Annotated[str | None, typer.Option("--job", help="Job name.")]
 ConcurrencyOpt = Annotated[
     int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
 ]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch",
+        help="Instances per request each way, as ZIP archives (1: one at a time; "
+        "default: decided from the measured round trips).",
+    ),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")]
 ProgressOpt = Annotated[str | None, typer.Option("--progress", help="auto, bar, plain or none.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log every retry.")]
@@ -213,6 +221,7 @@ def replicate(
     job: JobOpt = None,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
@@ -232,6 +241,7 @@ def replicate(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        batch=batch,
         progress=progress,
     )
 
@@ -241,6 +251,7 @@ def worker(
     job: Annotated[str, typer.Option("--job", help="Name of the job to join (see `jobs`).")],
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
@@ -248,8 +259,10 @@ def worker(
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Join an existing job and drain it; run any number of workers, on any hosts, on one
-    PostgreSQL ledger. Passwords come from the config file or the environment.
+    """Join an existing job and drain it, beside any number of other workers.
+
+    Workers may run on any hosts that share one PostgreSQL ledger.
+    Passwords come from the config file or the environment.
 
     Example: migrator worker --job 'replicate:old:8042->new:8042' --ledger postgresql://db/mig
     """
@@ -260,6 +273,7 @@ def worker(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        batch=batch,
         progress=progress,
     )
 
@@ -274,14 +288,17 @@ def mirror(
     ] = 2.0,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
     window: WindowOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Copy everything, then keep the target in step with a source that keeps receiving
-    studies, following its change log; runs until stopped (SIGTERM / Ctrl-C).
+    """Copy everything, then keep the target in step with the source's change log.
+
+    New studies the source receives are copied as they arrive.
+    The command runs until stopped (SIGTERM or Ctrl-C).
 
     Example: migrator mirror http://main:8042/ http://mirror:8042/ --poll 1
     """
@@ -292,6 +309,7 @@ def mirror(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        batch=batch,
         progress="plain",
     )
 
@@ -311,6 +329,7 @@ def import_(
     job: JobOpt = None,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
     max_bandwidth: MaxBandwidthOpt = None,
@@ -319,8 +338,9 @@ def import_(
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Send the DICOM instances of a folder (an old Orthanc storage area, with or without
-    its index, or any tree of files) to TARGET_URL; rerun to resume.
+    """Send the DICOM instances of a folder to TARGET_URL; rerun to resume.
+
+    The folder is an old Orthanc storage area (with or without its index) or any tree of files.
 
     Example: migrator import /var/lib/orthanc/db-v5 http://orthanc:orthanc@localhost:8042/
     """
@@ -333,6 +353,7 @@ def import_(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        batch=batch,
         progress=progress,
     )
 
@@ -342,8 +363,9 @@ def inspect(
     path: Annotated[str, typer.Argument(help="Folder to assess.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Assess a folder before an import, sending nothing: kind, counts, missing and orphan
-    files, and the command to run.
+    """Assess a folder before an import, sending nothing.
+
+    It tells the kind of folder, its counts, missing and orphan files, and the command to run.
 
     Example: migrator inspect /var/lib/orthanc/db-v5
     """
@@ -366,7 +388,9 @@ def status(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Counts by state, bytes, rate, ETA and the most common errors of each job.
+    """Show each job's counts by state, bytes, rate, ETA and most common errors.
+
+    Rows in flight are told apart: transferring now, or queued in a worker.
 
     Example: migrator status --json
     """
@@ -597,8 +621,10 @@ def report(
     ledger: LedgerOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """One line per instance: source key, Orthanc ID, UIDs, state, target answer,
-    verification, attempts, last error and times (ISO 8601 UTC), streamed in id order.
+    """Write one line per instance of the ledger (CSV or JSON lines), in id order.
+
+    Each line holds the source key, Orthanc ID, UIDs, state and target answer.
+    It also holds the verification, attempts, last error and times (ISO 8601 UTC).
 
     Example: migrator report --state failed --format csv -o failed.csv
     """
@@ -639,8 +665,11 @@ def serve(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """A read-only web page of the ledger's jobs (progress, rate, ETA, errors), with
-    /api/status (as `status --json`), /api/history and Prometheus /metrics.
+    """Serve a read-only web page of the ledger's jobs: progress, rate, ETA and errors.
+
+    It also answers /api/status (as `status --json`), /api/history and Prometheus /metrics.
+    Started before the first job, the page says so and fills in as jobs appear.
+    Requests for a host name it does not know get 421; --allow-host adds names.
 
     Example: migrator serve --port 8080 --ledger postgresql://migrator@db/migrator
     """
