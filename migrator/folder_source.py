@@ -5,7 +5,8 @@ With an index, the listing follows the index (DICOM attachments only, so JSON su
 and header-only copies are left out by type), then reports the storage files the index
 does not know as skipped orphans. Without one, every file is classified from its bytes;
 copies of one instance are reduced to one by the ledger: it leases one copy per Orthanc ID
-at a time and marks the others skipped.
+at a time and marks the others skipped. The members of ZIP archives are rows of their own,
+read from the archive when sent (:mod:`migrator.archives`); no archive is sent whole.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from migrator.archives import NEVER_WHOLE, ArchiveReader, MemberGone, is_member_path, is_zip
 from migrator.errors import FatalError, Kind, TransferError, UsageError, Verdict
 from migrator.fileclass import (
     HELD_REASONS,
@@ -125,6 +127,7 @@ class FolderSource:
             self.info = self._with_storage(path, storage)
         self.display = escape_name(self.info.path)
         self._denied = 0  # files refused in a row by the file system (see fetch)
+        self._archives = ArchiveReader()  # members of ZIP archives, for fetch
         # Index rows are keyed by Orthanc ID; bare folders by path relative to the root.
         self.root = self.info.storage or self.info.path
         # An index has one row per instance: no copies to reduce to one.
@@ -255,15 +258,21 @@ class FolderSource:
         # Classifying files costs time (their headers are parsed): hand rows over after a
         # short while, so that sending starts at once; then in longer pages (fewer commits).
         seconds = FIRST_TREE_PAGE_SECONDS
-        for rel, cand, failure in iter_tree(self.root, state.get("after")):
-            row = _row(cand)
-            if failure is not None:
+        member = state.get("member")
+        for item in iter_tree(self.root, state.get("after"), tuple(member) if member else None):
+            row = _row(item.cand)
+            if item.failure is not None:
                 # A source file that cannot be read is rejected like a corrupt one.
                 row["state"] = State.REJECTED.value
             rows.append(row)
             # The real name (undecodable bytes as surrogates, which JSON escapes): the
-            # walk resumes by comparing names as the file system gives them.
-            state["after"] = rel
+            # walk resumes by comparing names as the file system gives them; inside an
+            # archive, after the member's position.
+            state["after"] = item.rel
+            if item.member:
+                state["member"] = list(item.member)
+            else:
+                state.pop("member", None)
             if len(rows) >= PAGE or time.monotonic() - started > seconds:
                 yield ListingPage(rows, json.dumps(state))
                 rows = []
@@ -274,6 +283,8 @@ class FolderSource:
     async def fetch(self, lease: Lease) -> bytes:
         if not lease.path:
             raise TransferError(Verdict(Kind.FATAL, f"row {lease.source_key} has no file path"))
+        if is_member_path(lease.path):
+            return await self._fetch_member(lease.path)
         path = real_path(lease.path)
         try:
             if lease.size is not None and lease.size <= INLINE_READ:
@@ -281,7 +292,6 @@ class FolderSource:
             else:
                 data = await asyncio.to_thread(read_dicom_bytes, path)
             self._denied = 0
-            return data
         except FileNotFoundError:
             if await asyncio.to_thread(self._source_gone):
                 raise FatalError(
@@ -312,6 +322,26 @@ class FolderSource:
             raise TransferError(
                 Verdict(Kind.RETRYABLE, f"cannot read {lease.path}: {exc}")
             ) from None
+        _refuse_archive(data)
+        return data
+
+    async def _fetch_member(self, text: str) -> bytes:
+        """The bytes of a member of a ZIP archive (read in a thread: opening an archive
+        reads its whole central directory)."""
+        try:
+            data = await asyncio.to_thread(self._archives.read, text)
+        except FileNotFoundError:
+            raise TransferError(Verdict(Kind.VANISHED, f"archive of {text} is gone")) from None
+        except MemberGone as exc:
+            raise TransferError(Verdict(Kind.VANISHED, str(exc))) from None
+        except CorruptFile as exc:
+            raise TransferError(Verdict(Kind.PERMANENT, f"corrupt file: {exc}")) from None
+        except PermissionError:
+            raise TransferError(Verdict(Kind.PERMANENT, f"{DENIED} ({text})")) from None
+        except OSError as exc:
+            raise TransferError(Verdict(Kind.RETRYABLE, f"cannot read {text}: {exc}")) from None
+        _refuse_archive(data)
+        return data
 
     def _source_gone(self) -> bool:
         """Whether the folder itself went away (an empty mount point, or nothing at all;
@@ -323,7 +353,14 @@ class FolderSource:
             return True
 
     async def aclose(self) -> None:
-        return None
+        self._archives.close()
+
+
+def _refuse_archive(data: bytes) -> None:
+    """Never hand a ZIP archive to the target: Orthanc would unpack it and store its
+    contents outside the ledger (an archive's members are rows of their own)."""
+    if is_zip(data):
+        raise TransferError(Verdict(Kind.PERMANENT, NEVER_WHOLE))
 
 
 def _index_page(listed: list[tuple[int, dict[str, Any]]], state: dict[str, Any]) -> ListingPage:

@@ -2,7 +2,8 @@
 
 :func:`walk_entries` lists a tree (following links to folders kept elsewhere, without
 loops) and reports what cannot be read as a file instead of stopping; :func:`iter_tree`
-classifies each entry (:func:`~migrator.fileclass.classify_file`). File names that are not
+classifies each entry (:func:`~migrator.fileclass.classify_file`) and lists the members of
+ZIP archives in their place (:mod:`migrator.archives`). File names that are not
 UTF-8 are kept in the ledger as text by :func:`escape_name` and :func:`ledger_path`, and
 :func:`real_path` turns a stored path back into the file's.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "INDEX_NAME",
     "INDEX_SIDECARS",
     "Entry",
+    "Listed",
     "escape_name",
     "is_sqlite",
     "iter_folder",
@@ -192,17 +194,41 @@ def _why(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def iter_tree(root: str, after: str | None = None) -> Iterator[tuple[str, Candidate, str | None]]:
+class Listed(NamedTuple):
+    """One row of a bare folder's listing, from :func:`iter_tree`.
+
+    ``rel`` and ``member`` are the listing's cursor: the walk path of the file, and for a
+    member of a ZIP archive its position in the archive (None for a file, and for the
+    one row of a damaged or empty archive). ``failure`` is None, or why the entry could
+    not be read (the import saves the row `rejected`).
+    """
+
+    rel: str
+    member: tuple[int, ...] | None
+    cand: Candidate
+    failure: str | None
+
+
+def iter_tree(
+    root: str, after: str | None = None, member: tuple[int, ...] | None = None
+) -> Iterator[Listed]:
     """Classify every entry of a bare folder, in :func:`walk_entries` order (resumable).
 
-    Yields ``(rel, candidate, failure)``: ``rel`` is the walk's cursor (pass the last one
-    as ``after`` to resume); the candidate's ``source_key`` and ``path`` are in ledger form
-    (:func:`escape_name`, :func:`ledger_path`). ``failure`` is None, or why the entry could
-    not be read (a file or folder without read permission, a read error): such an entry
-    is a row of its own (the import saves it `rejected`), not an error that stops the
-    listing.
+    Each ZIP archive is opened and its members listed in its place (see
+    :mod:`migrator.archives`). Pass the last row's ``rel`` and ``member`` as ``after`` and
+    ``member`` to resume: the rest of that archive first, then the walk after it. The
+    candidate's ``source_key`` and ``path`` are in ledger form (:func:`escape_name`,
+    :func:`ledger_path`). An entry that cannot be read (a file or folder without read
+    permission, a read error, a damaged archive) is a row of its own with its
+    ``failure``, not an error that stops the listing.
     """
+    from migrator import archives  # imported here: it builds on this module (a cycle)
+
     root = os.path.abspath(root)
+    if after is not None and member:
+        # The listing stopped inside this archive: its remaining members first.
+        for row in archives.iter_archive(os.path.join(root, after), after, member):
+            yield Listed(after, row.position or None, row.cand, row.failure)
     for entry in walk_entries(root, after):
         path = os.path.join(root, entry.rel)
         failure = entry.problem if entry.unreadable else None
@@ -216,9 +242,16 @@ def iter_tree(root: str, after: str | None = None) -> Iterator[tuple[str, Candid
             except OSError as exc:
                 failure = f"cannot read this file: {_why(exc)}"
                 cand = _not_read(entry.rel, path, failure)
+            else:
+                # Only what is not DICOM may be an archive (a DICOM file named .zip is
+                # sent as the DICOM file it is).
+                if cand.orthanc_id is None and cand.size and archives.is_archive(path):
+                    for row in archives.iter_archive(path, entry.rel):
+                        yield Listed(entry.rel, row.position or None, row.cand, row.failure)
+                    continue
         cand.source_key = escape_name(cand.source_key)
         cand.path = ledger_path(cand.path)
-        yield entry.rel, cand, failure
+        yield Listed(entry.rel, None, cand, failure)
 
 
 def iter_folder(root: str, after: str | None = None) -> Iterator[Candidate]:
@@ -226,8 +259,8 @@ def iter_folder(root: str, after: str | None = None) -> Iterator[Candidate]:
 
     Entries that cannot be read come as skipped candidates with the reason.
     """
-    for _, cand, _ in iter_tree(root, after):
-        yield cand
+    for row in iter_tree(root, after):
+        yield row.cand
 
 
 def _not_read(rel: str, path: str, reason: str) -> Candidate:

@@ -14,17 +14,18 @@ import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
+from migrator.archives import DAMAGED, EMPTY_ARCHIVE
 from migrator.fileclass import HELD_REASONS, SKIP_DICOMDIR, SKIP_EMPTY, SKIP_JSON, Candidate
 from migrator.folder import (
     FolderInfo,
     detect,
     index_summary,
-    iter_folder,
     iter_index,
     iter_orphans,
     open_index,
     walk_files,
 )
+from migrator.folder_walk import Listed, iter_tree
 from migrator.units import human_bytes
 
 __all__ = ["inspect_path", "render_text"]
@@ -160,6 +161,9 @@ _COUNTERS = (
     "empty_files",
     "other_files",
     "truncated",
+    "archives",
+    "archive_members",
+    "damaged_archives",
 )
 
 
@@ -178,7 +182,10 @@ def _inspect_tree(info: FolderInfo) -> dict[str, Any]:
             " held INTEGER, held_bytes INTEGER) WITHOUT ROWID"
         )
         batch: list[tuple[str, int, int, int, int]] = []
-        for cand in iter_folder(info.storage):
+        archive: tuple[str, int | None] | None = None
+        for row in iter_tree(info.storage):
+            cand = row.cand
+            archive = _count_archive(row, archive, counts)
             _count(cand, counts, other_examples)
             held = cand.skip_reason in HELD_REASONS
             if cand.orthanc_id and (held or cand.skip_reason is None):
@@ -230,6 +237,30 @@ def _count(cand: Candidate, counts: dict[str, int], examples: list[str]) -> None
         counts["other_files"] += 1
         if len(examples) < EXAMPLES:
             examples.append(f"{cand.source_key}: {reason}")
+
+
+def _count_archive(
+    row: Listed, last: tuple[str, int | None] | None, counts: dict[str, int]
+) -> tuple[str, int | None] | None:
+    """Count the ZIP archives (one inside another too; damaged and empty ones as well)
+    and the rows their members make; returns the archive of this row (its walk path, the
+    position of the inner archive or None), to tell the next row's from it."""
+    reason = row.failure or row.cand.skip_reason or ""
+    whole = reason.startswith(DAMAGED) or reason == EMPTY_ARCHIVE  # one row, no members
+    if row.member is None:
+        counts["archives"] += whole
+        counts["damaged_archives"] += reason.startswith(DAMAGED)
+        return None
+    counts["archive_members"] += 1
+    if last is None or last[0] != row.rel:
+        counts["archives"] += 1
+    inner = row.member[0] if len(row.member) > 1 else None
+    if inner is not None and last != (row.rel, inner):
+        counts["archives"] += 1
+    if whole:  # an archive inside this one that could not be opened, or an empty one
+        counts["archives"] += 1
+        counts["damaged_archives"] += reason.startswith(DAMAGED)
+    return (row.rel, inner)
 
 
 def _add_ids(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, int, int, int]]) -> None:
@@ -323,6 +354,11 @@ def _render_tree(r: dict[str, Any]) -> list[str]:
         _line("empty files", r["empty_files"], "skipped"),
         _line("other files", r["other_files"], "skipped"),
     ]
+    if r.get("archives"):
+        note = f"{r['archive_members']:,} members, each a file of its own"
+        if r["damaged_archives"]:
+            note += f"; {r['damaged_archives']:,} damaged: rejected"
+        lines.insert(1, _line("ZIP archives", r["archives"], note))
     if r["truncated"]:
         lines.append(_line("truncated DICOM", r["truncated"], "sent; the target decides"))
     lines += [f"    {example}" for example in r["other_examples"]]
