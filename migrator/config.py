@@ -58,6 +58,9 @@ class Settings:
     max_memory: str = "1Gi"
     windows: tuple[str, ...] = ()
     adaptive: bool = True
+    # Instances per request each way (ZIP archives): 0 decides from the measured round
+    # trips, 1 sends each instance alone.
+    batch: int = 0
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {
@@ -69,6 +72,7 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
     "lease_seconds": (int, float),
     "page_size": int,
     "progress": str,
+    "batch": int,
 }
 _ENDPOINT_KEYS = ("url", "username", "password", "ca_file")
 _RETRY_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -183,6 +187,8 @@ def validate(settings: Settings) -> None:
         raise UsageError("retry.max_attempts must be at least 1")
     if not 0 <= retry.backoff_initial <= retry.backoff_max < math.inf:
         raise UsageError("retry: need 0 <= backoff_initial <= backoff_max (in seconds)")
+    if not 0 <= settings.batch <= 256:
+        raise UsageError("batch must be between 1 and 256 (0: decided from the round trips)")
     if settings.progress not in ("auto", "bar", "plain", "none"):
         raise UsageError("progress must be one of auto, bar, plain, none")
     if not settings.ledger.strip():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import json
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -271,6 +272,39 @@ class OrthancClient:
         if verdict is not None:
             raise TransferError(verdict)
         return Stored(status=str(status), orthanc_id=body.get("ID"))
+
+    # -- batched calls (several instances per request) ----------------------------------
+
+    async def create_archive(self, orthanc_ids: list[str]) -> bytes:
+        """A ZIP of the stored files of these instances (`POST /tools/create-archive`,
+        synchronous). One unknown ID makes Orthanc answer 404 for the whole call."""
+        url = httpx.URL(f"{self._base}tools/create-archive")
+        body = json.dumps({"Resources": orthanc_ids, "Synchronous": True}).encode()
+        headers = {**self._get_headers, "Content-Type": "application/json"}
+        response = await self._per_instance("POST", url, headers, content=body)
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        return response.content
+
+    async def store_zip(self, data: bytes) -> list[Stored]:
+        """POST a ZIP of DICOM files; one `Stored` per file the target stored. Orthanc
+        leaves the files it cannot store out of its answer: what is missing is not
+        confirmed, and only the IDs say which file each entry is."""
+        headers = {**self._store_headers, "Content-Type": "application/zip"}
+        response = await self._per_instance("POST", self._instances_url, headers, content=data)
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, list) or not all(isinstance(e, dict) for e in body):
+            raise TransferError(
+                Verdict(Kind.FATAL, "target answered a ZIP POST /instances without a JSON list")
+            )
+        return [
+            Stored(status=str(entry.get("Status")), orthanc_id=entry.get("ID")) for entry in body
+        ]
 
     async def attachment_md5(self, orthanc_id: str) -> str | None:
         """MD5 of the stored DICOM attachment, or None if the instance is not there."""

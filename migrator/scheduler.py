@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from migrator.batching import Batcher, BatchPolicy
 from migrator.config import RetryPolicy, Settings
 from migrator.errors import (
     FatalError,
@@ -42,6 +43,7 @@ from migrator.progress import Progress
 from migrator.sources import Source
 from migrator.states import State
 from migrator.throttle import Gate, Legs
+from migrator.timetable import parse_memory
 
 log = logging.getLogger("migrator")
 
@@ -149,6 +151,10 @@ class Scheduler:
         self._hard_stop = asyncio.Event()
         # Workers between the gate and their outcome (leased rows wait in the queue).
         self.transferring = 0
+        # Several small instances per request when the round trips make it pay.
+        self.batcher = Batcher(
+            self, BatchPolicy(settings.batch, memory_limit=parse_memory(settings.max_memory))
+        )
 
     async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a ledger call on the ledger thread."""
@@ -309,18 +315,22 @@ class Scheduler:
 
     # -- leasing and transfers ----------------------------------------------------------
 
+    def _queue_depth(self) -> int:
+        """Rows the queue should hold: one per worker, or one batch per worker."""
+        return min(self.settings.concurrency * self.batcher.policy.size, 2048)
+
     async def _leaser(self, listing: asyncio.Task[None]) -> None:
-        batch = max(2 * self.settings.concurrency, 32)
         last_reclaim = 0.0
         while not self.stopping.is_set():
+            batch = max(2 * self._queue_depth(), 32)
             await self.breaker.wait_healthy()
             if not (self.source.send_while_listing or listing.done()):
                 await self._wait(self._listed, 1.0)
                 continue
-            if self.queue.qsize() >= self.settings.concurrency:
+            if self.queue.qsize() >= self._queue_depth():
                 # Woken by a worker as soon as the queue runs low.
                 self._hungry.clear()
-                if self.queue.qsize() >= self.settings.concurrency:
+                if self.queue.qsize() >= self._queue_depth():
                     await self._wait(self._hungry, 1.0)
                 continue
             if time.monotonic() - last_reclaim > min(self.settings.lease_seconds / 2, 5.0):
@@ -375,10 +385,18 @@ class Scheduler:
     async def _worker(self) -> None:
         while True:
             lease = await self.queue.get()
-            if self.queue.qsize() < self.settings.concurrency:
+            if self.queue.qsize() < self._queue_depth():
                 self._hungry.set()
             if self.stopping.is_set():
                 self.queue.task_done()
+                continue
+            together = self.batcher.gather(lease)
+            if together:
+                try:
+                    await self.batcher.run([lease, *together])
+                finally:
+                    for _ in range(len(together) + 1):
+                        self.queue.task_done()
                 continue
             await self.breaker.wait_healthy()
             # Throttle hook: rate, bandwidth, time windows and adaptive concurrency.
@@ -394,6 +412,7 @@ class Scheduler:
                 async with self.gate.memory.hold(lease.size):
                     outcome = await self._transfer(lease, legs)
                 self._add_outcome(outcome, legs)
+                self.batcher.policy.observe(lease, outcome, legs)
             finally:
                 self.transferring -= 1
                 self.gate.after(outcome, legs)

@@ -1,0 +1,188 @@
+"""Batched transfers against real Orthancs: several instances per request each way (a
+create-archive on the source, a ZIP POST on the target), each row with its own outcome."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import struct
+import time
+from pathlib import Path
+
+from conftest import ledger_rows, run_cli, start_cli, state_counts
+from faultkit import assert_converged, fast_fill, invoke, md5_of, write_files
+
+from migrator.testkit.fastgen import fast_dataset
+from migrator.testkit.proxy import Proxy
+
+
+def corrupt(data: bytes) -> bytes:
+    """A file Orthanc 1.10.1 refuses (400): the pixel data's length field 2 bytes short,
+    and 600 bytes of junk after it. Its header still reads fine (the import lists it)."""
+    at = data.rfind(b"\xe0\x7f\x10\x00")
+    assert at > 0 and data[at + 4 : at + 6] in (b"OB", b"OW")
+    (length,) = struct.unpack_from("<I", data, at + 8)
+    return data[: at + 8] + struct.pack("<I", length - 2) + data[at + 12 :] + b"\xab" * 600
+
+
+def test_forced_batches_replicate_and_import_copy_everything(orthanc_factory, tmp_path):
+    source = orthanc_factory("source")
+    data = fast_fill(source, 60, seed=31)
+    target = orthanc_factory("target")
+    ledger = tmp_path / "replicate.db"
+    with (
+        Proxy("127.0.0.1", source.http_port) as src,
+        Proxy("127.0.0.1", target.http_port) as tgt,
+    ):
+        result = invoke("replicate", src.url, tgt.url, "--ledger", f"sqlite:///{ledger}",
+                        "-c", "3", "--batch", "8")  # fmt: skip
+        assert result.code == 0, result.stderr[-2000:]
+        # Batches each way, no instance alone: 60 rows in batches of at most 8.
+        archives = src.count("POST", "/tools/create-archive")
+        assert 8 <= archives <= 12, archives
+        assert src.count("GET", "/instances/") == 0
+        assert tgt.count("POST", "/instances") == archives
+        assert_converged(ledger, data, target)
+        assert run_cli("verify", "--ledger", f"sqlite:///{ledger}").code == 0
+
+    folder = tmp_path / "dicom"
+    write_files(folder, data)
+    target2 = orthanc_factory("target2")
+    ledger2 = tmp_path / "import.db"
+    with Proxy("127.0.0.1", target2.http_port) as tgt:
+        result = invoke("import", str(folder), tgt.url, "--ledger", f"sqlite:///{ledger2}",
+                        "-c", "3", "--batch", "8")  # fmt: skip
+        assert result.code == 0, result.stderr[-2000:]
+        assert 8 <= tgt.count("POST", "/instances") <= 12
+        assert_converged(ledger2, data, target2)
+        assert run_cli("verify", "--ledger", f"sqlite:///{ledger2}").code == 0
+
+
+def test_batch_one_sends_alone(orthanc_factory, ledger_path, ledger_url):
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    data = fast_fill(source, 20, seed=32)
+    with Proxy("127.0.0.1", source.http_port) as src:
+        result = invoke("replicate", src.url, target.url, "--ledger", ledger_url, "--batch", "1")
+        assert result.code == 0, result.stderr[-2000:]
+        assert src.count("POST", "/tools/create-archive") == 0
+        assert src.count("GET", "/instances/") == 20
+    assert_converged(ledger_path, data, target)
+    bad = run_cli("replicate", source.url, target.url, "--ledger", ledger_url, "--batch", "-3")
+    bad.assert_one_line_error()
+
+
+def _states_by_key(ledger: Path, column: str) -> dict[str, str]:
+    return dict(ledger_rows(ledger, f"SELECT {column}, state FROM instances"))
+
+
+def test_import_batch_with_vanished_refused_and_good(orthanc_factory, tmp_path, ledger_path):
+    data = fast_dataset(6, seed=33)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    paths = []
+    for i, inst in enumerate(data):
+        path = folder / f"{i}.dcm"
+        path.write_bytes(corrupt(inst.data) if i == 2 else inst.data)
+        paths.append(path)
+    target = orthanc_factory("target")
+    ledger_url = f"sqlite:///{ledger_path}"
+    with Proxy("127.0.0.1", target.http_port) as tgt:
+        listed = invoke("import", str(folder), tgt.url, "--ledger", ledger_url, "--dry-run")
+        assert listed.code == 0, listed.stderr
+        paths[4].unlink()  # gone after the listing
+        result = invoke("import", str(folder), tgt.url, "--ledger", ledger_url,
+                        "-c", "1", "--batch", "8")  # fmt: skip
+        # One ZIP for the five files read, then the one it left out, alone.
+        assert tgt.count("POST", "/instances") == 2
+    assert result.code != 0  # a rejected row: not everything is on the target
+    states = {Path(p).name: s for p, s in _states_by_key(ledger_path, "path").items()}
+    assert states == {"0.dcm": "sent", "1.dcm": "sent", "2.dcm": "rejected",
+                      "3.dcm": "sent", "4.dcm": "vanished", "5.dcm": "sent"}  # fmt: skip
+    rejected = ledger_rows(ledger_path, "SELECT last_error FROM instances WHERE state='rejected'")
+    assert "400" in rejected[0][0]
+    good = [data[i] for i in (0, 1, 3, 5)]
+    assert sorted(target.instance_ids()) == sorted(d.orthanc_id for d in good)
+    md5s = dict(
+        ledger_rows(ledger_path, "SELECT orthanc_id, md5 FROM instances WHERE state='sent'")
+    )
+    assert md5s == {d.orthanc_id: md5_of(d.data) for d in good}
+    assert {target.md5(d.orthanc_id) for d in good} == {md5_of(d.data) for d in good}
+
+
+FILTER = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.SOPInstanceUID == '{sop}' then
+    return false
+  end
+  return true
+end
+"""
+
+
+def test_replicate_batch_with_vanished_refused_and_good(orthanc_factory, ledger_path):
+    source = orthanc_factory("source")
+    data = fast_fill(source, 8, seed=34)
+    refused, gone = data[1], data[5]
+    target = orthanc_factory("target", lua=FILTER.format(sop=refused.sop_uid))
+    ledger_url = f"sqlite:///{ledger_path}"
+    with Proxy("127.0.0.1", source.http_port) as src:
+        listed = invoke("replicate", src.url, target.url, "--ledger", ledger_url, "--dry-run")
+        assert listed.code == 0, listed.stderr
+        source.delete_instance(gone.orthanc_id)
+        src.reset_counts()
+        result = invoke("replicate", src.url, target.url, "--ledger", ledger_url,
+                        "-c", "1", "--batch", "8")  # fmt: skip
+        # The 404 of the whole batch is bisected: 8 -> 4 + 4 -> the 4 with the vanished
+        # one as 2 + 2 -> 1 + 1 (each alone, one GET answering 404).
+        assert src.count("POST", "/tools/create-archive") == 5
+        assert src.count("GET", "/instances/") == 2
+    assert result.code != 0
+    states = _states_by_key(ledger_path, "orthanc_id")
+    expected = {d.orthanc_id: "sent" for d in data}
+    expected[refused.orthanc_id] = "rejected"
+    expected[gone.orthanc_id] = "vanished"
+    assert states == expected
+    reason = ledger_rows(ledger_path, "SELECT last_error FROM instances WHERE state='rejected'")
+    assert "FilteredOut" in reason[0][0]
+    sent = [d for d in data if d not in (refused, gone)]
+    assert sorted(target.instance_ids()) == sorted(d.orthanc_id for d in sent)
+
+
+def _in_flight_post(tgt: Proxy, proc, ledger: Path, timeout: float = 60) -> None:
+    """Wait until a batched POST is on its way through the slow proxy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"migrator ended early: {proc.communicate()}")
+        try:
+            sent = state_counts(ledger).get("sent", 0)
+        except sqlite3.Error:
+            sent = 0
+        if sent >= 20 and tgt.count("POST", "/instances") > sent // 20:
+            return
+        time.sleep(0.02)
+    raise AssertionError("no batched POST seen in flight")
+
+
+def test_sigkill_during_batched_post_resumes(orthanc_factory, tmp_path, ledger_path):
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    data = fast_fill(source, 200, seed=35)
+    ledger_url = f"sqlite:///{ledger_path}"
+    # The target 0.25 s away each way: every POST stays in flight for half a second.
+    with Proxy("127.0.0.1", target.http_port, delay=0.25) as tgt:
+        args = ("replicate", source.url, tgt.url, "--ledger", ledger_url,
+                "-c", "2", "--batch", "20", "--job", "batches")  # fmt: skip
+        proc = start_cli(*args, env={"MIGRATOR_PROGRESS": "none"})
+        _in_flight_post(tgt, proc, ledger_path)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        counts = state_counts(ledger_path)
+        assert counts.get("in_flight", 0) >= 20, counts  # a batch was cut mid-POST
+        sent = {r[0] for r in ledger_rows(ledger_path, "SELECT orthanc_id FROM instances "
+                                                       "WHERE state='sent'")}  # fmt: skip
+        assert sent <= set(target.instance_ids())
+        # The rerun takes back the dead run's leases and sends the cut batch again.
+        result = invoke(*args)
+        assert result.code == 0, result.stderr[-2000:]
+    assert_converged(ledger_path, data, target)
