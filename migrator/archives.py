@@ -306,6 +306,10 @@ def _member(
         reason = f"{what}: {_why(exc)}"
         yield Member(position, _row(key, path, reason, size), reason)
         return
+    except OSError as exc:  # a read error of the archive's file: this member's row
+        reason = f"cannot read this member: {exc.strerror or _why(exc)}"
+        yield Member(position, _row(key, path, reason, size), reason)
+        return
     if not nested:
         yield Member(position, cand, None)
         return
