@@ -197,9 +197,18 @@ def test_listing_resumes_at_every_row_inside_archives(tmp_path):
     _mixed_folder(root, data)
     (root / "truncated.zip").write_bytes(b"PK\x03\x04 cut short")
     (root / "empty.zip").write_bytes(_zip([]))
+    # A file name that is not UTF-8, and "!" in names (the separator of archive and member).
+    (root / os.fsdecode(b"r\xe9sum\xe9!.zip")).write_bytes(_zip([("x!y.dcm", data[1].data)]))
     full = list(iter_tree(str(root)))
     keys = [row.cand.source_key for row in full]
-    assert len(keys) == len(set(keys)) == 14
+    assert len(keys) == len(set(keys)) == 15
+    assert "r\\xe9sum\\xe9\\x21.zip!x\\x21y.dcm" in keys
+    # Each member is read back, whole, from what its row stores.
+    reader = archives.ArchiveReader()
+    members = [row for row in full if row.member and row.cand.orthanc_id]
+    assert len(members) == 10
+    for row in members:
+        assert len(reader.read(row.cand.path)) == row.cand.size
     for i, row in enumerate(full):
         rest = [r.cand.source_key for r in iter_tree(str(root), row.rel, row.member)]
         assert keys[: i + 1] + rest == keys, (i, row.rel, row.member)
