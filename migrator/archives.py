@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import threading
 import zipfile
 import zlib
@@ -36,7 +35,7 @@ from migrator.fileclass import (
     CorruptFile,
     _classify_bytes,
 )
-from migrator.folder_walk import escape_name, ledger_path
+from migrator.folder_walk import escape_name, ledger_path, unescape_name
 
 __all__ = [
     "DAMAGED",
@@ -83,7 +82,6 @@ _DAMAGE = (
     ValueError,
     UnicodeDecodeError,
 )
-_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 
 
 class Member(NamedTuple):
@@ -122,36 +120,9 @@ def is_archive(path: str) -> bool:
 
 
 def ledger_key(name: str) -> str:
-    """A name as one part of a member's key: :func:`escape_name`, and ``!`` (the separator
-    of archive and member) written ``\\x21`` with every backslash doubled."""
-    if "!" not in name:
-        return escape_name(name)
-    out = []
-    for char in name:
-        if char == "\\":
-            out.append("\\\\")
-        elif char == "!":
-            out.append("\\x21")
-        elif "\udc80" <= char <= "\udcff":
-            out.append(f"\\x{ord(char) - 0xDC00:02x}")
-        else:
-            out.append(char)
-    return "".join(out)
-
-
-def _unescape(text: str) -> bytes:
-    """The bytes of a name written by :func:`ledger_key` (or :func:`escape_name`)."""
-    if not _ESCAPE.search(text):
-        return text.encode("utf-8", "surrogateescape")
-    raw = bytearray()
-    pos = 0
-    for match in _ESCAPE.finditer(text):
-        raw += text[pos : match.start()].encode("utf-8")
-        code = match.group(1)
-        raw += b"\\" if code == "\\" else bytes([int(code[1:], 16)])
-        pos = match.end()
-    raw += text[pos:].encode("utf-8")
-    return bytes(raw)
+    """A name as one part of a member's key or path: :func:`escape_name` with ``!`` (the
+    separator of archive and member) written ``\\x21``."""
+    return escape_name(name, "!")
 
 
 def _raw_name(info: zipfile.ZipInfo) -> bytes:
@@ -178,7 +149,7 @@ def _member_path(parts: list[str]) -> str:
 
 def _parse_member_path(text: str) -> tuple[str, list[bytes]]:
     archive, *names = text[len(MEMBER_PATH) :].split("!")
-    return os.fsdecode(_unescape(archive)), [_unescape(n) for n in names]
+    return os.fsdecode(unescape_name(archive)), [unescape_name(n) for n in names]
 
 
 def _why(exc: BaseException) -> str:

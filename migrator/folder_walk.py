@@ -30,6 +30,7 @@ __all__ = [
     "iter_tree",
     "ledger_path",
     "real_path",
+    "unescape_name",
     "walk_entries",
     "walk_files",
 ]
@@ -286,18 +287,19 @@ _ESCAPED = "escaped:"
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 
 
-def escape_name(name: str) -> str:
+def escape_name(name: str, reserved: str = "") -> str:
     """Return ``name`` as text any database accepts, one text per name.
 
     A name the file system gave with undecodable bytes (``os.fsdecode`` turns them into
     lone surrogates, which neither SQLite nor PostgreSQL store) is written with ``\\xNN``
     for each such byte and ``\\\\`` for a backslash. A valid UTF-8 name is unchanged,
     unless it already holds such a sequence: then its backslashes are doubled too, so
-    that no two names share a text.
+    that no two names share a text. The ASCII characters of ``reserved`` (a separator
+    the text must not hold) are written ``\\xNN`` too. :func:`unescape_name` undoes it.
     """
     try:
         name.encode("utf-8")
-        if "\\" not in name or not _ESCAPE.search(name):
+        if not any(c in name for c in reserved) and ("\\" not in name or not _ESCAPE.search(name)):
             return name
     except UnicodeEncodeError:
         pass
@@ -307,9 +309,26 @@ def escape_name(name: str) -> str:
             out.append("\\\\")
         elif "\udc80" <= char <= "\udcff":
             out.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif char in reserved:
+            out.append(f"\\x{ord(char):02x}")
         else:
             out.append(char)
     return "".join(out)
+
+
+def unescape_name(text: str) -> bytes:
+    """The bytes of a name written by :func:`escape_name`."""
+    if "\\" not in text:
+        return text.encode("utf-8", "surrogateescape")
+    raw = bytearray()
+    pos = 0
+    for match in _ESCAPE.finditer(text):
+        raw += text[pos : match.start()].encode("utf-8")
+        code = match.group(1)
+        raw += b"\\" if code == "\\" else bytes([int(code[1:], 16)])
+        pos = match.end()
+    raw += text[pos:].encode("utf-8")
+    return bytes(raw)
 
 
 def ledger_path(path: str) -> str:
@@ -323,16 +342,7 @@ def real_path(text: str) -> str:
     """The file system path of a ledger path written by :func:`ledger_path`."""
     if not text.startswith(_ESCAPED):
         return text
-    raw = bytearray()
-    pos = 0
-    body = text[len(_ESCAPED) :]
-    for match in _ESCAPE.finditer(body):
-        raw += body[pos : match.start()].encode("utf-8")
-        code = match.group(1)
-        raw += b"\\" if code == "\\" else bytes([int(code[1:], 16)])
-        pos = match.end()
-    raw += body[pos:].encode("utf-8")
-    return os.fsdecode(bytes(raw))
+    return os.fsdecode(unescape_name(text[len(_ESCAPED) :]))
 
 
 def is_sqlite(path: str) -> bool:
