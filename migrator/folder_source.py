@@ -45,6 +45,7 @@ from migrator.folder import (
 from migrator.ledger import Lease
 from migrator.sources import ListingPage
 from migrator.states import State
+from migrator.streams import Chunks, open_file_chunks, streamable
 
 # Rows per ledger transaction: large pages keep commits (and fsyncs) few.
 PAGE = 5000
@@ -324,6 +325,23 @@ class FolderSource:
             ) from None
         _refuse_archive(data)
         return data
+
+    async def open(self, lease: Lease) -> bytes | Chunks:
+        """Like `fetch`, but a large file comes as chunks, read (and inflated) on the way
+        to the target rather than held whole in memory."""
+        if not lease.path or is_member_path(lease.path) or not streamable(lease.size):
+            return await self.fetch(lease)
+        try:
+            chunks = await asyncio.to_thread(open_file_chunks, real_path(lease.path))
+        except OSError:
+            chunks = None  # fetch meets the same error and says what it means
+        if chunks is None:
+            return await self.fetch(lease)
+        self._denied = 0
+        if is_zip(chunks.start):
+            await chunks.aclose()
+            raise TransferError(Verdict(Kind.PERMANENT, NEVER_WHOLE))
+        return chunks
 
     async def _fetch_member(self, text: str) -> bytes:
         """The bytes of a member of a ZIP archive (read in a thread: opening an archive

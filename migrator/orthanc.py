@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,16 @@ from migrator.errors import (
     verdict_for_store_status,
 )
 from migrator.netio import AsyncioBackend
+from migrator.streams import CHUNK, Body, streamable
 
 # Orthanc closes idle keep-alive connections after one second; reusing one just as it
 # closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
 KEEPALIVE_EXPIRY = 0.7
 SHARD_CONNECTIONS = 4
 USER_AGENT = "migrator"
+# Bytes per second an Orthanc surely parses and writes (or reads) a large file at: the
+# wait for its answer to a large transfer is the timeout plus the file's size at this rate.
+LARGE_FILE_RATE = 20e6
 
 
 @dataclass(frozen=True)
@@ -250,11 +255,73 @@ class OrthancClient:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.content
 
+    async def open_file(self, orthanc_id: str) -> bytes | HttpChunks:
+        """The original DICOM bytes of an instance: whole when small, as chunks to stream
+        when its answer announces more than `streams.STREAM_ABOVE` bytes."""
+        url = httpx.URL(f"{self._base}instances/{orthanc_id}/file")
+        # Orthanc reads (and inflates) a whole file before answering: give it time.
+        request = httpx.Request(
+            "GET", url, headers=self._get_headers, extensions=self._large_extensions(None)
+        )
+        try:
+            response = await next(self._next_transport).handle_async_request(request)
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        response.request = request
+        length = _content_length(response)
+        if response.status_code == 200 and length is not None and streamable(length):
+            return HttpChunks(response, length, self.role)
+        try:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        return response.content
+
+    async def store_stream(self, body: Body) -> Stored:
+        """POST one DICOM file streamed from its source, `body.length` bytes announced
+        in Content-Length; returns only when the target confirmed it holds it. A failure
+        of the source while it is read is raised as is (and kept in `body.failure`)."""
+        headers = {**self._store_headers, "Content-Length": str(body.length)}
+        request = httpx.Request(
+            "POST",
+            self._instances_url,
+            content=body,
+            headers=headers,
+            extensions=self._large_extensions(body.length),
+        )
+        try:
+            response = await next(self._next_transport).handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        response.request = request
+        return self._stored(response)
+
+    def _large_extensions(self, size: int | None) -> dict[str, Any]:
+        # The wait for an answer grows with the file: Orthanc parses and writes all of
+        # it before answering a store (and reads all of it before answering a GET).
+        timeout = self._timeout.as_dict()
+        if timeout.get("read") is not None:
+            timeout["read"] += (size or 0) / LARGE_FILE_RATE
+        return {"timeout": timeout}
+
     async def store(self, data: bytes) -> Stored:
         """POST one DICOM file; returns only when the target confirmed it holds it."""
         response = await self._per_instance(
             "POST", self._instances_url, self._store_headers, content=data
         )
+        return self._stored(response)
+
+    def _stored(self, response: httpx.Response) -> Stored:
+        """The confirmation in the target's answer to a POST /instances, or TransferError."""
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         try:
@@ -317,6 +384,53 @@ class OrthancClient:
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.text.strip().strip('"')
+
+
+class HttpChunks:
+    """The body of a file download, in chunks of about `streams.CHUNK` bytes (see
+    `streams.Chunks`); `length` is the answer's Content-Length."""
+
+    def __init__(self, response: httpx.Response, length: int, role: str) -> None:
+        self._response = response
+        self.length = length
+        self._role = role
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        # The connection hands over 64 KiB at a time; fewer, larger writes to the target
+        # cost less CPU per byte.
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for piece in self._response.aiter_raw():
+                parts.append(piece)
+                size += len(piece)
+                if size >= CHUNK:
+                    yield b"".join(parts)
+                    parts, size = [], 0
+        except httpx.HTTPError as exc:
+            # A connection cut mid-answer arrives here (the body is shorter than its
+            # Content-Length): retryable, as any network error.
+            raise TransferError(classify_exception(exc, side=self._role)) from None
+        if parts:
+            yield b"".join(parts)
+
+    async def aclose(self) -> None:
+        """Release the connection (closed, when the answer was not read to its end)."""
+        await self._response.aclose()
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    """The Content-Length of an answer sent as is (None when absent, unreadable or the
+    body is encoded: then its length is not the file's)."""
+    if response.headers.get("Content-Encoding", "identity") != "identity":
+        return None
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _tls_context(endpoint: Endpoint, role: str) -> ssl.SSLContext:

@@ -38,10 +38,11 @@ from migrator.fileclass import HELD_REASONS
 from migrator.health import Breaker
 from migrator.ledger import Activity, Job, Lease, Ledger, Outcome
 from migrator.ledgerio import Batch, LedgerThread
-from migrator.orthanc import OrthancClient, md5_hex
+from migrator.orthanc import OrthancClient, Stored, md5_hex
 from migrator.progress import Progress
 from migrator.sources import Source
 from migrator.states import State
+from migrator.streams import Body, Chunks, memory_need, streamable
 from migrator.throttle import Gate, Legs
 from migrator.timetable import parse_memory
 
@@ -409,7 +410,7 @@ class Scheduler:
             legs = Legs()
             self.transferring += 1
             try:
-                async with self.gate.memory.hold(lease.size):
+                async with self.gate.memory.hold(memory_need(lease.size)):
                     outcome = await self._transfer(lease, legs)
                 self._add_outcome(outcome, legs)
                 self.batcher.policy.observe(lease, outcome, legs)
@@ -423,7 +424,14 @@ class Scheduler:
         side = "source"
         try:
             started = time.monotonic()
-            data = await self.source.fetch(lease)
+            if lease.size is None or streamable(lease.size):
+                # Large or unknown: the source says whether it comes whole or in chunks.
+                payload = await self.source.open(lease)
+                if not isinstance(payload, bytes):
+                    return await self._stream(lease, payload, legs, started)
+                data = payload
+            else:
+                data = await self.source.fetch(lease)
             legs.fetch = time.monotonic() - started
             self.breaker.success("source")
             digest = md5_hex(data)
@@ -441,6 +449,38 @@ class Scheduler:
         except TransferError as exc:
             legs.failed = side
             return self._failure(lease, exc.verdict, side)
+        return self._sent(lease, stored, digest, len(data))
+
+    async def _stream(self, lease: Lease, chunks: Chunks, legs: Legs, started: float) -> Outcome:
+        """Stream a large instance from the source into the target (`migrator.streams`):
+        its MD5 and length are checked before the target receives the last byte, so a
+        corrupt or cut source fails the transfer and nothing is stored."""
+        legs.fetch = time.monotonic() - started
+        self.breaker.success("source")
+        body = Body(chunks, lease.md5, lease.source_key)
+        try:
+            stored = await self.target.store_stream(body)
+            if not body.complete:
+                # An answer before the whole body was sent confirms nothing.
+                raise TransferError(
+                    Verdict(Kind.RETRYABLE, "target answered before receiving the whole file")
+                )
+        except TransferError as exc:
+            # Whoever failed first: a source failure surfaces through the upload.
+            side = "source" if body.failure is not None else "target"
+            legs.failed = side
+            return self._failure(lease, (body.failure or exc).verdict, side)
+        finally:
+            await chunks.aclose()
+        # The legs overlap: the source's share is the wait for its chunks.
+        legs.fetch += body.source_seconds
+        legs.store = max(time.monotonic() - started - legs.fetch, 0.0)
+        self.breaker.success("target")
+        assert body.md5 is not None  # set when the body is complete
+        return self._sent(lease, stored, body.md5, body.length)
+
+    def _sent(self, lease: Lease, stored: Stored, digest: str, size: int) -> Outcome:
+        """The outcome of an instance the target confirmed."""
         target_id = None
         if lease.orthanc_id and stored.orthanc_id and stored.orthanc_id != lease.orthanc_id:
             # Recorded, so that verify asks the target for the instance it really holds.
@@ -456,7 +496,7 @@ class Scheduler:
             State.SENT,
             target_status=stored.status,
             md5=digest,
-            size=len(data),
+            size=size,
             target_id=target_id,
         )
 

@@ -19,6 +19,7 @@ from migrator.config import RetryPolicy
 from migrator.errors import Kind, TransferError
 from migrator.ledger import Lease
 from migrator.orthanc import OrthancClient
+from migrator.streams import Chunks
 
 log = logging.getLogger("migrator")
 
@@ -73,6 +74,11 @@ class Source(Protocol):
 
     async def fetch(self, lease: Lease) -> bytes:
         """The DICOM bytes of one leased row. Raise TransferError."""
+        ...
+
+    async def open(self, lease: Lease) -> bytes | Chunks:
+        """The DICOM bytes of a row whose size is large or unknown: whole, or as chunks to
+        stream when the instance is large (see `migrator.streams`). Raise TransferError."""
         ...
 
     async def aclose(self) -> None:
@@ -210,6 +216,10 @@ class RestSource:
 
     async def fetch(self, lease: Lease) -> bytes:
         return await self.client.get_file(lease.source_key)
+
+    async def open(self, lease: Lease) -> bytes | Chunks:
+        # The answer's Content-Length decides: rows listed from the change log have no size.
+        return await self.client.open_file(lease.source_key)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -13,7 +13,8 @@ Three brakes, applied by one `Gate` that the scheduler awaits before every trans
   more again.
 
 Beside them, `MemoryBudget` (``[throttle] max_memory``) bounds the bytes of instances held
-in memory at once, whatever their sizes and the concurrency.
+in memory at once, whatever their sizes and the concurrency (a streamed instance counts
+for its buffers).
 """
 
 from __future__ import annotations
@@ -113,10 +114,11 @@ class TokenBucket:
 class MemoryBudget:
     """At most `limit` bytes of instance data held at once (None: no limit).
 
-    A transfer waits until its size fits; one larger than the whole budget waits until
-    nothing else is held and then runs alone, so memory stays under the larger of the
-    limit and the largest instance. First come, first served: small transfers cannot
-    starve a large one. A size of 0 (unknown) never waits.
+    A transfer waits until what it holds fits: a whole instance, or for an instance
+    large enough to be streamed only its few chunk buffers (`streams.memory_need`), so
+    memory does not depend on instance sizes. One larger than the whole budget waits
+    until nothing else is held and then runs alone. First come, first served: small
+    transfers cannot starve a large one. A size of 0 (unknown) never waits.
     """
 
     def __init__(self, limit: int | None) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "ScriptedFaults",
     "Stall",
     "Status",
+    "TruncateResponse",
     "fault_label",
 ]
 
@@ -87,7 +88,16 @@ class Stall:
     seconds: float
 
 
-Fault = Pass | Reset | Status | DropResponse | Stall
+@dataclass(frozen=True, slots=True)
+class TruncateResponse:
+    """Forward the request, then only the first ``after_bytes`` bytes of the answer (its
+    head included), then close the client connection: a body cut short of its
+    Content-Length, as a source dying mid-download sends it."""
+
+    after_bytes: int
+
+
+Fault = Pass | Reset | Status | DropResponse | Stall | TruncateResponse
 FaultPlan = Callable[[str, str, int], Fault | None]
 
 
@@ -104,6 +114,8 @@ def fault_label(fault: Fault) -> str:
             return "drop_response"
         case Stall():
             return "stall"
+        case TruncateResponse():
+            return "truncate_response"
         case _:
             return "pass"
 

@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from migrator.testkit.faults import DropResponse, Reset, Stall, Status
+from migrator.testkit.faults import DropResponse, Reset, Stall, Status, TruncateResponse
 
 if TYPE_CHECKING:
     from migrator.testkit.proxy import Proxy
@@ -165,6 +165,8 @@ class Connection:
         self.response: bytes | None = None
         self.reset_budget: int | None = None
         self.drop_pending = False
+        # Answer bytes still to forward before the client connection is closed.
+        self.truncate_budget: int | None = None
         self.stalled = False
         self.stall_head = b""
         self.stall_timer: asyncio.TimerHandle | None = None
@@ -239,7 +241,23 @@ class Connection:
             # The first answer bytes prove the upstream has processed the request.
             self.abort()
             return
+        budget = self.truncate_budget
+        if budget is not None:
+            if len(data) >= budget:
+                self.u2c.send(data[:budget])
+                self._truncate_response()
+                return
+            self.truncate_budget = budget - len(data)
         self.u2c.send(data)
+
+    def _truncate_response(self) -> None:
+        # The client gets what was forwarded, then a FIN; the upstream is dropped.
+        self.closed = True
+        self.truncate_budget = None
+        self.c2u.discard()
+        if self.upstream is not None:
+            self.upstream.abort()
+        self.u2c.close_after_flush()
 
     # -- client to upstream ---------------------------------------------------------------
 
@@ -352,6 +370,8 @@ class Connection:
             self.response = fault.render()
         elif isinstance(fault, DropResponse):
             self.drop_pending = True
+        elif isinstance(fault, TruncateResponse):
+            self.truncate_budget = fault.after_bytes
         elif isinstance(fault, Stall):
             self.stalled = True
             self.stall_head = head

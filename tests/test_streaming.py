@@ -1,0 +1,229 @@
+"""Streamed transfers: an instance larger than the memory budget goes from a real Orthanc
+(or a file, plain or stored compressed by Orthanc) to a real Orthanc without being held
+in memory, byte-identical; a source cut mid-body never leaves it `sent`.
+
+The CLI runs as a subprocess whose own peak RSS is read from `wait4`: it must stay well
+under the instance's size (fetched whole, the instance alone would be held two to three
+times over).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import CliResult, ledger_rows, state_counts
+from faultkit import md5_of, write_config
+
+from migrator.dicomid import orthanc_instance_id
+from migrator.testkit.dicomgen import SyntheticInstance, make_instance
+from migrator.testkit.faults import TruncateResponse
+from migrator.testkit.orthanc import OrthancProcess
+from migrator.testkit.proxy import Proxy
+
+# Larger than the memory budget of these runs (4 MiB) and than the streaming threshold.
+BIG = 40_000_000
+MiB = 1 << 20
+
+
+def big_instance(seed: int = 1) -> SyntheticInstance:
+    """One ~40 MB instance of incompressible data."""
+    ids = (f"BIG{seed}", f"1.2.3.777.{seed}", f"1.2.3.777.{seed}.1", f"1.2.3.777.{seed}.1.1")
+    data = make_instance(*ids, extra_bytes=BIG, seed=seed)
+    return SyntheticInstance(orthanc_instance_id(*ids), *ids, data=data)
+
+
+# Runs the CLI and, at its exit, writes its own peak RSS (kB) to the file named by
+# MIGRATOR_TEST_HWM. The parent cannot measure it: `wait4`'s ru_maxrss of a child also
+# counts the image it was forked from (this test process, which holds the instance).
+_MEASURED = """
+import atexit, os, sys
+def report():
+    with open("/proc/self/status") as status:
+        peak = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+    with open(os.environ["MIGRATOR_TEST_HWM"], "w") as out:
+        out.write(peak)
+atexit.register(report)
+sys.argv[0] = "migrator"
+from migrator.__main__ import main
+main()
+"""
+
+
+def run_measured(*args: str, timeout: float = 300) -> tuple[CliResult, int]:
+    """Run `migrator ARGS` in a subprocess; its result and its own peak RSS in bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        hwm = Path(folder) / "hwm"
+        env = {**os.environ, "MIGRATOR_PROGRESS": "none", "MIGRATOR_TEST_HWM": str(hwm)}
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURED, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+        peak = int(hwm.read_text()) * 1024
+    return CliResult(proc.returncode, proc.stdout, proc.stderr), peak
+
+
+def small_budget(tmp_path: Path) -> Path:
+    """A config whose memory budget (4 MiB) is far below the instance's size."""
+    return write_config(tmp_path / "migrator.toml", throttle={"max_memory": "4Mi"})
+
+
+def assert_streamed(peak: int, size: int) -> None:
+    """Peak RSS well under the instance: the interpreter and its modules take ~75 MiB,
+    a streamed transfer a few MiB more; a whole one would add 2-3 times `size`."""
+    assert peak < 80 * MiB + size // 2, f"peak RSS {peak / MiB:.0f} MiB for {size / MiB:.0f} MiB"
+
+
+def assert_on_target(target: OrthancProcess, inst: SyntheticInstance) -> None:
+    """The target holds the instance, byte-identical (its MD5, as Orthanc computed it)."""
+    assert inst.orthanc_id in target.instance_ids()
+    assert target.md5(inst.orthanc_id) == md5_of(inst.data)
+
+
+def test_streamed_replicate_of_an_instance_larger_than_the_budget(
+    source_target: tuple[OrthancProcess, OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    source, target = source_target
+    inst = big_instance()
+    source.upload(inst.data)
+    result, peak = run_measured(
+        "replicate", source.url, target.url, "--ledger", f"sqlite:///{ledger_path}",
+        "--config", str(small_budget(tmp_path)),
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert state_counts(ledger_path) == {"sent": 1}
+    [(size, md5)] = ledger_rows(ledger_path, "SELECT size, md5 FROM instances")
+    assert (size, md5) == (len(inst.data), md5_of(inst.data))
+    assert_on_target(target, inst)
+    assert_streamed(peak, len(inst.data))
+
+
+def _folder_import(
+    folder: Path, tmp_path: Path, ledger_path: Path, target: OrthancProcess
+) -> tuple[CliResult, int]:
+    return run_measured(
+        "import", str(folder), target.url, "--ledger", f"sqlite:///{ledger_path}",
+        "--config", str(small_budget(tmp_path)),
+    )  # fmt: skip
+
+
+def test_streamed_import_of_a_large_plain_file(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    inst = big_instance(2)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "big.dcm").write_bytes(inst.data)
+    target = orthanc_factory("target")
+    result, peak = _folder_import(folder, tmp_path, ledger_path, target)
+    assert result.code == 0, result.stderr
+    assert state_counts(ledger_path) == {"sent": 1}
+    assert_on_target(target, inst)
+    assert_streamed(peak, len(inst.data))
+
+
+@pytest.fixture
+def compressed_storage(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path
+) -> tuple[Path, SyntheticInstance]:
+    """An Orthanc storage folder (with its index) holding one large instance stored with
+    StorageCompression, the Orthanc stopped."""
+    inst = big_instance(3)
+    old = orthanc_factory("old", extra={"StorageCompression": True})
+    old.upload(inst.data)
+    old.stop()
+    storage = Path(shutil.copytree(old.storage_dir, tmp_path / "storage"))
+    stored = [p for p in storage.rglob("*") if p.is_file() and len(p.name) == 36]
+    # Incompressible data: the stored file is the size of the instance, plus the prefix.
+    assert any(p.read_bytes()[8:9] == b"\x78" for p in stored)
+    return storage, inst
+
+
+def test_streamed_import_of_a_large_compressed_storage_file(
+    compressed_storage: tuple[Path, SyntheticInstance],
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    ledger_path: Path,
+) -> None:
+    storage, inst = compressed_storage
+    target = orthanc_factory("target")
+    result, peak = _folder_import(storage, tmp_path, ledger_path, target)
+    assert result.code == 0, result.stderr
+    # The index's MD5 was checked on the way (the row records it).
+    assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [
+        ("sent", md5_of(inst.data))
+    ]
+    assert_on_target(target, inst)
+    assert_streamed(peak, len(inst.data))
+
+
+def test_corrupt_compressed_file_is_rejected_and_never_stored(
+    compressed_storage: tuple[Path, SyntheticInstance],
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    ledger_path: Path,
+) -> None:
+    """A stored file whose zlib stream is damaged near its end: the damage is found only
+    after nearly all of it went to the target, which must not store it."""
+    storage, _ = compressed_storage
+    # The DICOM file: the largest (beside it, Orthanc keeps the header without pixels).
+    stored = max(
+        (p for p in storage.rglob("*") if len(p.name) == 36), key=lambda p: p.stat().st_size
+    )
+    raw = bytearray(stored.read_bytes())
+    raw[-100:] = bytes(100)  # the last deflate blocks and the Adler-32 check
+    stored.write_bytes(raw)
+    target = orthanc_factory("target")
+    result, _ = _folder_import(storage, tmp_path, ledger_path, target)
+    assert result.code != 0
+    [(state, error)] = ledger_rows(ledger_path, "SELECT state, last_error FROM instances")
+    assert state == "rejected", error
+    assert "corrupt" in error
+    assert target.count() == 0
+
+
+def test_source_cut_mid_body_is_never_sent(
+    source_target: tuple[OrthancProcess, OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    """Every download of the file is cut after 10 MB: the transfer fails (retried, then
+    `failed`), the target never stores a partial file; with the fault gone, a retry
+    sends it whole."""
+    source, target = source_target
+    inst = big_instance(4)
+    source.upload(inst.data)
+    config = tmp_path / "migrator.toml"
+    config.write_text(
+        "[retry]\nmax_attempts = 2\nbackoff_initial = 0.05\nbackoff_max = 0.1\n"
+        '[throttle]\nmax_memory = "4Mi"\n'
+    )
+    with Proxy("127.0.0.1", source.http_port) as proxy:
+        proxy.set_faults(
+            lambda method, path, _: (
+                TruncateResponse(10_000_000) if method == "GET" and path.endswith("/file") else None
+            )
+        )
+        args = ("--ledger", f"sqlite:///{ledger_path}", "--config", str(config))
+        result, peak = run_measured("replicate", proxy.url, target.url, *args)
+        assert proxy.fault_counts()["truncate_response"] == 2
+        assert result.code != 0
+        [(state, error)] = ledger_rows(ledger_path, "SELECT state, last_error FROM instances")
+        assert state == "failed", error
+        assert target.count() == 0
+        assert_streamed(peak, len(inst.data))
+        # The source whole again: the failed row is sent, byte-identical.
+        proxy.set_faults(None)
+        result, _ = run_measured("retry", "--state", "failed", *args)
+        assert result.code == 0, result.stderr
+        result, _ = run_measured("replicate", proxy.url, target.url, *args)
+        assert result.code == 0, result.stderr
+    assert state_counts(ledger_path) == {"sent": 1}
+    assert_on_target(target, inst)
