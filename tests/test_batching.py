@@ -186,3 +186,24 @@ def test_sigkill_during_batched_post_resumes(orthanc_factory, tmp_path, ledger_p
         result = invoke(*args)
         assert result.code == 0, result.stderr[-2000:]
     assert_converged(ledger_path, data, target)
+
+
+def test_proxy_rate_caps_the_bandwidth_of_all_connections(orthanc_factory):
+    import httpx
+
+    from migrator.testkit.dicomgen import make_dataset
+
+    server = orthanc_factory("server")
+    data = make_dataset(2, extra_bytes=1_000_000, seed=36)
+    for inst in data:
+        server.upload(inst.data)
+    with Proxy("127.0.0.1", server.http_port, rate=4_000_000) as capped:
+        started = time.monotonic()
+        with httpx.Client(base_url=capped.url, timeout=30) as client:
+            for inst in data:  # 2 MB each way at 4 MB/s: about 0.5 s each way
+                response = client.get(f"instances/{inst.orthanc_id}/file",
+                                      headers={"Accept-Encoding": "identity"})  # fmt: skip
+                assert response.content == inst.data
+                client.post("instances", content=inst.data).raise_for_status()
+        elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 3.0, elapsed

@@ -29,7 +29,7 @@ from migrator.testkit.faults import (
     Status,
     fault_label,
 )
-from migrator.testkit.proxyconn import Connection
+from migrator.testkit.proxyconn import Connection, Link
 
 __all__ = [
     "DropResponse",
@@ -91,7 +91,9 @@ class Proxy:
     chunks keep their order but are not serialised, so throughput is unaffected and a
     request/response round trip costs about ``2 * delay`` more. With ``tls``, clients
     connect with HTTPS. The port is chosen on the first :meth:`start` and kept across
-    :meth:`down`/:meth:`up`.
+    :meth:`down`/:meth:`up`. ``rate`` caps the bandwidth (bytes per second, each way,
+    shared by all connections, as on one network link); chunks wait their turn, then
+    the delay.
     """
 
     def __init__(
@@ -101,10 +103,15 @@ class Proxy:
         *,
         delay: float = 0.0,
         tls: ssl.SSLContext | None = None,
+        rate: float | None = None,
     ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = upstream_port
         self.delay = delay
+        # Client-to-upstream and upstream-to-client halves of a full-duplex link.
+        self.links: tuple[Link | None, Link | None] = (
+            (Link(rate), Link(rate)) if rate else (None, None)
+        )
         # A server-side TLS context: clients speak HTTPS to the proxy, which speaks plain
         # HTTP upstream (TLS terminated in front of Orthanc, as a reverse proxy does).
         self.tls = tls

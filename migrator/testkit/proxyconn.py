@@ -16,7 +16,7 @@ from migrator.testkit.faults import DropResponse, Reset, Stall, Status, Truncate
 if TYPE_CHECKING:
     from migrator.testkit.proxy import Proxy
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "Link"]
 
 # With a delay, chunks wait in a queue; beyond this many bytes the source stops being
 # read so a fast sender cannot grow the queue without bound.
@@ -49,16 +49,34 @@ class _Flow:
             self.transport.resume_reading()
 
 
+class Link:
+    """One direction of a link of `rate` bytes per second, shared by every connection:
+    chunks leave one after the other, each taking its size / rate seconds."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.free_at = 0.0
+
+    def reserve(self, size: int, now: float) -> float:
+        """When the last byte of a `size`-byte chunk arriving `now` has left."""
+        self.free_at = max(now, self.free_at) + size / self.rate
+        return self.free_at
+
+
 class _Channel:
     """Ordered writer to one transport that adds a fixed delay to every chunk.
 
     Each chunk is written at its arrival time plus the delay, so many chunks can be "in
-    flight" at once, like on a long network path.
+    flight" at once, like on a long network path. With a `link`, a chunk first waits
+    for its turn on the link's bandwidth.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, delay: float, link: Link | None = None
+    ) -> None:
         self.loop = loop
         self.delay = delay
+        self.link = link
         self.dest: asyncio.Transport | None = None
         self.source: _Flow | None = None
         self.queue: deque[tuple[float, bytes]] = deque()
@@ -69,10 +87,12 @@ class _Channel:
     def send(self, data: bytes) -> None:
         if self.dest is None or self.dest.is_closing():
             return
-        if self.delay <= 0 and not self.queue:
+        if self.delay <= 0 and self.link is None and not self.queue:
             self.dest.write(data)
             return
-        self.queue.append((self.loop.time() + self.delay, data))
+        now = self.loop.time()
+        sent = now if self.link is None else self.link.reserve(len(data), now)
+        self.queue.append((sent + self.delay, data))
         self.queued += len(data)
         if self.queued > _QUEUE_HIGH and self.source is not None:
             self.source.pause("queue")
@@ -150,9 +170,9 @@ class Connection:
         self.client = client
         self.upstream: asyncio.Transport | None = None
         self.client_flow = _Flow(client)
-        self.c2u = _Channel(self.loop, proxy.delay)
+        self.c2u = _Channel(self.loop, proxy.delay, proxy.links[0])
         self.c2u.source = self.client_flow
-        self.u2c = _Channel(self.loop, proxy.delay)
+        self.u2c = _Channel(self.loop, proxy.delay, proxy.links[1])
         self.u2c.dest = client
         self.closed = False
         self.client_open = True
