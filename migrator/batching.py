@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from migrator.dicomhead import Unsupported, read_header
 from migrator.dicomid import orthanc_id_from_dataset, orthanc_instance_id
-from migrator.errors import FatalError, Kind, TransferError, verdict_for_store_status
+from migrator.errors import FatalError, Kind, TransferError, Verdict, verdict_for_store_status
 from migrator.ledger import Lease, Outcome
 from migrator.orthanc import md5_hex
 from migrator.states import State
@@ -242,12 +242,31 @@ class Batcher:
             return await self._send(leases[:half], legs) + await self._send(leases[half:], legs)
         if verdict.kind is Kind.RETRYABLE:
             legs.failed = "source"
-            return [self.s._failure(lease, verdict, "source") for lease in leases]
+            return self._failures(leases, verdict, "source")
         if verdict.kind is Kind.FATAL and verdict.http_status in _AUTH:
             raise FatalError(verdict.reason)
         # The source cannot build archives (refused, an older version): one by one.
         self.policy.turn_off(f"the source's create-archive failed: {verdict.reason}")
         return [await self.s._transfer(lease, Legs()) for lease in leases]
+
+    def _failures(self, leases: list[Lease], verdict: Verdict, side: str) -> list[Outcome]:
+        """Each row's outcome of one failed request: the scheduler decides per row
+        (retry with backoff, or failed once out of attempts), but the endpoint's breaker
+        counts the request once, not once per row (three in a row mean an outage)."""
+        s, breaker = self.s, self.s.breaker
+        first = s._failure(leases[0], verdict, side)
+        outcomes = [first]
+        if first.refund:  # an outage: nobody is charged an attempt
+            return outcomes + [
+                Outcome(lease.id, State.PENDING, error=verdict.reason, refund=True)
+                for lease in leases[1:]
+            ]
+        count = breaker.failures.get(side, 0)
+        for lease in leases[1:]:
+            breaker.failures[side] = 0
+            outcomes.append(s._failure(lease, verdict, side))
+        breaker.failures[side] = count
+        return outcomes
 
     async def _fetch(
         self, leases: list[Lease]
@@ -338,7 +357,7 @@ class Batcher:
                 alone.extend(m.lease for m in members.values())
                 return []
             legs.failed = "target"
-            return [s._failure(m.lease, verdict, "target") for m in members.values()]
+            return self._failures([m.lease for m in members.values()], verdict, "target")
         legs.store = (legs.store or 0.0) + time.monotonic() - started
         s.breaker.success("target")
         del body

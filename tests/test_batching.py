@@ -207,3 +207,31 @@ def test_proxy_rate_caps_the_bandwidth_of_all_connections(orthanc_factory):
                 client.post("instances", content=inst.data).raise_for_status()
         elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 3.0, elapsed
+
+
+def test_failed_batched_requests_are_retried_without_an_outage(orthanc_factory, tmp_path):
+    from faultkit import write_config
+
+    from migrator.testkit.faults import DropResponse, Reset, ScriptedFaults, Status
+
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    data = fast_fill(source, 48, seed=37)
+    ledger = tmp_path / "ledger.db"
+    config = write_config(tmp_path / "quick.toml")
+    with (
+        Proxy("127.0.0.1", source.http_port) as src,
+        Proxy("127.0.0.1", target.http_port) as tgt,
+    ):
+        src.set_faults(ScriptedFaults([Status(503)], only=("POST", "/tools/create-archive")))
+        # The first ZIP is stored but its answer lost; the second never arrives.
+        tgt.set_faults(ScriptedFaults([DropResponse(), Reset()]))
+        result = invoke("replicate", src.url, tgt.url, "--ledger", f"sqlite:///{ledger}",
+                        "--config", str(config), "-c", "2", "--batch", "8")  # fmt: skip
+        assert src.fault_counts() == {"status_503": 1}
+        assert sum(tgt.fault_counts().values()) == 2
+    assert result.code == 0, result.stderr[-2000:]
+    # One failed request of 8 rows is one network error for the breaker, not eight.
+    assert "not answering" not in result.stderr
+    assert_converged(ledger, data, target)
+    retried = ledger_rows(ledger, "SELECT COUNT(*) FROM instances WHERE attempts > 1")[0][0]
+    assert retried == 24, retried
