@@ -382,10 +382,13 @@ class ArchiveReader:
                 with outer.open(info) as fh:
                     archive = zipfile.ZipFile(io.BytesIO(fh.read()))
             found = (archive, {_raw_name(i): i for i in archive.infolist() if not i.is_dir()})
+            # An older version of this archive is let go of at once.
+            older = [k for k in self._open if k[0] == key[0] and k[1] == key[1] and k != key]
             self._open[key] = found
             inner = [k for k in self._open if k[0] == "inner"]
             # One archive inside an archive is kept in memory; a few archive files open.
-            for stale in inner[:-1] + [k for k in self._open if k[0] == "file"][: -self.OPEN]:
+            files = [k for k in self._open if k[0] == "file"]
+            for stale in {*older, *inner[:-1], *files[: -self.OPEN]}:
                 # Not closed here: a thread may still be reading from it; the file is
                 # closed once the last reader lets go of it.
                 del self._open[stale]

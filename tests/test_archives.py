@@ -305,3 +305,24 @@ def test_member_with_a_long_header_is_read_further(tmp_path):
     assert (row.cand.orthanc_id, row.cand.has_pixels) == (inst.orthanc_id, True)
     assert row.cand.size == len(data)
     assert archives.ArchiveReader().read(row.cand.path) == data
+
+
+def test_member_gone_or_archive_changed(tmp_path):
+    """Rows read after the archive changed: a member no longer there is gone (the row ends
+    vanished), a new version of the archive is read afresh, a deleted archive is gone."""
+    data = make_dataset(2, seed=156)
+    root = tmp_path / "changing"
+    root.mkdir()
+    zpath = root / "a.zip"
+    zpath.write_bytes(_zip([("0.dcm", data[0].data), ("1.dcm", data[1].data)]))
+    rows = {r.cand.source_key: r.cand.path for r in iter_tree(str(root))}
+    reader = archives.ArchiveReader()
+    assert reader.read(rows["a.zip!0.dcm"]) == data[0].data
+    zpath.write_bytes(_zip([("1.dcm", data[1].data + b"\0\0")]))
+    os.utime(zpath, ns=(1, 1))  # the same second as before must not hide the change
+    with pytest.raises(archives.MemberGone):
+        reader.read(rows["a.zip!0.dcm"])
+    assert reader.read(rows["a.zip!1.dcm"]) == data[1].data + b"\0\0"
+    zpath.unlink()
+    with pytest.raises(FileNotFoundError):
+        reader.read(rows["a.zip!1.dcm"])
