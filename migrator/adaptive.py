@@ -1,4 +1,10 @@
-"""Adaptive concurrency (AIMD) that names the end of a transfer that is slow.
+"""Adaptive concurrency: self-tuning towards the knee, cuts that name the end that is slow.
+
+The limit starts small (`START`) and `migrator.autotune.Tuner` moves it towards the knee
+of throughput against concurrency, never above the ceiling (``-c``). On top of that, an
+overload (5xx, 429, timeouts) halves it and a leg that slows down sharply takes a quarter
+off, at once; healthy answers then climb back to the level before the trouble, one
+transfer more per `limit` answers (AIMD), before the tuner probes again.
 
 A transfer has two legs: the source's download (or, for a folder, the read) and the
 target's store. Each leg keeps its own usual latency, and a rise on one leg is blamed on
@@ -16,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from migrator.autotune import Tuner
 from migrator.states import State
 
 if TYPE_CHECKING:
@@ -26,6 +33,8 @@ log = logging.getLogger("migrator")
 # Seconds between two log lines about adaptive concurrency (debug level in between).
 LOG_EVERY = 60.0
 SIDES = ("source", "target")
+# The first limit of a self-tuning run (the concurrency used before it self-tuned).
+START = 8
 
 
 @dataclass
@@ -52,14 +61,16 @@ def is_overload(outcome: Outcome | None) -> tuple[bool, str]:
 
 
 class AdaptiveLimit:
-    """Additive-increase / multiplicative-decrease limit on concurrent transfers.
+    """The limit on concurrent transfers: self-tuned, cut on trouble.
 
-    Each healthy transfer adds 1/limit (one more slot per `limit` transfers); an overload
-    signal (5xx, 429, timeout, network error) halves the limit, a slow leg (over 3x that
-    leg's usual latency and 1 s more) takes a quarter off; at most one cut per `cooldown`
-    seconds, since the transfers already running all report the same trouble. Every cut
-    names the end it is blamed on. `fetch_noun` says what the source leg is ("downloads"
-    from an Orthanc, "reads" from a folder).
+    It starts at `initial` (default: `maximum`) and the tuner moves it between `minimum`
+    and `maximum` from measured intervals (`migrator.autotune`). An overload signal (5xx,
+    429, timeout, network error) halves the limit, a slow leg (over 3x that leg's usual
+    latency and 1 s more) takes a quarter off; at most one cut per `cooldown` seconds,
+    since the transfers already running all report the same trouble. After a cut each
+    healthy transfer adds 1/limit until the limit is back where it was. Every cut names
+    the end it is blamed on. `fetch_noun` says what the source leg is ("downloads" from an
+    Orthanc, "reads" from a folder).
     """
 
     def __init__(
@@ -67,6 +78,7 @@ class AdaptiveLimit:
         maximum: int,
         minimum: int = 1,
         *,
+        initial: int | None = None,
         cooldown: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         fetch_noun: str = "downloads",
@@ -75,24 +87,40 @@ class AdaptiveLimit:
         self.minimum = min(minimum, maximum)
         self.cooldown = cooldown
         self.clock = clock
-        self.limit = float(maximum)
+        start = maximum if initial is None else min(maximum, max(self.minimum, initial))
+        self.limit = float(start)
+        self.start = start
         self.in_use = 0
         # The usual latency of each leg, followed slowly (None until the first answer).
         self.baselines: dict[str, float | None] = dict.fromkeys(SIDES)
         self.nouns = {"source": fetch_noun, "target": "answers"}
-        self.lowest = maximum
+        self.lowest = start
+        self.highest = start
         self.cuts = 0
         self.cuts_by_side: dict[str, int] = dict.fromkeys(SIDES, 0)
-        # The ends blamed for a cut since the limit was last back at its maximum.
+        # The ends blamed for a cut since the limit was last back where it was before.
         self._strained: list[str] = []
+        # After a cut: the limit to climb back to (0 when not climbing back).
+        self._recover_to = 0
+        self.tuner = Tuner(start, self.minimum, maximum, clock())
         self._last_cut = float("-inf")
         self._logged: dict[str, float] = {}
         self._waiters: list[asyncio.Future[None]] = []
+        # Workers waiting for their turn: woken only when the limit rises.
+        self._turns: list[asyncio.Future[None]] = []
 
     @property
     def allowed(self) -> int:
         """How many transfers may run at once right now."""
         return max(self.minimum, int(self.limit))
+
+    def try_acquire(self) -> bool:
+        """Take a free slot if there is one, without waiting."""
+        if self.in_use >= self.allowed:
+            return False
+        self.in_use += 1
+        self.tuner.use(self.clock(), self.in_use)
+        return True
 
     async def acquire(self) -> None:
         """Wait for a free slot."""
@@ -105,11 +133,25 @@ class AdaptiveLimit:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
         self.in_use += 1
+        self.tuner.use(self.clock(), self.in_use)
 
     def release(self) -> None:
         """Give a slot back."""
         self.in_use -= 1
+        self.tuner.use(self.clock(), self.in_use)
         self._wake()
+
+    async def turn(self, rank: int) -> None:
+        """Wait until the limit lets the `rank`-th worker (0-based) take work, so that
+        workers beyond the limit hold no leased rows while they wait."""
+        while rank >= self.allowed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._turns.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._turns.remove(waiter)
 
     def _wake(self) -> None:
         # Wake everyone; each re-checks. Waiters are at most the run's workers.
@@ -140,22 +182,40 @@ class AdaptiveLimit:
             ]
             for leg, seconds in slow:
                 self._cut(0.75, leg, f"{self.nouns[leg]} slowed to {seconds:.1f} s", slow=True)
-            if not slow and (latency is not None or fetch is not None):
-                self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+            healthy = latency is not None or fetch is not None
+            if healthy and not slow and self.limit < self._recover_to:
+                self.limit = min(float(self._recover_to), self.limit + 1.0 / self.limit)
+            elif not slow and self._recover_to == 0:
+                total = (latency or 0.0) + (fetch or 0.0) if healthy else None
+                tuned = self.tuner.finished(self.clock(), total)
+                if tuned is not None:
+                    self.limit = float(tuned)
+                    self.highest = max(self.highest, tuned)
+                    self.lowest = min(self.lowest, tuned)
+        if self._recover_to and self.allowed >= self._recover_to:
+            self._recovered()
         if self.allowed > before:
             self._wake()
-            if self.allowed == self.maximum and self._strained:
-                ends = " and ".join(self._strained)
-                verb = "keeps" if len(self._strained) == 1 else "keep"
-                self._strained.clear()
-                self._say(
-                    "up",
-                    logging.INFO,
-                    "%s %s up again: back to %d concurrent transfers",
-                    ends,
-                    verb,
-                    self.maximum,
-                )
+            for waiter in self._turns:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _recovered(self) -> None:
+        """Back at the level before the trouble: say so, and let the tuner go on."""
+        level, self._recover_to = self._recover_to, 0
+        self.tuner.abandon(level, self.clock())
+        if self._strained:
+            ends = " and ".join(self._strained)
+            verb = "keeps" if len(self._strained) == 1 else "keep"
+            self._strained.clear()
+            self._say(
+                "up",
+                logging.INFO,
+                "%s %s up again: back to %d concurrent transfers",
+                ends,
+                verb,
+                level,
+            )
 
     def _slower(self, leg: str, latency: float) -> bool:
         """Whether `latency` is well above the leg's usual one; updates the usual one."""
@@ -173,6 +233,8 @@ class AdaptiveLimit:
             return
         before = self.allowed
         self._last_cut = now
+        # Climb back to where the trouble began (not to a level reached while climbing).
+        self._recover_to = max(self._recover_to, before)
         self.limit = max(float(self.minimum), self.limit * factor)
         self.cuts += 1
         self.cuts_by_side[side] = self.cuts_by_side.get(side, 0) + 1

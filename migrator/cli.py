@@ -54,7 +54,16 @@ ConfigOpt = Annotated[
 ]
 JobOpt = Annotated[str | None, typer.Option("--job", help="Job name.")]
 ConcurrencyOpt = Annotated[
-    int | None, typer.Option("--concurrency", "-c", help="Concurrent transfers.")
+    int | None,
+    typer.Option(
+        "--concurrency",
+        "-c",
+        help="Most transfers at once: the concurrency tunes itself up to this (default 64).",
+    ),
+]
+FixedOpt = Annotated[
+    bool,
+    typer.Option("--fixed", help="Exactly -c transfers at once (default 8), no self-tuning."),
 ]
 BatchOpt = Annotated[
     int | None,
@@ -221,6 +230,7 @@ def replicate(
     job: JobOpt = None,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    fixed: FixedOpt = False,
     batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
@@ -241,6 +251,7 @@ def replicate(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        adaptive=False if fixed else None,
         batch=batch,
         progress=progress,
     )
@@ -251,6 +262,7 @@ def worker(
     job: Annotated[str, typer.Option("--job", help="Name of the job to join (see `jobs`).")],
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    fixed: FixedOpt = False,
     batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
@@ -273,6 +285,7 @@ def worker(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        adaptive=False if fixed else None,
         batch=batch,
         progress=progress,
     )
@@ -288,6 +301,7 @@ def mirror(
     ] = 2.0,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    fixed: FixedOpt = False,
     batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
@@ -309,6 +323,7 @@ def mirror(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        adaptive=False if fixed else None,
         batch=batch,
         progress="plain",
     )
@@ -329,6 +344,7 @@ def import_(
     job: JobOpt = None,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
+    fixed: FixedOpt = False,
     batch: BatchOpt = None,
     config: ConfigOpt = None,
     max_rate: MaxRateOpt = None,
@@ -353,6 +369,7 @@ def import_(
         throttle=(max_rate, max_bandwidth, window),
         ledger=ledger,
         concurrency=concurrency,
+        adaptive=False if fixed else None,
         batch=batch,
         progress=progress,
     )

@@ -17,6 +17,11 @@ from migrator import timetable
 from migrator.errors import UsageError
 
 DEFAULT_LEDGER = "sqlite:///migrator.db"
+# Concurrent transfers: the ceiling of the self-tuning concurrency when not given (high
+# enough for long links: a 100 ms round trip wants several dozen transfers at once), and
+# the concurrency of a fixed (not adaptive) run when not given.
+DEFAULT_CEILING = 64
+DEFAULT_FIXED = 8
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,8 @@ class Settings:
     """Everything a command may need; built by `load_settings`."""
 
     ledger: str = DEFAULT_LEDGER
-    concurrency: int = 8
+    # The ceiling of the self-tuning concurrency, or the concurrency when not adaptive.
+    concurrency: int = DEFAULT_CEILING
     source_url: str | None = None
     source_username: str | None = None
     source_password: str | None = field(default=None, repr=False)
@@ -57,6 +63,7 @@ class Settings:
     # Bytes of instance data one process holds at once (files being read and sent).
     max_memory: str = "1Gi"
     windows: tuple[str, ...] = ()
+    # Self-tuning concurrency (False: exactly `concurrency` transfers at once).
     adaptive: bool = True
     # Instances per request each way (ZIP archives): 0 decides from the measured round
     # trips, 1 sends each instance alone.
@@ -159,8 +166,11 @@ def load_settings(
     settings = Settings()
     if config is None and env.get("MIGRATOR_CONFIG"):
         config = Path(env["MIGRATOR_CONFIG"])
+    chosen = overrides.get("concurrency") is not None
     if config is not None:
-        settings = _from_mapping(read_config_file(config), settings)
+        data = read_config_file(config)
+        chosen = chosen or "concurrency" in data
+        settings = _from_mapping(data, settings)
     settings = _from_env(env, settings)
     known = {f.name for f in fields(Settings)}
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -168,6 +178,10 @@ def load_settings(
     if unknown:
         raise TypeError(f"unknown settings {sorted(unknown)}")
     settings = replace(settings, **given)
+    if not settings.adaptive and not chosen:
+        # A fixed run without a number keeps the concurrency runs had before they tuned
+        # themselves, not the self-tuning's ceiling.
+        settings = replace(settings, concurrency=DEFAULT_FIXED)
     validate(settings)
     return settings
 

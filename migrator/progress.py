@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from migrator.states import State
@@ -21,6 +22,10 @@ FINAL_COUNTED = ("sent", "rejected", "failed", "vanished")
 
 class Progress(Protocol):
     """What the scheduler reports as it goes."""
+
+    # Transfers the run allows at once now (self-tuned), shown with the rate; set by the
+    # scheduler.
+    concurrency: Callable[[], int] | None
 
     def start(self, counts: dict[str, int]) -> None:
         """Initial counts by state from the ledger."""
@@ -43,6 +48,11 @@ class _Counts:
         self.bytes = 0
         self.started = time.monotonic()
         self.done_at_start = 0
+        self.concurrency: Callable[[], int] | None = None
+
+    def at_once(self) -> str:
+        """The concurrency in use as ", N at once", or nothing if not told."""
+        return f", {self.concurrency()} at once" if self.concurrency is not None else ""
 
     def start(self, counts: dict[str, int]) -> None:
         self.by_state = {k: counts.get(k, 0) for k in FINAL_COUNTED}
@@ -95,11 +105,12 @@ class PlainProgress(NullProgress):
         eta = f"{left / rate:.0f}s" if rate > 0 else "-"
         states = " ".join(f"{k}={v}" for k, v in self.by_state.items() if v)
         log.info(
-            "progress %d/%d (%s) %.1f/s, %s sent this run, ETA %s",
+            "progress %d/%d (%s) %.1f/s%s, %s sent this run, ETA %s",
             self.done,
             self.total,
             states or "none",
             rate,
+            self.at_once(),
             human_bytes(self.bytes),
             eta,
         )
@@ -128,7 +139,7 @@ class BarProgress(NullProgress):
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.1f}/s"),
+            TextColumn("{task.fields[rate]:.1f}/s{task.fields[at_once]}"),
             TextColumn("{task.fields[sent]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
@@ -141,7 +152,12 @@ class BarProgress(NullProgress):
         super().start(counts)
         self.bar.start()
         self.task = self.bar.add_task(
-            "instances", total=self.total, completed=self.done, rate=0.0, sent=human_bytes(0)
+            "instances",
+            total=self.total,
+            completed=self.done,
+            rate=0.0,
+            at_once=self.at_once(),
+            sent=human_bytes(0),
         )
 
     def add_total(self, n: int) -> None:
@@ -153,7 +169,11 @@ class BarProgress(NullProgress):
         super().advance(state, nbytes)
         if self.task is not None:
             self.bar.update(
-                self.task, completed=self.done, rate=self.rate(), sent=human_bytes(self.bytes)
+                self.task,
+                completed=self.done,
+                rate=self.rate(),
+                at_once=self.at_once(),
+                sent=human_bytes(self.bytes),
             )
 
     def close(self) -> None:

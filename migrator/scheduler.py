@@ -140,6 +140,7 @@ class Scheduler:
         # An Orthanc source is downloaded from; a folder is read.
         self._fetch_noun = "downloads" if getattr(source, "client", None) else "reads"
         self.gate = Gate.from_settings(settings, self.stopping, fetch_noun=self._fetch_noun)
+        progress.concurrency = lambda: self.gate.allowed
         self._ledger_thread = LedgerThread()
         self.outcomes: Batch[Outcome] = Batch(
             self._ledger_thread,
@@ -197,7 +198,7 @@ class Scheduler:
                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
             ]
             workers = [
-                asyncio.create_task(self._worker(), name=f"worker-{i}")
+                asyncio.create_task(self._worker(i), name=f"worker-{i}")
                 for i in range(self.settings.concurrency)
             ]
             await self._supervise(tasks, workers)
@@ -317,8 +318,10 @@ class Scheduler:
     # -- leasing and transfers ----------------------------------------------------------
 
     def _queue_depth(self) -> int:
-        """Rows the queue should hold: one per worker, or one batch per worker."""
-        return min(self.settings.concurrency * self.batcher.policy.size, 2048)
+        """Rows the queue should hold: one per worker the concurrency allows now, or one
+        batch per such worker (not one per worker started: with a self-tuning limit far
+        below its ceiling, rows leased ahead would sit idle, in flight)."""
+        return min(self.gate.allowed * self.batcher.policy.size, 2048)
 
     async def _leaser(self, listing: asyncio.Task[None]) -> None:
         last_reclaim = 0.0
@@ -383,8 +386,10 @@ class Scheduler:
                 continue
             await self._sleep(min(max(due - time.time(), 0.05), 1.0))
 
-    async def _worker(self) -> None:
+    async def _worker(self, rank: int) -> None:
         while True:
+            # Workers beyond the concurrency allowed now take no rows meanwhile.
+            await self.gate.turn(rank)
             lease = await self.queue.get()
             if self.queue.qsize() < self._queue_depth():
                 self._hungry.set()

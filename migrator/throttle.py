@@ -7,10 +7,12 @@ Three brakes, applied by one `Gate` that the scheduler awaits before every trans
 - a weekly timetable (``--window``, repeatable; syntax in `migrator.timetable`): inside
   a window the run goes at the window's limits, outside every window it pauses, and
   says until when;
-- adaptive concurrency (`migrator.adaptive.AdaptiveLimit`, AIMD): when an end answers
-  5xx, times out or slows down, fewer transfers run at once, and the log names that end
-  (each transfer's download and store are timed apart); as answers come back healthy,
-  more again.
+- adaptive concurrency (`migrator.adaptive.AdaptiveLimit`): the number of transfers at
+  once starts small and tunes itself towards the knee of throughput (`migrator.autotune`),
+  ``-c`` being the ceiling; when an end answers 5xx, times out or slows down, fewer
+  transfers run at once straight away, and the log names that end (each transfer's download and
+  store are timed apart). ``--fixed`` (``[throttle] adaptive = false``) runs exactly
+  ``-c``.
 
 Beside them, `MemoryBudget` (``[throttle] max_memory``) bounds the bytes of instances held
 in memory at once, whatever their sizes and the concurrency (a streamed instance counts
@@ -27,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from migrator.adaptive import AdaptiveLimit, Legs, is_overload
+from migrator.adaptive import START, AdaptiveLimit, Legs, is_overload
 from migrator.states import State
 from migrator.timetable import (
     Limits,
@@ -180,7 +182,10 @@ class Gate:
         self.clock = clock
         self.instances = TokenBucket(defaults.rate)
         self.bytes = TokenBucket(defaults.bandwidth)
-        self.adaptive = AdaptiveLimit(concurrency, fetch_noun=fetch_noun) if adaptive else None
+        self.concurrency = concurrency
+        self.adaptive = (
+            AdaptiveLimit(concurrency, initial=START, fetch_noun=fetch_noun) if adaptive else None
+        )
         self.memory = MemoryBudget(memory)
         self.window: Window | None = None
         self.paused_seconds = 0.0
@@ -215,6 +220,17 @@ class Gate:
         if self.schedule.windows:
             text += "; windows: " + "; ".join(w.text for w in self.schedule.windows)
         return text
+
+    @property
+    def allowed(self) -> int:
+        """Transfers allowed at once right now (the fixed concurrency when not adaptive)."""
+        return self.adaptive.allowed if self.adaptive is not None else self.concurrency
+
+    async def turn(self, rank: int) -> None:
+        """Wait until the `rank`-th worker (0-based) may take work: workers beyond the
+        adaptive limit take no leased rows while they wait."""
+        if self.adaptive is not None:
+            await self.adaptive.turn(rank)
 
     async def before(self) -> bool:
         """Wait until a transfer may start; False when the run is stopping instead."""
