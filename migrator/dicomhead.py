@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from migrator.dicomid import orthanc_bytes
+
 __all__ = ["PIXEL_TAGS", "Header", "Unsupported", "element_header_size", "read_header"]
 
 # Float, double float and integer pixel data: where the header of an image ends.
@@ -98,7 +100,7 @@ def read_header(data: bytes | memoryview, size: int | None = None) -> Header:
         if tag in (_SOP_CLASS, _TRANSFER_SYNTAX):
             meta[tag] = bytes(data[pos + header : pos + header + length])
         pos += header + length
-    syntax = _text(meta.get(_TRANSFER_SYNTAX, b""))
+    syntax = _text(meta.get(_TRANSFER_SYNTAX, b""), uid=True)
     if not syntax or syntax in _UNSUPPORTED_SYNTAXES:
         raise Unsupported(f"transfer syntax {syntax or 'missing'}")
     explicit = syntax != IMPLICIT_VR_LE
@@ -137,12 +139,12 @@ def read_header(data: bytes | memoryview, size: int | None = None) -> Header:
             values[tag] = bytes(data[start : start + length])
         pos = start + length
     return Header(
-        sop_class=_text(meta.get(_SOP_CLASS, b"")),
+        sop_class=_text(meta.get(_SOP_CLASS, b""), uid=True),
         transfer_syntax=syntax,
         patient_id=_text(values.get(_PATIENT_ID, b"")),
-        study_uid=_text(values.get(_STUDY, b"")),
-        series_uid=_text(values.get(_SERIES, b"")),
-        sop_uid=_text(values.get(_SOP_INSTANCE, b"")),
+        study_uid=_text(values.get(_STUDY, b""), uid=True),
+        series_uid=_text(values.get(_SERIES, b""), uid=True),
+        sop_uid=_text(values.get(_SOP_INSTANCE, b""), uid=True),
         rows_and_columns=_ROWS in values and _COLUMNS in values,
         pixel=pixel,
     )
@@ -205,12 +207,13 @@ def _skip_items(data: bytes | memoryview, pos: int, end: int, explicit: bool, de
                 pos += length
 
 
-def _text(raw: bytes) -> str:
-    # Multi-valued ASCII text is kept whole, backslashes and inner padding included, as
-    # Orthanc hashes it; an escape sequence (ISO 2022) is left to pydicom.
+def _text(raw: bytes, uid: bool = False) -> str:
+    # Multi-valued ASCII text is kept whole, backslashes and inner padding included, and
+    # its padding removed as Orthanc does (see orthanc_bytes); an escape sequence
+    # (ISO 2022) is left to pydicom.
     if b"\x1b" in raw:
         raise Unsupported("escaped text")
     try:
-        return raw.decode("ascii").rstrip(" \x00")
+        return orthanc_bytes(raw, uid=uid).decode("ascii")
     except UnicodeDecodeError:
         raise Unsupported("non-ASCII text") from None

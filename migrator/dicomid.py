@@ -16,7 +16,13 @@ from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 
-__all__ = ["format_sha1", "orthanc_id_from_dataset", "orthanc_instance_id", "tag_text"]
+__all__ = [
+    "format_sha1",
+    "orthanc_bytes",
+    "orthanc_id_from_dataset",
+    "orthanc_instance_id",
+    "tag_text",
+]
 
 
 def format_sha1(text: str) -> str:
@@ -34,15 +40,31 @@ def orthanc_instance_id(patient_id: str, study_uid: str, series_uid: str, sop_ui
     return format_sha1(f"{patient_id}|{study_uid}|{series_uid}|{sop_uid}")
 
 
+def orthanc_bytes(raw: bytes, *, uid: bool) -> bytes:
+    """Return a raw text value as Orthanc 1.10.1 hashes it (DCMTK's reading of it).
+
+    Checked value by value against Orthanc: a UID loses every space, wherever it is, and
+    ends at its first NUL. Any other text is cut at its first NUL, and loses its trailing
+    spaces only when its length is even: DCMTK pads an odd-length value with a NUL before
+    removing the padding, so ``"AB "`` stays ``"AB "`` while ``"AB  "`` becomes ``"AB"``.
+    Leading spaces and the backslashes and padding between values stay.
+    """
+    if uid:
+        return raw.split(b"\0", 1)[0].replace(b" ", b"")
+    if len(raw) % 2 == 0:
+        raw = raw.rstrip(b" ")
+    return raw.split(b"\0", 1)[0]
+
+
 def tag_text(ds: Any, keyword: str) -> str:
     """Return the value of ``keyword`` in a pydicom ``Dataset`` as Orthanc hashes it.
 
     Orthanc takes the stored value whole, with the backslashes between the values of a
-    multi-valued element, and removes only the trailing space/NUL padding of the whole
-    string (checked on 1.10.1: PatientID ``A \\B `` hashes as ``A \\B``, `` P X `` as
-    `` P X``). pydicom's view of such a value is a list of values with each one's padding
-    removed, so the raw bytes are used while the element is still unparsed (as after
-    ``dcmread``/``read_partial``); a parsed element's values are joined with backslashes.
+    multi-valued element, and removes padding as :func:`orthanc_bytes` says (checked on
+    1.10.1: PatientID ``A \\B  `` hashes as ``A \\B``, `` P X `` as `` P X``). pydicom's
+    view of such a value is a list of values with each one's padding removed, so the raw
+    bytes are used while the element is still unparsed (as after ``dcmread``/
+    ``read_partial``); a parsed element's values are joined with backslashes.
     An absent or unreadable element is "".
     """
     try:
@@ -52,14 +74,17 @@ def tag_text(ds: Any, keyword: str) -> str:
     value = None if elem is None else elem.value
     if value is None:
         return ""
+    uid = keyword.endswith("UID")
     if isinstance(value, bytes | bytearray):
-        text = _decode(bytes(value), ds)
-    elif isinstance(value, str):
+        return _decode(orthanc_bytes(bytes(value), uid=uid), ds)
+    if isinstance(value, str):
         text = value
     elif isinstance(value, list | tuple | MultiValue):
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value)
+    if uid:
+        return text.split("\0", 1)[0].replace(" ", "")
     return text.rstrip(" \x00")
 
 

@@ -13,6 +13,11 @@ Three kinds of failure exist, and each decides what happens next::
                                        FilteredOut): state `rejected`
                             VANISHED   the source no longer has the instance: `vanished`
 
+A file the listing could not identify (a folder's file whose identifiers no reader found,
+sent without an Orthanc ID) is offered to the target; `refused_as_not_dicom` tells when
+the target's PERMANENT answer means "not DICOM" or "no identifiers", which ends the row
+`skipped` rather than `rejected`.
+
 `classify_status` and `classify_exception` are the only places where an HTTP status or an
 exception becomes a decision. A fatal error never marks an instance: the scheduler stops
 and hands its leases back.
@@ -155,3 +160,27 @@ def verdict_for_store_status(status: str | None) -> Verdict | None:
     if status == "FilteredOut":
         return Verdict(Kind.PERMANENT, "FilteredOut: the target's filter refused the instance")
     return Verdict(Kind.FATAL, f"target answered an unknown store status {status!r}")
+
+
+# Orthanc's answers to a body it cannot parse as DICOM (OrthancStatus 15), and to a
+# dataset without one of the identifiers it names instances by (OrthancStatus 21).
+_BAD_FILE_FORMAT = "HTTP 400: Bad file format"
+_INEXISTENT_TAG = "HTTP 404: Inexistent tag"
+
+
+def refused_as_not_dicom(verdict: Verdict) -> str | None:
+    """The skip reason when the target refused a file as not DICOM (or as DICOM without
+    identifiers), else None.
+
+    Meant for files that could not be identified before sending: for a file known to be
+    a DICOM instance the same answer is a refusal of its content (`rejected`).
+    """
+    if verdict.kind is not Kind.PERMANENT:
+        return None
+    # One reason per kind of answer (without Orthanc's details, which name the file's
+    # size), so that reports group these rows.
+    if verdict.reason.startswith(_BAD_FILE_FORMAT):
+        return f"not DICOM: the target could not parse it ({_BAD_FILE_FORMAT})"
+    if verdict.reason.startswith(_INEXISTENT_TAG):
+        return f"incomplete DICOM: the target found no identifiers ({_INEXISTENT_TAG})"
+    return None

@@ -5,13 +5,19 @@ Orthanc's "zlib with size" compression, next to JSON summaries and header-only c
 any tree of DICOM files. :func:`classify_file` decides, from the bytes alone, whether a
 file is a DICOM instance to send and, if not, why it is skipped. :func:`read_dicom_bytes`
 returns the exact bytes to upload.
+
+A file is never called "not DICOM" on a guess: only when it is positively something else
+(a JSON summary or other JSON, text, an image, a document, an archive...) or when neither
+the fast header reader nor pydicom (forced, for datasets without preamble or file meta
+information in any transfer syntax) finds its identifiers. A file that no reader can make
+sense of and that is not positively something else is *undecided*: it is offered to the
+target, whose verdict is recorded (see :attr:`Candidate.undecided`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import mmap
 import os
 import re
@@ -28,12 +34,14 @@ from migrator.dicomhead import (
     read_header,
 )
 from migrator.dicomid import orthanc_instance_id, tag_text
+from migrator.sniff import SKIP_JSON, json_reason, looks_like_dataset, other_format
 
 __all__ = [
     "DICOMDIR_SOP_CLASS",
     "HELD_REASONS",
     "HELD_STORAGE",
     "HELD_TREE",
+    "SKIP_JSON",
     "SKIP_NO_PIXELS",
     "Candidate",
     "CorruptFile",
@@ -45,7 +53,6 @@ __all__ = [
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
-SKIP_JSON = "JSON summary (DicomAsJson)"
 SKIP_HEADER_ONLY = "header-only copy (DicomUntilPixelData)"
 # Bare folders: a copy without pixel data whose instance also has a copy with them.
 SKIP_NO_PIXELS = "copy without pixel data (the folder holds a copy of this instance with pixels)"
@@ -63,21 +70,22 @@ HELD_TREE = "copy without pixel data? (held until the listing is complete)"
 HELD_REASONS = {HELD_STORAGE: SKIP_HEADER_ONLY, HELD_TREE: SKIP_NO_PIXELS}
 SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
-NOT_DICOM = "not DICOM: no DICM marker"
+NOT_DICOM_NO_UIDS = "not DICOM: no DICOM identifiers found"
 
 _DEFLATED_TS = "1.2.840.10008.1.2.1.99"
-_JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 # Where Orthanc keeps an attachment: xx/yy/uuid, xx and yy the uuid's first four digits.
 _STORAGE_KEY = re.compile(
     r"^([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
 # Values above this are read lazily by pydicom; keeps big private blobs out of memory.
 _DEFER_SIZE = 64 * 1024
-# JSON summaries are small; a bigger file starting with "{" is not one of them.
-_MAX_JSON_SIZE = 64 * 1024 * 1024
 # DICOM files up to this size are read whole; bigger ones are mapped (only their header
 # is read).
 _READ_WHOLE = 1 << 20
+# A deflated dataset without file meta information: the identifiers are in the first
+# inflated kilobytes.
+_INFLATE_INPUT = 64 * 1024
+_INFLATE_OUTPUT = 256 * 1024
 # Guards decompression against a corrupt size prefix claiming terabytes.
 _MAX_DECLARED_SIZE = 1 << 40
 
@@ -106,6 +114,7 @@ class Candidate:
     skip_reason: str | None
     missing: bool = False
     problem: str | None = None
+    undecided: str | None = None
 
 
 class CorruptFile(ValueError):
@@ -189,9 +198,10 @@ def classify_file(path: str, root: str | None = None) -> Candidate:
         if not head:
             return _skipped(key, abspath, SKIP_EMPTY, size=0)
         compressed = is_zlib_with_size(head)
-        if not compressed and not _may_be_dicom_or_json(head):
-            # Photos, documents...: the first bytes tell, the rest is never read.
-            return _skipped(key, abspath, NOT_DICOM, size=size)
+        other = None if compressed or head[128:132] == b"DICM" else other_format(head)
+        if other is not None:
+            # Photos, documents, text...: the first bytes tell, the rest is never read.
+            return _skipped(key, abspath, other, size=size)
         if compressed:
             raw = head + fh.read()
             try:
@@ -244,20 +254,29 @@ def _classify_bytes(
     if size == 0:
         return _skipped(key, path, SKIP_EMPTY, compressed, 0)
     # The DICM marker first: a Part-10 file's 128-byte preamble is free-form and may
-    # well start with "{".
+    # well start with "{" or look like text or an image (TIFF/DICOM dual files).
     part10 = head[128:132] == b"DICM"
-    if not part10 and head.lstrip()[:1] == b"{":
-        return _skipped(key, path, _json_reason(data), compressed, size)
-    if not part10 and not _looks_like_raw_dataset(head):
-        return _skipped(key, path, NOT_DICOM, compressed, size)
+    if not part10:
+        other = json_reason(data) if head.lstrip()[:1] == b"{" else None
+        other = other or other_format(head, brace_is_text=True)
+        if other is not None:
+            return _skipped(key, path, other, compressed, size)
+    known_pixels = True
     try:
         header = read_header(data)
     except Unsupported:
         try:
-            header = _pydicom_header(data, force=not part10)
+            # Forced: a dataset without preamble or file meta information, in any of the
+            # uncompressed transfer syntaxes, is read as DICOM readers (DCMTK) read it.
+            header = _pydicom_header(data, force=True)
         except Exception as exc:  # pydicom raises many types on garbage input
             why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            return _skipped(key, path, f"not DICOM: {why}", compressed, size)
+            return _undecided(key, path, f"no reader could parse it ({why})", compressed, size, md5)
+        if not part10 and not _has_uids(header):
+            # Deflated, without the file meta information that would say so.
+            inflated = _inflated_header(data)
+            if inflated is not None:
+                header, known_pixels = inflated, False
 
     if header.sop_class == DICOMDIR_SOP_CLASS:
         return _skipped(key, path, SKIP_DICOMDIR, compressed, size)
@@ -268,12 +287,17 @@ def _classify_bytes(
     }
     absent = [k for k, v in uids.items() if not v]
     if absent:
-        label = "incomplete DICOM" if part10 else "not DICOM"
-        return _skipped(key, path, f"{label}: no {', '.join(absent)}", compressed, size)
+        if len(absent) == len(uids) and not part10 and not looks_like_dataset(head):
+            # Neither reader found an identifier in what does not even start like DICOM.
+            return _skipped(key, path, NOT_DICOM_NO_UIDS, compressed, size)
+        # Either incomplete DICOM, or DICOM the readers lost their way in (an unknown
+        # VR, say) where the target's reader does not: only the target can tell.
+        why = f"no {', '.join(absent)} found"
+        return _undecided(key, path, why, compressed, size, md5)
 
-    has_pixels = header.pixel is not None
+    has_pixels = header.pixel is not None if known_pixels else None
     skip = None
-    if not has_pixels and header.rows_and_columns:
+    if has_pixels is False and header.rows_and_columns:
         # Header-only copy or an instance without pixels: see HELD_STORAGE.
         skip = HELD_STORAGE if _STORAGE_KEY.match(key) else HELD_TREE
     problem = _truncation(header, size)
@@ -295,29 +319,57 @@ def _classify_bytes(
     )
 
 
-def _json_reason(data: bytes | mmap.mmap) -> str:
-    if len(data) > _MAX_JSON_SIZE:
-        return "not DICOM: large JSON-like file"
+def _undecided(
+    key: str, path: str, why: str, compressed: bool, size: int, md5: str | None
+) -> Candidate:
+    """A file to offer to the target, which alone can tell whether it is DICOM."""
+    return Candidate(
+        source_key=key,
+        path=path,
+        orthanc_id=None,
+        sop_uid=None,
+        study_uid=None,
+        series_uid=None,
+        size=size,
+        md5=md5,
+        has_pixels=None,
+        compressed=compressed,
+        skip_reason=None,
+        undecided=why,
+    )
+
+
+def _has_uids(header: Header) -> bool:
+    return bool(header.study_uid or header.series_uid or header.sop_uid)
+
+
+def _inflated_header(data: bytes | mmap.mmap) -> Header | None:
+    """The header of a deflated dataset written without file meta information, or None
+    when the file does not inflate into one. Only the beginning is inflated: enough for
+    the identifiers, not for the pixel data (whose presence stays unknown)."""
+    engine = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        doc = json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError):
-        return "not DICOM: starts with '{' but is not JSON"
-    if isinstance(doc, dict) and doc and all(_JSON_KEY.match(k) for k in doc):
-        return SKIP_JSON
-    return "not DICOM: JSON document"
-
-
-def _may_be_dicom_or_json(head: bytes) -> bool:
-    return head[128:132] == b"DICM" or head.lstrip()[:1] == b"{" or _looks_like_raw_dataset(head)
-
-
-def _looks_like_raw_dataset(head: bytes) -> bool:
-    # A dataset without preamble starts with a low group (0002 meta, 0008 identifying),
-    # little endian; anything else is not worth a forced parse.
-    if len(head) < 8:
-        return False
-    (group,) = struct.unpack_from("<H", head)
-    return group in (0x0002, 0x0008)
+        plain = engine.decompress(bytes(data[:_INFLATE_INPUT]), _INFLATE_OUTPUT)
+    except zlib.error:
+        return None
+    if len(plain) < 8:
+        return None
+    try:
+        header = _pydicom_header(plain, force=True)
+    except Exception:  # not a dataset after all
+        return None
+    if not _has_uids(header):
+        return None
+    return Header(
+        sop_class=header.sop_class,
+        transfer_syntax=_DEFLATED_TS,
+        patient_id=header.patient_id,
+        study_uid=header.study_uid,
+        series_uid=header.series_uid,
+        sop_uid=header.sop_uid,
+        rows_and_columns=header.rows_and_columns,
+        pixel=None,
+    )
 
 
 def _pydicom_header(data: bytes | mmap.mmap, force: bool) -> Header:

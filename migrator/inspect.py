@@ -160,6 +160,7 @@ _COUNTERS = (
     "dicomdir",
     "empty_files",
     "other_files",
+    "undecided_files",
     "truncated",
     "archives",
     "archive_members",
@@ -221,7 +222,10 @@ def _count(cand: Candidate, counts: dict[str, int], examples: list[str]) -> None
     counts["files"] += 1
     counts["compressed_files"] += cand.compressed
     reason = cand.skip_reason
-    if reason is None:
+    if reason is None and cand.undecided is not None:
+        # No reader found its identifiers: the import offers it and the target decides.
+        counts["undecided_files"] += 1
+    elif reason is None:
         counts["dicom_files"] += 1
         counts["dicom_bytes"] += cand.size or 0
         counts["truncated"] += cand.problem is not None
@@ -361,5 +365,8 @@ def _render_tree(r: dict[str, Any]) -> list[str]:
         lines.insert(1, _line("ZIP archives", r["archives"], note))
     if r["truncated"]:
         lines.append(_line("truncated DICOM", r["truncated"], "sent; the target decides"))
+    if r.get("undecided_files"):
+        note = "not identified as DICOM: offered, the target decides"
+        lines.append(_line("unidentified files", r["undecided_files"], note))
     lines += [f"    {example}" for example in r["other_examples"]]
     return lines

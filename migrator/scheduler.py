@@ -33,6 +33,7 @@ from migrator.errors import (
     MigratorError,
     TransferError,
     Verdict,
+    refused_as_not_dicom,
 )
 from migrator.fileclass import HELD_REASONS
 from migrator.health import Breaker
@@ -486,7 +487,8 @@ class Scheduler:
 
     def _sent(self, lease: Lease, stored: Stored, digest: str, size: int) -> Outcome:
         """The outcome of an instance the target confirmed."""
-        target_id = None
+        # A file the listing could not identify has only the ID the target gave it.
+        target_id = stored.orthanc_id if lease.orthanc_id is None else None
         if lease.orthanc_id and stored.orthanc_id and stored.orthanc_id != lease.orthanc_id:
             # Recorded, so that verify asks the target for the instance it really holds.
             target_id = stored.orthanc_id
@@ -508,6 +510,14 @@ class Scheduler:
     def _failure(self, lease: Lease, verdict: Verdict, side: str) -> Outcome:
         if verdict.kind is Kind.FATAL:
             raise FatalError(verdict.reason)
+        # A row without Orthanc ID is a file the listing could not identify: the target
+        # saying it is not DICOM settles it as skipped, not as a refused instance.
+        not_dicom = refused_as_not_dicom(verdict) if lease.orthanc_id is None else None
+        if not_dicom is not None and side == "target":
+            log.info("skipped %s: %s", lease.source_key, not_dicom)
+            return Outcome(
+                lease.id, State.SKIPPED, http_status=verdict.http_status, error=not_dicom
+            )
         if verdict.kind is Kind.PERMANENT:
             log.warning("rejected %s: %s", lease.source_key, verdict.reason)
             return Outcome(

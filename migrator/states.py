@@ -44,6 +44,7 @@ RETRYABLE_BY_USER: frozenset[State] = frozenset(
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PENDING: frozenset({State.IN_FLIGHT, State.SKIPPED}),
+    # Skipped: a file that could not be identified and that the target says is not DICOM.
     State.IN_FLIGHT: frozenset(
         {
             State.SENT,
@@ -52,6 +53,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
             State.VANISHED,
             State.PENDING,
             State.IN_FLIGHT,
+            State.SKIPPED,
         }
     ),
     State.SENT: frozenset({State.PENDING}),
