@@ -91,6 +91,8 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
                 runs.c.host,
                 runs.c.pid,
                 runs.c.pid_start,
+                runs.c.transferring,
+                runs.c.concurrency,
             ).where(runs.c.job_id == job.id, runs.c.status == "running")
         ).all()
         held = dict(
@@ -108,6 +110,12 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
     rate = recent / span if recent and live else 0.0
     remaining = sum(counts[s.value] for s in ACTIVE_STATES)
     total = sum(counts.values())
+    workers = [_worker(row, held.get(row.owner, 0)) for row in live]
+    abandoned = sum(held.get(w[0], 0) for w in gone)
+    # Rows in flight are either being sent now or wait in a live worker's queue (leased
+    # ahead); the counts and the runs are read a moment apart, hence the bounds.
+    transferring = min(sum(w["transferring"] for w in workers), counts[State.IN_FLIGHT.value])
+    queued = max(counts[State.IN_FLIGHT.value] - abandoned - transferring, 0)
     return {
         "name": job.name,
         "kind": job.kind,
@@ -123,23 +131,15 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
         "rate": round(rate, 2),
         "bytes_rate": round(float(recent_bytes) / span, 1) if rate else 0.0,
         "eta_seconds": round(remaining / rate, 1) if rate > 0 and remaining else None,
+        # Of the rows in flight: transfers under way, rows leased ahead by live workers.
+        "transferring": transferring,
+        "queued": queued,
         # Rows in flight whose worker is gone: the next run takes them back.
-        "abandoned": sum(held.get(w[0], 0) for w in gone),
+        "abandoned": abandoned,
         "top_errors": [
             {"state": state, "reason": reason, "count": n} for state, reason, n in errors
         ],
-        "workers": [
-            {
-                "owner": owner,
-                "command": command,
-                "started": started,
-                "heartbeat": beat,
-                "sent": sent,
-                "bytes": nbytes,
-                "in_flight": held.get(owner, 0),
-            }
-            for owner, command, started, beat, sent, nbytes, *_ in live
-        ],
+        "workers": workers,
         # Runs that never finished and whose process is gone (killed, crashed, host down).
         "gone_workers": [
             {
@@ -153,6 +153,24 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
             }
             for (owner, command, started, beat, sent, *_), reason in gone.items()
         ],
+    }
+
+
+def _worker(row: Any, in_flight: int) -> dict[str, Any]:
+    """One live worker of `job_status`: what it holds, sends now and has queued."""
+    transferring = min(row.transferring or 0, in_flight)
+    return {
+        "owner": row.owner,
+        "command": row.command,
+        "started": row.started_at,
+        "heartbeat": row.heartbeat_at,
+        "sent": row.sent,
+        "bytes": row.bytes,
+        "in_flight": in_flight,
+        "transferring": transferring,
+        "queued": in_flight - transferring,
+        # The transfers it allows at once now (None: a run that did not say).
+        "concurrency": row.concurrency,
     }
 
 
@@ -200,6 +218,13 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _in_flight(job: dict[str, Any]) -> str:
+    parts = [f"{job['transferring']} transferring", f"{job['queued']} queued"]
+    if job["abandoned"]:
+        parts.append(f"{job['abandoned']} abandoned")
+    return ", ".join(parts)
+
+
 def render_status(doc: dict[str, Any]) -> str:
     """Human text for `migrator status`."""
     if not doc["jobs"]:
@@ -221,15 +246,18 @@ def render_status(doc: dict[str, Any]) -> str:
             )
             + ("" if job["listing_done"] else "; listing not finished"),
         ]
+        if counts["in_flight"]:
+            lines.append(f"  in_flight {counts['in_flight']}: {_in_flight(job)}")
         if job["top_errors"]:
             lines.append("  most common reasons:")
             lines += [
                 f"    {e['count']:>7}  {e['state']}: {e['reason']}" for e in job["top_errors"]
             ]
         for w in job["workers"]:
+            allowed = f", concurrency {w['concurrency']}" if w["concurrency"] else ""
             lines.append(
-                f"  worker {w['owner']} ({w['command']}): {w['in_flight']} in flight, "
-                f"sent {w['sent']}"
+                f"  worker {w['owner']} ({w['command']}): {w['transferring']} transferring, "
+                f"{w['queued']} queued{allowed}; sent {w['sent']}"
             )
         for w in job["gone_workers"]:
             lines.append(

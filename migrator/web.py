@@ -4,9 +4,13 @@ Routes (GET only; the server never writes the ledger, so it can run beside the w
 
     /              the page (`migrator.web_page`), which polls the two APIs every 2 s
     /api/status    the same JSON as ``migrator status --json``
-    /api/history   instances sent per minute, from ``sent_at`` (``?minutes=60``)
-    /api/verify    verification results per job
+    /api/history   instances sent per minute and per second, from ``sent_at``
+                   (``?minutes=60``; `migrator.web_history`)
+    /api/verify    verification results per job, as `migrator verify` counts them
     /metrics       Prometheus text format
+
+It may start before the first job: until a job has made the ledger it answers "no jobs"
+(and never makes it itself; `LedgerWhenReady`).
 
 Standard library only (``ThreadingHTTPServer``): no CDN, nothing to install. Answers are
 cached for a second, so ten open pages cost the ledger what one does. Requests for a host
@@ -24,103 +28,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from sqlalchemy import Integer, cast, func, select
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
 
-from migrator.errors import MigratorError, UsageError
+from migrator import db
+from migrator.errors import LedgerError, MigratorError, UsageError
 from migrator.ledger import Ledger
 from migrator.reports import status_document
-from migrator.schema import instances
+from migrator.verify_report import verification_totals
+from migrator.web_history import BUCKET, History, history
 from migrator.web_hosts import HostCheck, hostname
 from migrator.web_page import PAGE
 
 log = logging.getLogger("migrator")
 
+__all__ = ["BUCKET", "DashboardServer", "History", "history", "metrics", "serve", "verify_counts"]
+
 CACHE_SECONDS = 1.0
-BUCKET = 60
 MAX_MINUTES = 24 * 60
 
 
-def _minute_counts(ledger: Ledger, job_id: int, since: float) -> dict[int, int]:
-    """Instances sent per minute (minute = epoch // 60) from `since` on, for one job."""
-    c = instances.c
-    # PostgreSQL rounds when casting to integer; SQLite truncates (and may lack floor()).
-    if ledger.dialect == "postgresql":
-        bucket = func.floor(c.sent_at / BUCKET).label("m")
-    else:
-        bucket = cast(c.sent_at / BUCKET, Integer).label("m")
-    with ledger._read() as conn:
-        rows = conn.execute(
-            select(bucket, func.count())
-            .where(c.job_id == job_id, c.sent_at >= since)
-            .group_by(bucket)
-        ).all()
-    return {int(m): n for m, n in rows}
-
-
-class History:
-    """Instances sent per minute, per job, computed incrementally.
-
-    Counting a busy hour reads millions of index entries, too slow for a page polled
-    every 2 s. Minutes that are over do not change (except for rows sent again, which
-    move to a later minute), so they are counted once and kept; each request re-reads only
-    the minutes since the last one. A full recount every REFRESH seconds corrects the
-    rows sent again.
-    """
-
-    REFRESH = 300.0
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        self.lock = threading.Lock()
-        self.closed: dict[int, dict[int, int]] = {}
-        self.start: dict[int, int] = {}
-        self.until: dict[int, int] = {}
-        self.counted_at: dict[int, float] = {}
-
-    def get(self, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
-        """Per job, `[minute start (epoch s), instances sent]` for the last `minutes`."""
-        now = time.time() if now is None else now
-        current = int(now) // BUCKET
-        first = current - minutes + 1
-        out = []
-        with self.lock:
-            for job in self.ledger.list_jobs():
-                closed = self._update(job.id, first, current)
-                points = [[m * BUCKET, closed.get(m, 0)] for m in range(first, current + 1)]
-                out.append({"name": job.name, "points": points})
-        return {"bucket_seconds": BUCKET, "now": now, "jobs": out}
-
-    def _update(self, job_id: int, first: int, current: int) -> dict[int, int]:
-        stale = time.monotonic() - self.counted_at.get(job_id, -self.REFRESH) >= self.REFRESH
-        if stale or first < self.start.get(job_id, first + 1):
-            self.closed[job_id], self.start[job_id] = {}, first
-            self.until[job_id], self.counted_at[job_id] = first, time.monotonic()
-        closed = self.closed[job_id]
-        fresh = _minute_counts(self.ledger, job_id, self.until[job_id] * BUCKET)
-        for minute in range(self.until[job_id], current + 1):
-            closed[minute] = fresh.get(minute, 0)
-        # The current minute is still filling: count it again next time.
-        self.until[job_id] = current
-        return closed
-
-
-def history(ledger: Ledger, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
-    """Instances sent per minute over the last `minutes`, per job (oldest bucket first)."""
-    return History(ledger).get(minutes, now)
-
-
 def verify_counts(ledger: Ledger) -> dict[str, Any]:
-    """Latest verification result counts per job (from the verify index only)."""
-    c = instances.c
+    """Per job, the sent rows per verify result, as `migrator verify` counts them: a row
+    sent again since its check is `unverified` (results of zero are left out)."""
     out = []
-    with ledger._read() as conn:
-        for job in ledger.list_jobs():
-            rows = conn.execute(
-                select(c.verify_result, func.count())
-                .where(c.job_id == job.id, c.verify_result.is_not(None))
-                .group_by(c.verify_result)
-            ).all()
-            out.append({"name": job.name, "results": dict(rows)})
+    for job in ledger.list_jobs():
+        totals = verification_totals(ledger, job.id)
+        out.append({"name": job.name, "results": {k: n for k, n in totals.items() if n}})
     return {"jobs": out}
 
 
@@ -262,25 +196,23 @@ class Handler(BaseHTTPRequestHandler):
             return
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        cache, ledger = self.server.cache, self.server.ledger
+        server, cache = self.server, self.server.cache
         try:
             if url.path in ("/", "/index.html"):
                 body, ctype = PAGE.encode(), "text/html; charset=utf-8"
             elif url.path == "/api/status":
-                body = _json(cache.get("status", lambda: status_document(ledger)))
+                body = _json(cache.get("status", server.status))
                 ctype = "application/json"
             elif url.path == "/api/history":
                 minutes = _minutes(query)
-                body = _json(
-                    cache.get(f"history{minutes}", lambda: self.server.history.get(minutes))
-                )
+                body = _json(cache.get(f"history{minutes}", lambda: server.rates(minutes)))
                 ctype = "application/json"
             elif url.path == "/api/verify":
-                body = _json(cache.get("verify", lambda: verify_counts(ledger)))
+                body = _json(cache.get("verify", server.verified))
                 ctype = "application/json"
             elif url.path == "/metrics":
-                status = cache.get("status", lambda: status_document(ledger))
-                verified = cache.get("verify", lambda: verify_counts(ledger))
+                status = cache.get("status", server.status)
+                verified = cache.get("verify", server.verified)
                 body = metrics(status, verified).encode()
                 ctype = "text/plain; version=0.0.4; charset=utf-8"
             else:
@@ -324,20 +256,85 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
+class LedgerWhenReady:
+    """The ledger a server reads, opened once the first job has made it.
+
+    `migrator serve` may start before any job. It never creates the ledger (an SQLite
+    file, or the tables of an empty PostgreSQL database: the job that creates them must
+    find them missing), but looks again at each request and answers "no jobs" until then.
+    """
+
+    def __init__(self, url: str, ledger: Ledger | None = None) -> None:
+        self.url = url
+        self.ledger = ledger
+        self.lock = threading.Lock()
+        self.display_url = ledger.display_url if ledger else db.display_url(url)
+        # Checks the URL (and an SQLite ledger's folder) at once; connects only when asked.
+        self.probe = None if ledger else db.make_engine(url, must_exist=False)
+        self.path = db.sqlite_path(self.probe.url) if self.probe else None
+
+    def get(self) -> Ledger | None:
+        """The ledger, or None while no job has created it yet."""
+        with self.lock:
+            if self.ledger is None and self._made():
+                self.ledger = Ledger.open(self.url, create=False)
+                self.close()
+            return self.ledger
+
+    def _made(self) -> bool:
+        if self.path is not None and (not self.path.exists() or not self.path.stat().st_size):
+            # Connecting would create the file (an empty one: the first job is making it).
+            return False
+        assert self.probe is not None
+        try:
+            with self.probe.connect() as conn:
+                # The first job creates every table in one transaction.
+                return bool(inspect(conn).get_table_names())
+        except SQLAlchemyError as exc:
+            reason = db.short_error(exc)
+            raise LedgerError(f"cannot open the ledger {self.display_url}: {reason}") from None
+
+    def close(self) -> None:
+        """Release the probe's connections (the ledger's are the caller's to close)."""
+        if self.probe is not None:
+            self.probe.dispose()
+            self.probe = None
+
+
 class DashboardServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer holding the ledger and the answer cache."""
+    """A ThreadingHTTPServer holding the ledger (maybe not made yet) and the answer cache."""
 
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], ledger: Ledger, hosts: HostCheck | None = None
+        self,
+        address: tuple[str, int],
+        ledger: Ledger | LedgerWhenReady,
+        hosts: HostCheck | None = None,
     ) -> None:
         super().__init__(address, Handler)
-        self.ledger = ledger
+        if isinstance(ledger, Ledger):
+            ledger = LedgerWhenReady(ledger.display_url, ledger)
+        self.ledgers = ledger
         self.hosts = hosts or HostCheck(address[0])
         self.refused: set[str] = set()
         self.cache = _Cache()
-        self.history = History(ledger)
+        self.history = History()
+
+    def status(self) -> dict[str, Any]:
+        """The `status --json` document (no jobs while there is no ledger yet)."""
+        ledger = self.ledgers.get()
+        return status_document(ledger) if ledger is not None else {"jobs": []}
+
+    def rates(self, minutes: int) -> dict[str, Any]:
+        """The `/api/history` document."""
+        self.history.ledger = self.ledgers.get()
+        return self.history.get(minutes)
+
+    def verified(self) -> dict[str, Any]:
+        """The `/api/verify` document."""
+        ledger = self.ledgers.get()
+        return verify_counts(ledger) if ledger is not None else {"jobs": []}
 
     def prime(self) -> None:
         """Compute the page's answers once in the background, so that even the first
@@ -345,9 +342,9 @@ class DashboardServer(ThreadingHTTPServer):
 
         def work() -> None:
             try:
-                self.cache.get("status", lambda: status_document(self.ledger))
-                self.cache.get("history60", lambda: self.history.get(60))
-                self.cache.get("verify", lambda: verify_counts(self.ledger))
+                self.cache.get("status", self.status)
+                self.cache.get("history60", lambda: self.rates(60))
+                self.cache.get("verify", self.verified)
             except MigratorError as exc:
                 log.warning("cannot read the ledger yet: %s", exc)
 
@@ -372,17 +369,30 @@ def serve(
 ) -> None:
     """Serve until interrupted (`migrator serve`); `allow_hosts`: more host names to answer
     for, besides addresses, localhost and this machine's names."""
-    ledger = Ledger.open(ledger_url, create=False)
+    ledgers = LedgerWhenReady(ledger_url)
     try:
-        server = DashboardServer((host, port), ledger, HostCheck(host, allow_hosts))
+        # An unusable ledger (not migrator's, too old, unreachable) is an error now.
+        ready = ledgers.get() is not None
+        server = DashboardServer((host, port), ledgers, HostCheck(host, allow_hosts))
     except OSError as exc:
-        ledger.close()
+        _close(ledgers)
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except BaseException:
+        _close(ledgers)
+        raise
     shown = f"[{host}]" if ":" in host else host
     server.prime()
-    log.info("serving %s on http://%s:%d/ (Ctrl-C to stop)", ledger.display_url, shown, port)
+    log.info("serving %s on http://%s:%d/ (Ctrl-C to stop)", ledgers.display_url, shown, port)
+    if not ready:
+        log.info("no jobs yet: the page fills in once the first job has made the ledger")
     try:
         server.serve_forever()
     finally:
         server.server_close()
-        ledger.close()
+        _close(ledgers)
+
+
+def _close(ledgers: LedgerWhenReady) -> None:
+    ledgers.close()
+    if ledgers.ledger is not None:
+        ledgers.ledger.close()

@@ -1,9 +1,10 @@
 """The HTML page of `migrator serve`: one self-contained document, no external assets.
 
 Every 2 s it fetches /api/status, /api/history and /api/verify and redraws one card per
-job: progress bar, counts by state, rate, ETA, a per-minute rate chart (inline SVG), the
-top error reasons and the workers. Text from the ledger is inserted with textContent only,
-since error messages come from remote servers.
+job: progress bar, counts by state (rows in flight split into transferring and queued),
+rate, ETA, a per-minute rate chart (inline SVG, the per-second rates of /api/history), the
+verification results, the top error reasons and the workers. Text from the ledger is
+inserted with textContent only, since error messages come from remote servers.
 """
 
 PAGE = """<!doctype html>
@@ -14,7 +15,8 @@ PAGE = """<!doctype html>
 <title>migrator</title>
 <style>
   :root { --bg:#f4f5f7; --card:#fff; --ink:#1d2430; --mute:#667085; --line:#e3e6ea;
-          --sent:#2e9e5b; --pending:#9aa4b2; --in_flight:#3b82f6; --failed:#d64545;
+          --sent:#2e9e5b; --pending:#9aa4b2; --in_flight:#3b82f6;
+          --transferring:#3b82f6; --queued:#93c5fd; --abandoned:#475569; --failed:#d64545;
           --rejected:#e07b24; --skipped:#b49ad6; --vanished:#8d6e63; }
   * { box-sizing: border-box; }
   body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
@@ -61,6 +63,8 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const STATES = ["sent","in_flight","pending","failed","rejected","skipped","vanished"];
+// Rows in flight: sent now, leased ahead (waiting in a worker), or held by a gone worker.
+const FLIGHT = ["transferring","queued","abandoned"];
 const POLL_MS = 2000;
 const el = (tag, cls, text) => {
   const e = document.createElement(tag);
@@ -87,15 +91,16 @@ function figure(key, value, label) {
   f.append(el("div", "v", value), el("div", "k", label));
   return f;
 }
-function chart(points) {
+function chart(points, rates, peak) {
   // Bars in a stretched SVG; the labels are HTML so that the stretch does not warp them.
   const NS = "http://www.w3.org/2000/svg", W = 600, H = 110;
   const wrap = el("div", "chartwrap");
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`); svg.setAttribute("class", "chart");
   svg.setAttribute("preserveAspectRatio", "none");
-  const rates = points.map(p => p[1] / 60);
-  const top = Math.max(...rates, 0.001);
+  // Per-second rates from the server: the current minute over its elapsed seconds, so
+  // the peak is comparable with the rate shown above the chart.
+  const top = Math.max(peak, 0.001);
   const bw = W / Math.max(points.length, 1);
   for (const y of [0.25, 0.5, 0.75]) {
     const g = document.createElementNS(NS, "line");
@@ -116,19 +121,19 @@ function chart(points) {
   });
   const axis = el("div", "axis");
   axis.append(el("span", "", "\u2212" + points.length + " min"),
-    el("span", "", "peak " + top.toFixed(1) + "/s"), el("span", "", "now"));
+    el("span", "peak", "peak " + peak.toFixed(1) + "/s"), el("span", "", "now"));
   wrap.append(svg, axis);
   return wrap;
 }
-function card(job, points, verified) {
+function card(job, hist, verified) {
   const c = el("section", "card"); c.dataset.job = job.name;
   const title = el("div", "title");
   title.append(el("h2", "", job.name), el("span", "route", job.kind + ": " + job.source +
     " \\u2192 " + job.target));
   c.append(title);
   const bar = el("div", "bar"), total = Math.max(job.total, 1);
-  for (const s of ["sent","skipped","rejected","failed","vanished","in_flight"]) {
-    const n = job.counts[s] || 0; if (!n) continue;
+  for (const s of ["sent","skipped","rejected","failed","vanished", ...FLIGHT]) {
+    const n = (s in job.counts ? job.counts[s] : job[s]) || 0; if (!n) continue;
     const seg = el("span"); seg.style.width = (100 * n / total) + "%";
     seg.style.background = `var(--${s})`; seg.title = s + " " + fmt(n); bar.append(seg);
   }
@@ -149,14 +154,25 @@ function card(job, points, verified) {
     const dot = el("i"); dot.style.background = `var(--${s})`;
     const v = el("span", "count", fmt(n)); v.dataset.state = s;
     chip.append(dot, s.replace("_", " ") + " ", v); counts.append(chip);
+    if (s !== "in_flight") continue;
+    for (const f of FLIGHT) {
+      const m = job[f] || 0;
+      if (f === "abandoned" && !m) continue;
+      const sub = el("span", "chip" + (m ? "" : " zero"));
+      const d = el("i"); d.style.background = `var(--${f})`;
+      const w = el("span", "count", fmt(m)); w.dataset.flight = f;
+      sub.append(d, f + " ", w); counts.append(sub);
+    }
   }
   c.append(counts);
   c.append(el("h3", "", "Rate, instances per second (per minute)"));
-  c.append(points && points.length ? chart(points) : el("p", "none", "no history"));
+  c.append(hist && hist.points.length ? chart(hist.points, hist.rates, hist.peak)
+    : el("p", "none", "no history"));
   if (verified && Object.keys(verified).length) {
+    // As `migrator verify` counts them: a row sent again since its check is unverified.
     c.append(el("h3", "", "Verification"));
     const v = el("div", "counts");
-    for (const r of ["match","missing","differ","error"]) {
+    for (const r of ["match","missing","differ","error","unverified"]) {
       const chip = el("span", "chip" + (verified[r] ? "" : " zero"));
       const n = el("span", "count", fmt(verified[r] || 0)); n.dataset.verify = r;
       chip.append(r + " ", n); v.append(chip);
@@ -179,7 +195,10 @@ function card(job, points, verified) {
     for (const w of job.workers) {
       const tr = el("tr");
       tr.append(el("td", "", w.owner + " (" + w.command + ")"),
-        el("td", "n", fmt(w.in_flight) + " in flight"), el("td", "n", fmt(w.sent) + " sent"));
+        el("td", "n", fmt(w.transferring) + " transferring"),
+        el("td", "n", fmt(w.queued) + " queued"),
+        el("td", "n", w.concurrency ? "concurrency " + w.concurrency : ""),
+        el("td", "n", fmt(w.sent) + " sent"));
       t.append(tr);
     }
     c.append(t);
@@ -193,11 +212,13 @@ async function refresh() {
       if (!r.ok) throw new Error(u + ": HTTP " + r.status); return r.json(); });
     const [status, hist, ver] = await Promise.all(
       [get("/api/status"), get("/api/history?minutes=60"), get("/api/verify")]);
-    const points = Object.fromEntries(hist.jobs.map(j => [j.name, j.points]));
+    const histories = Object.fromEntries(hist.jobs.map(j => [j.name, j]));
     const verified = Object.fromEntries(ver.jobs.map(j => [j.name, j.results]));
     const main = document.getElementById("jobs");
-    const cards = status.jobs.map(j => card(j, points[j.name], verified[j.name]));
-    main.replaceChildren(...(cards.length ? cards : [el("p", "", "No jobs in this ledger yet.")]));
+    const cards = status.jobs.map(j => card(j, histories[j.name], verified[j.name]));
+    const none = el("p", "", "No jobs yet: this page fills in when the first job starts.");
+    none.id = "empty";
+    main.replaceChildren(...(cards.length ? cards : [none]));
     okAt = Date.now();
     const u = document.getElementById("updated");
     u.className = "meta"; u.textContent = "updated " + new Date().toLocaleTimeString();
