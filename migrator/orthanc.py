@@ -225,6 +225,51 @@ class OrthancClient:
         body = await self.get_json("statistics")
         return int(body["CountInstances"])
 
+    async def bulk_content(self, ids: list[str]) -> list[dict[str, Any]] | None:
+        """What ``GET /{level}/{id}`` says of each resource (without metadata), for many
+        at once: ``POST /tools/bulk-content`` (Orthanc 1.9.4+). Resources the server does
+        not hold (deleted meanwhile) are left out of the answer. None when the server has
+        no such call (older versions, or a proxy that allows it no POST)."""
+        try:
+            response = await self.http.post(
+                "tools/bulk-content", json={"Resources": ids, "Metadata": False}
+            )
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code in (403, 404, 405, 501):
+            # Unknown IDs answer 200 with the resource left out: 404 is the route.
+            return None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, list) or not all(isinstance(i, dict) for i in body):
+            raise TransferError(
+                Verdict(Kind.FATAL, f"{self.role}: /tools/bulk-content is not a list")
+            )
+        return body
+
+    async def resource(self, level: str, orthanc_id: str) -> dict[str, Any] | None:
+        """``GET /{level}/{id}`` (level: instances, series, studies), None if unknown."""
+        try:
+            response = await self.http.get(f"{level}/{orthanc_id}")
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            what = f"{self.role}: /{level}/{{id}} is not an object"
+            raise TransferError(Verdict(Kind.FATAL, what))
+        return body
+
     # -- per-instance calls -------------------------------------------------------------
 
     async def _per_instance(

@@ -10,36 +10,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from migrator.config import RetryPolicy
-from migrator.errors import Kind, TransferError
 from migrator.ledger import Lease
 from migrator.orthanc import OrthancClient
-from migrator.streams import Chunks
+from migrator.rest_uids import UidLookup
+from migrator.retrying import with_retries
+
+__all__ = ["ListingPage", "RestSource", "Source", "with_retries"]
 
 log = logging.getLogger("migrator")
 
-T = TypeVar("T")
-
-
-async def with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
-    """Await `call`, retrying retryable TransferErrors with backoff (listing requests)."""
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except TransferError as exc:
-            attempt += 1
-            if exc.verdict.kind is not Kind.RETRYABLE or attempt >= policy.max_attempts:
-                raise
-            ceiling = min(policy.backoff_max, policy.backoff_initial * 2 ** (attempt - 1))
-            delay = random.uniform(ceiling / 2, ceiling)
-            log.warning("%s failed (%s); retrying in %.1f s", what, exc.verdict.reason, delay)
-            await asyncio.sleep(delay)
+# Offset pages requested ahead of the one being saved (Orthanc answers several at once).
+AHEAD = 4
+# At most this many rows of offset pages go to the ledger in one transaction.
+MERGE_ROWS = 10_000
+# The most instances two consecutive offset pages share.
+OVERLAP_MAX = 32
+# An offset page as read, and its ledger rows.
+Read = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -76,11 +69,6 @@ class Source(Protocol):
         """The DICOM bytes of one leased row. Raise TransferError."""
         ...
 
-    async def open(self, lease: Lease) -> bytes | Chunks:
-        """The DICOM bytes of a row whose size is large or unknown: whole, or as chunks to
-        stream when the instance is large (see `migrator.streams`). Raise TransferError."""
-        ...
-
     async def aclose(self) -> None:
         """Release resources."""
         ...
@@ -100,26 +88,49 @@ class RestSource:
        further back (cheap ID-only pages) and the page is read again from there; when
        every anchor was deleted, the listing starts over from offset 0 (the ledger
        ignores rows it already has).
+       Several pages are requested ahead, each from where it starts if the pages before
+       it are full. They are checked in order, each against the anchors of the page
+       before it: the proof holds whichever of the two was read first, as each is one
+       snapshot of the index. A page that fails is read again as above and the pages
+       requested after it are dropped. Pages already read when the ledger is ready for
+       more are saved together, in one transaction.
     2. ``reconcile``: one ``GET /instances`` (every ID, in one transaction of the
-       source's index) is added to the ledger, which ignores the ones it holds: whatever
-       the offset pages missed, for any reason, is listed here.
+       source's index): whatever the offset pages missed, for any reason, is listed
+       here. When this process read the offset pages from the first, only the IDs they
+       missed are looked up and listed; otherwise every ID goes to the ledger, which
+       ignores the ones it holds.
     3. ``changes``: instances that arrived while the listing ran come from the change
        log, read from the position recorded before the first page.
+
+    Rows carry the study and series UIDs, looked up once per series and study
+    (`rest_uids.UidLookup`), so that `verify` can compare counts per study.
     """
 
     kind = "replicate"
     send_while_listing = True
     copies_possible = False
 
-    def __init__(self, client: OrthancClient, retry: RetryPolicy, page_size: int = 1000) -> None:
+    def __init__(
+        self, client: OrthancClient, retry: RetryPolicy, page_size: int = 1000, ahead: int = AHEAD
+    ) -> None:
         self.client = client
         self.retry = retry
-        self.page_size = page_size
+        # A page reaches past the overlap with the one before it, or the listing stalls.
+        self.page_size = max(page_size, 2)
         self.display = client.endpoint.display
-        self.overlap = min(max(page_size // 10, 1), 100)
+        # Deletions before a page that the overlap absorbs (more: a step back); each
+        # instance of the overlap is read twice.
+        self.overlap = min(max(self.page_size // 10, 1), OVERLAP_MAX)
+        self.ahead = max(ahead, 1)
+        self.merge = max(self.page_size, MERGE_ROWS)
         # IDs per request when looking back for the anchors, and rows per ledger page of
         # the reconciliation: ID-only answers are cheap for Orthanc.
-        self.scan = min(max(page_size * 10, 1000), 100_000)
+        self.scan = min(max(self.page_size * 10, 1000), 100_000)
+        self.uids = UidLookup(client, retry)
+        # Hashes of the IDs the offset pages of this process listed, and whether those
+        # pages began at offset 0 here (then the reconciliation needs only the others).
+        self._seen: set[int] = set()
+        self._seen_all = False
 
     async def preflight(self) -> str:
         info = await self.client.system()
@@ -132,59 +143,115 @@ class RestSource:
             state = {"phase": "offset", "offset": 0, "anchors": [], "changes": last}
             yield ListingPage([], json.dumps(state), changes_seq=state["changes"])
         if state["phase"] == "offset":
-            while True:
-                anchors = state.get("anchors") or []
-                page, start = await self._anchored_page(state["offset"], anchors)
-                state["offset"] = start + len(page)
-                state["anchors"] = _next_anchors(anchors, [item["ID"] for item in page])
-                rows = [_row(item) for item in page]
-                if len(page) < self.page_size:
-                    state = {"phase": "reconcile", "changes": state["changes"]}
-                    yield ListingPage(rows, json.dumps(state))
-                    break
-                yield ListingPage(rows, json.dumps(state))
+            async for page in self._offset_pages(state):
+                yield page
+            state = {"phase": "reconcile", "changes": state["changes"]}
         if state["phase"] == "reconcile":
-            ids = await with_retries(self.client.instance_ids, self.retry, "GET /instances")
+            async for page in self._reconcile(state["changes"]):
+                yield page
             state = {"phase": "changes", "changes": state["changes"]}
-            # Until the last chunk is saved, a resumed listing takes the snapshot again.
-            during = json.dumps({"phase": "reconcile", "changes": state["changes"]})
-            for at in range(0, len(ids), self.scan):
-                chunk = ids[at : at + self.scan]
-                last = at + self.scan >= len(ids)
-                rows = [{"source_key": i, "orthanc_id": i} for i in chunk]
-                yield ListingPage(rows, json.dumps(state) if last else during)
-            if not ids:
-                yield ListingPage([], json.dumps(state))
         while True:
             body = await with_retries(
                 lambda s=state["changes"]: self.client.changes(s, 1000), self.retry, "GET /changes"
             )
-            rows = [
-                {"source_key": c["ID"], "orthanc_id": c["ID"]}
+            ids = [
+                c["ID"]
                 for c in body.get("Changes", [])
-                if c.get("ChangeType") == "NewInstance"
+                if c.get("ChangeType") == "NewInstance" and isinstance(c.get("ID"), str)
             ]
+            rows = await self.uids.rows_for_ids(list(dict.fromkeys(ids)))
             state["changes"] = int(body.get("Last", state["changes"]))
             done = bool(body.get("Done", True))
             yield ListingPage(rows, json.dumps(state), done=done)
             if done:
                 return
 
+    async def _offset_pages(self, state: dict[str, Any]) -> AsyncIterator[ListingPage]:
+        """The offset phase from `state` (updated page by page); the cursor of its last
+        page moves on to the reconciliation."""
+        self._seen_all = state["offset"] == 0
+        ahead: deque[tuple[int, asyncio.Task[Read]]] = deque()
+        rows: list[dict[str, Any]] = []
+        try:
+            while True:
+                offset, anchors = state["offset"], state.get("anchors") or []
+                start = max(offset - self.overlap, 0)
+                if ahead and ahead[0][0] != start:
+                    _drop(ahead)  # requested from where a full page would have ended
+                while len(ahead) < self.ahead:
+                    at = ahead[-1][0] + self.page_size - self.overlap if ahead else start
+                    ahead.append((at, asyncio.create_task(self._read(at))))
+                page, page_rows = await ahead.popleft()[1]
+                if not _holds_anchor(start, page, set(anchors)):
+                    _drop(ahead)
+                    page, start = await self._anchored_page(offset, anchors, page)
+                    page_rows = await self.uids.rows(page)
+                ids = [item["ID"] for item in page]
+                seen = self._seen
+                # The overlap (and a page read again) holds rows listed already.
+                rows.extend(r for r in page_rows if hash(r["source_key"]) not in seen)
+                seen.update(map(hash, ids))
+                state["offset"] = start + len(page)
+                state["anchors"] = _next_anchors(anchors, ids)
+                if len(page) < self.page_size:
+                    after = {"phase": "reconcile", "changes": state["changes"]}
+                    yield ListingPage(rows, json.dumps(after))
+                    return
+                if not (ahead and ahead[0][1].done() and len(rows) < self.merge):
+                    yield ListingPage(rows, json.dumps(state))
+                    rows = []
+        finally:
+            _drop(ahead)
+
+    async def _read(self, start: int) -> Read:
+        """One expanded page from `start` and its ledger rows."""
+        page = await with_retries(
+            lambda: self.client.list_instances(start, self.page_size),
+            self.retry,
+            "GET /instances",
+        )
+        return page, await self.uids.rows(page)
+
+    async def _reconcile(self, changes: int) -> AsyncIterator[ListingPage]:
+        """The reconciliation: every ID the source holds now, against the offset pages."""
+        ids = await with_retries(self.client.instance_ids, self.retry, "GET /instances")
+        after = json.dumps({"phase": "changes", "changes": changes})
+        # Until the last chunk is saved, a resumed listing takes the snapshot again.
+        during = json.dumps({"phase": "reconcile", "changes": changes})
+        if self._seen_all:
+            ids = [i for i in ids if hash(i) not in self._seen]
+            if ids:
+                log.info("source %s: %d instances missed by the pages", self.display, len(ids))
+        self._seen = set()
+        for at in range(0, len(ids), self.scan):
+            chunk = ids[at : at + self.scan]
+            last = at + self.scan >= len(ids)
+            if self._seen_all:
+                rows = await self.uids.rows_for_ids(chunk)
+            else:
+                rows = [{"source_key": i, "orthanc_id": i} for i in chunk]
+            yield ListingPage(rows, after if last else during)
+        if not ids:
+            yield ListingPage([], after)
+
     async def _anchored_page(
-        self, offset: int, anchors: list[str]
+        self, offset: int, anchors: list[str], page: list[dict[str, Any]] | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         """The next expanded page after `offset` and where it starts: a page holding one
-        of the anchors (or starting at 0, which misses nothing)."""
+        of the anchors (or starting at 0, which misses nothing). `page` is the page
+        already read from the usual start, if any."""
         start = max(offset - self.overlap, 0)
         wanted = set(anchors)
         while True:
-            page = await with_retries(
-                lambda s=start: self.client.list_instances(s, self.page_size),
-                self.retry,
-                "GET /instances",
-            )
-            if start == 0 or not wanted or any(item["ID"] in wanted for item in page):
+            if page is None:
+                page = await with_retries(
+                    lambda s=start: self.client.list_instances(s, self.page_size),
+                    self.retry,
+                    "GET /instances",
+                )
+            if _holds_anchor(start, page, wanted):
                 return page, start
+            page = None
             found = await self._find_anchor(wanted, start + self.overlap)
             if found is None:
                 log.warning(
@@ -217,10 +284,6 @@ class RestSource:
     async def fetch(self, lease: Lease) -> bytes:
         return await self.client.get_file(lease.source_key)
 
-    async def open(self, lease: Lease) -> bytes | Chunks:
-        # The answer's Content-Length decides: rows listed from the change log have no size.
-        return await self.client.open_file(lease.source_key)
-
     async def aclose(self) -> None:
         await self.client.aclose()
 
@@ -242,11 +305,15 @@ def _next_anchors(previous: list[str], ids: list[str]) -> list[str]:
     return list(dict.fromkeys(previous[-ANCHORS_KEPT:] + fresh))
 
 
-def _row(item: dict[str, Any]) -> dict[str, Any]:
-    tags = item.get("MainDicomTags") or {}
-    return {
-        "source_key": item["ID"],
-        "orthanc_id": item["ID"],
-        "sop_uid": tags.get("SOPInstanceUID"),
-        "size": item.get("FileSize"),
-    }
+def _holds_anchor(start: int, page: list[dict[str, Any]], wanted: set[str]) -> bool:
+    """Whether a page read from `start` misses nothing after the pages before it."""
+    return start == 0 or not wanted or any(item["ID"] in wanted for item in page)
+
+
+def _drop(ahead: deque[tuple[int, asyncio.Task[Read]]]) -> None:
+    """Cancel the pages requested ahead (their failures, if any, are not news)."""
+    while ahead:
+        task = ahead.popleft()[1]
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a dropped page's failure is not reported
+        task.cancel()

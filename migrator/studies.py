@@ -6,8 +6,9 @@ sent lost some (storage recycling deletes whole patients); a higher count means 
 target holds instances the job did not send (older data, or copies it transcoded under
 new IDs), which is reported but is not a failure.
 
-Rows carry a StudyInstanceUID only when the listing recorded one (folder imports do; the
-REST listing of `replicate` does not), so rows without one are skipped and counted. The
+Rows carry a StudyInstanceUID when the listing could read one (folder imports and REST
+listings record them; a file without one, or an instance deleted from a REST source while
+it was listed, has none): rows without one are skipped and counted. The
 Orthanc study ID hashes the PatientID too, which the ledger does not keep: studies are
 found with ``POST /tools/lookup`` on the UID (one UID may even sit under two patients).
 """

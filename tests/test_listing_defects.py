@@ -20,7 +20,7 @@ from conftest import fill, ledger_rows, run_cli, state_counts
 from migrator.config import RetryPolicy
 from migrator.endpoints import parse_endpoint
 from migrator.orthanc import OrthancClient
-from migrator.sources import RestSource
+from migrator.sources import AHEAD, RestSource
 from migrator.testkit.dicomgen import make_dataset
 from migrator.testkit.orthanc import OrthancProcess
 from migrator.testkit.proxy import Proxy, ScriptedFaults, Status
@@ -109,9 +109,9 @@ async def _list_all(source: RestSource, cursor: str | None = None, hook=None) ->
         rows.extend(page.rows)
 
 
-def _rest_source(url: str, page_size: int) -> RestSource:
+def _rest_source(url: str, page_size: int, ahead: int = AHEAD) -> RestSource:
     client = OrthancClient(parse_endpoint(url, role="source"), "source")
-    return RestSource(client, RetryPolicy(), page_size=page_size)
+    return RestSource(client, RetryPolicy(), page_size=page_size, ahead=ahead)
 
 
 def test_listing_steps_back_to_the_anchor_instead_of_starting_over(orthanc_factory):
@@ -121,7 +121,9 @@ def test_listing_steps_back_to_the_anchor_instead_of_starting_over(orthanc_facto
     fill(server, 100)
     order = _listing_order(server)
     victims = order[:10]
-    source = _rest_source(server.url, 20)
+    # One page at a time: the offsets read are those of a sequential listing (pages
+    # requested ahead: tests/test_rest_listing.py).
+    source = _rest_source(server.url, 20, ahead=1)
     # Which offsets the expanded pages were read from (the real client, only watched).
     offsets: list[int] = []
     list_instances = source.client.list_instances
