@@ -20,6 +20,7 @@ from migrator.ledger import Lease
 from migrator.orthanc import OrthancClient
 from migrator.rest_uids import UidLookup
 from migrator.retrying import with_retries
+from migrator.streams import Chunks
 
 __all__ = ["ListingPage", "RestSource", "Source", "with_retries"]
 
@@ -67,6 +68,11 @@ class Source(Protocol):
 
     async def fetch(self, lease: Lease) -> bytes:
         """The DICOM bytes of one leased row. Raise TransferError."""
+        ...
+
+    async def open(self, lease: Lease) -> bytes | Chunks:
+        """The DICOM bytes of a row whose size is large or unknown: whole, or as chunks to
+        stream when the instance is large (see `migrator.streams`). Raise TransferError."""
         ...
 
     async def aclose(self) -> None:
@@ -283,6 +289,10 @@ class RestSource:
 
     async def fetch(self, lease: Lease) -> bytes:
         return await self.client.get_file(lease.source_key)
+
+    async def open(self, lease: Lease) -> bytes | Chunks:
+        # The answer's Content-Length decides: rows listed from the change log have no size.
+        return await self.client.open_file(lease.source_key)
 
     async def aclose(self) -> None:
         await self.client.aclose()
