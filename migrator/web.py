@@ -50,11 +50,19 @@ MAX_MINUTES = 24 * 60
 
 def verify_counts(ledger: Ledger) -> dict[str, Any]:
     """Per job, the sent rows per verify result, as `migrator verify` counts them: a row
-    sent again since its check is `unverified` (results of zero are left out)."""
+    sent again since its check is `unverified` (results of zero are left out); and when
+    the latest verification pass began (None: never verified)."""
     out = []
     for job in ledger.list_jobs():
         totals = verification_totals(ledger, job.id)
-        out.append({"name": job.name, "results": {k: n for k, n in totals.items() if n}})
+        latest = ledger.verify_pass(job.id)
+        out.append(
+            {
+                "name": job.name,
+                "results": {k: n for k, n in totals.items() if n},
+                "pass_started": latest.started_at if latest is not None else None,
+            }
+        )
     return {"jobs": out}
 
 

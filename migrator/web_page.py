@@ -51,7 +51,7 @@ PAGE = """<!doctype html>
           margin-top:2px; }
   table { border-collapse:collapse; width:100%; font-size:13px; }
   td { padding:3px 8px 3px 0; border-top:1px solid var(--line); vertical-align:top; }
-  td.n { text-align:right; font-variant-numeric:tabular-nums; width:80px; }
+  td.n { text-align:right; font-variant-numeric:tabular-nums; width:80px; white-space:nowrap; }
   td.s { width:80px; color:var(--mute); }
   .none { color:var(--mute); font-size:13px; }
   #empty { color:var(--mute); }
@@ -168,7 +168,7 @@ function card(job, hist, verified) {
   c.append(el("h3", "", "Rate, instances per second (per minute)"));
   c.append(hist && hist.points.length ? chart(hist.points, hist.rates, hist.peak)
     : el("p", "none", "no history"));
-  if (verified && Object.keys(verified).length) {
+  if (verified) {
     // As `migrator verify` counts them: a row sent again since its check is unverified.
     c.append(el("h3", "", "Verification"));
     const v = el("div", "counts");
@@ -213,7 +213,9 @@ async function refresh() {
     const [status, hist, ver] = await Promise.all(
       [get("/api/status"), get("/api/history?minutes=60"), get("/api/verify")]);
     const histories = Object.fromEntries(hist.jobs.map(j => [j.name, j]));
-    const verified = Object.fromEntries(ver.jobs.map(j => [j.name, j.results]));
+    // Shown once a job was verified (rows sent since then count as unverified).
+    const verified = Object.fromEntries(ver.jobs.filter(j => j.pass_started !== null)
+      .map(j => [j.name, j.results]));
     const main = document.getElementById("jobs");
     const cards = status.jobs.map(j => card(j, histories[j.name], verified[j.name]));
     const none = el("p", "", "No jobs yet: this page fills in when the first job starts.");

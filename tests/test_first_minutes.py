@@ -205,6 +205,7 @@ def test_serve_before_the_first_job_shows_no_jobs_then_fills_in(
 
         # /api/verify counts as `migrator verify` does: rows sent again since their
         # check are unverified, not the match found before.
+        assert _api(base, "api/verify")["jobs"][0]["pass_started"] is None
         assert run_cli("verify", "--ledger", ledger_url).code == 0
         _until(lambda: _api(base, "api/verify")["jobs"][0]["results"] == {"match": N},
                "verify results shown")  # fmt: skip
@@ -214,6 +215,7 @@ def test_serve_before_the_first_job_shows_no_jobs_then_fills_in(
         assert again.code == 0, again.stderr
         _until(lambda: _api(base, "api/verify")["jobs"][0]["results"] == {"unverified": N},
                "rows sent again shown unverified")  # fmt: skip
+        assert _api(base, "api/verify")["jobs"][0]["pass_started"] is not None
         assert (
             f'migrator_verified{{job="first",result="unverified"}} {N}'
             in httpx.get(base + "metrics").text.splitlines()
