@@ -131,20 +131,33 @@ def test_streamed_import_of_a_large_plain_file(
     assert_streamed(peak, len(inst.data))
 
 
+def _storage(
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    seeds: list[int],
+    compressed: bool,
+) -> tuple[Path, list[SyntheticInstance], list[Path]]:
+    """An Orthanc storage folder (with its index) holding large instances, stored with
+    or without StorageCompression, the Orthanc stopped; their DICOM files in it."""
+    old = orthanc_factory("old", extra={"StorageCompression": compressed})
+    instances = [big_instance(seed) for seed in seeds]
+    uuids = []
+    for inst in instances:
+        old.upload(inst.data)
+        info = old.client().get(f"/instances/{inst.orthanc_id}/attachments/dicom/info")
+        uuids.append(info.json()["Uuid"])
+    old.stop()
+    storage = Path(shutil.copytree(old.storage_dir, tmp_path / "storage"))
+    return storage, instances, [storage / u[:2] / u[2:4] / u for u in uuids]
+
+
 @pytest.fixture
 def compressed_storage(
     orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path
 ) -> tuple[Path, SyntheticInstance]:
-    """An Orthanc storage folder (with its index) holding one large instance stored with
-    StorageCompression, the Orthanc stopped."""
-    inst = big_instance(3)
-    old = orthanc_factory("old", extra={"StorageCompression": True})
-    old.upload(inst.data)
-    old.stop()
-    storage = Path(shutil.copytree(old.storage_dir, tmp_path / "storage"))
-    stored = [p for p in storage.rglob("*") if p.is_file() and len(p.name) == 36]
-    # Incompressible data: the stored file is the size of the instance, plus the prefix.
-    assert any(p.read_bytes()[8:9] == b"\x78" for p in stored)
+    """A storage folder whose large instance Orthanc stored compressed."""
+    storage, [inst], [stored] = _storage(orthanc_factory, tmp_path, [3], compressed=True)
+    assert stored.read_bytes()[8:9] == b"\x78"  # the size prefix, then a zlib stream
     return storage, inst
 
 
@@ -166,29 +179,39 @@ def test_streamed_import_of_a_large_compressed_storage_file(
     assert_streamed(peak, len(inst.data))
 
 
-def test_corrupt_compressed_file_is_rejected_and_never_stored(
-    compressed_storage: tuple[Path, SyntheticInstance],
+def _flip_a_byte(path: Path) -> None:
+    """Bit rot in the middle of a file: inside the random private data of the instance,
+    so that the file is still DICOM that Orthanc would store, with other content."""
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "compressed"])
+def test_corrupt_storage_file_is_rejected_and_never_stored(
+    compressed: bool,
     orthanc_factory: Callable[..., OrthancProcess],
     tmp_path: Path,
     ledger_path: Path,
 ) -> None:
-    """A stored file whose zlib stream is damaged near its end: the damage is found only
-    after nearly all of it went to the target, which must not store it."""
-    storage, _ = compressed_storage
-    # The DICOM file: the largest (beside it, Orthanc keeps the header without pixels).
-    stored = max(
-        (p for p in storage.rglob("*") if len(p.name) == 36), key=lambda p: p.stat().st_size
+    """A storage file that changed on disk: its MD5 (and, compressed, its zlib check
+    value) tells only at the end, after nearly all of it went to the target. The last
+    chunk is held back until then, so the target never receives a whole, wrong file
+    (the next instance keeps the run, and the connections, going meanwhile)."""
+    storage, [bad, good], [stored, _] = _storage(
+        orthanc_factory, tmp_path, [5, 6], compressed=compressed
     )
-    raw = bytearray(stored.read_bytes())
-    raw[-100:] = bytes(100)  # the last deflate blocks and the Adler-32 check
-    stored.write_bytes(raw)
+    _flip_a_byte(stored)
     target = orthanc_factory("target")
     result, _ = _folder_import(storage, tmp_path, ledger_path, target)
     assert result.code != 0
-    [(state, error)] = ledger_rows(ledger_path, "SELECT state, last_error FROM instances")
-    assert state == "rejected", error
-    assert "corrupt" in error
-    assert target.count() == 0
+    rows = dict(ledger_rows(ledger_path, "SELECT orthanc_id, state FROM instances"))
+    assert rows == {bad.orthanc_id: "rejected", good.orthanc_id: "sent"}
+    [error] = ledger_rows(ledger_path, "SELECT last_error FROM instances WHERE state = 'rejected'")
+    assert "corrupt" in error[0]
+    assert target.instance_ids() == [good.orthanc_id]
 
 
 def test_source_cut_mid_body_is_never_sent(
