@@ -95,6 +95,8 @@ def metrics(status: dict[str, Any], verified: dict[str, Any]) -> str:
         ("rate", "migrator_rate", "gauge", "Instances per second over the last 5 minutes."),
         ("bytes_rate", "migrator_bytes_rate", "gauge", "Bytes per second, last 5 minutes."),
         ("remaining", "migrator_remaining", "gauge", "Instances pending or in flight."),
+        ("transferring", "migrator_transferring", "gauge", "Instances being sent now."),
+        ("queued", "migrator_queued", "gauge", "Instances leased ahead, waiting in a worker."),
         ("total", "migrator_total", "gauge", "Instances listed."),
         ("eta_seconds", "migrator_eta_seconds", "gauge", "Estimated seconds to finish."),
     ]

@@ -322,6 +322,8 @@ def _chart_and_rate(ledger_url: str, base: str) -> tuple[tuple[float, float], tu
     (hist,) = _until(lambda: _api(base, "api/history?minutes=60")["jobs"], "history")
     (status,) = _until(lambda: _api(base, "api/status")["jobs"], "status")
     assert hist["peak"] == max(hist["rates"])
+    metrics = httpx.get(base + "metrics").text
+    assert 'migrator_transferring{job="slow"} ' in metrics, metrics
     assert len(hist["rates"]) == len(hist["points"]) == 60
     first = ledger_rows(Path(ledger_url.removeprefix("sqlite:///")),
                         "SELECT MIN(sent_at) FROM instances")[0][0]  # fmt: skip
