@@ -17,24 +17,40 @@ target, whose verdict is recorded (see :attr:`Candidate.undecided`).
 from __future__ import annotations
 
 import hashlib
-import io
 import mmap
 import os
 import re
 import struct
-import warnings
 import zlib
 from dataclasses import dataclass
 
 from migrator.dicomhead import (
-    PIXEL_TAGS,
     Header,
     Unsupported,
     element_header_size,
     read_header,
 )
-from migrator.dicomid import orthanc_instance_id, tag_text
-from migrator.sniff import SKIP_JSON, json_reason, looks_like_dataset, other_format
+from migrator.dicomid import orthanc_instance_id
+from migrator.dicomread import (
+    DEFLATED_TS,
+    UNDEFINED_LENGTH,
+    all_uids,
+    has_uids,
+    inflated_header,
+    inflated_start,
+    out_of_order_header,
+    pydicom_header,
+)
+from migrator.sniff import (
+    SKIP_JSON,
+    json_reason,
+    looks_like_dataset,
+    other_format,
+    starts_like_element,
+)
+
+# The name tests compare the fast reader with.
+_pydicom_header = pydicom_header
 
 __all__ = [
     "DICOMDIR_SOP_CLASS",
@@ -71,21 +87,15 @@ HELD_REASONS = {HELD_STORAGE: SKIP_HEADER_ONLY, HELD_TREE: SKIP_NO_PIXELS}
 SKIP_DICOMDIR = "DICOMDIR"
 SKIP_EMPTY = "empty file"
 NOT_DICOM_NO_UIDS = "not DICOM: no DICOM identifiers found"
+NOT_DICOM_NO_ELEMENT = "not DICOM: does not start with a DICOM element"
 
-_DEFLATED_TS = "1.2.840.10008.1.2.1.99"
 # Where Orthanc keeps an attachment: xx/yy/uuid, xx and yy the uuid's first four digits.
 _STORAGE_KEY = re.compile(
     r"^([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
-# Values above this are read lazily by pydicom; keeps big private blobs out of memory.
-_DEFER_SIZE = 64 * 1024
 # DICOM files up to this size are read whole; bigger ones are mapped (only their header
 # is read).
 _READ_WHOLE = 1 << 20
-# A deflated dataset without file meta information: the identifiers are in the first
-# inflated kilobytes.
-_INFLATE_INPUT = 64 * 1024
-_INFLATE_OUTPUT = 256 * 1024
 # Guards decompression against a corrupt size prefix claiming terabytes.
 _MAX_DECLARED_SIZE = 1 << 40
 
@@ -259,6 +269,11 @@ def _classify_bytes(
     if not part10:
         other = json_reason(data) if head.lstrip()[:1] == b"{" else None
         other = other or other_format(head, brace_is_text=True)
+        if other is None and not starts_like_element(head, size):
+            # Not worth a parse (which costs as much as a small upload), unless deflated.
+            plain = inflated_start(data)
+            if not starts_like_element(plain, 1 << 32):
+                other = NOT_DICOM_NO_ELEMENT
         if other is not None:
             return _skipped(key, path, other, compressed, size)
     known_pixels = True
@@ -268,15 +283,20 @@ def _classify_bytes(
         try:
             # Forced: a dataset without preamble or file meta information, in any of the
             # uncompressed transfer syntaxes, is read as DICOM readers (DCMTK) read it.
-            header = _pydicom_header(data, force=True)
+            header = pydicom_header(data, force=True)
         except Exception as exc:  # pydicom raises many types on garbage input
             why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             return _undecided(key, path, f"no reader could parse it ({why})", compressed, size, md5)
-        if not part10 and not _has_uids(header):
+        if not part10 and not has_uids(header):
             # Deflated, without the file meta information that would say so.
-            inflated = _inflated_header(data)
+            inflated = inflated_header(data)
             if inflated is not None:
                 header, known_pixels = inflated, False
+    if not all_uids(header):
+        # A dataset written out of order (which the target reads) may hold its
+        # identifiers after the pixel data, where the readers stop, and mislead pydicom's
+        # guess of the encoding of a dataset without file meta information.
+        header = out_of_order_header(data, header, part10)
 
     if header.sop_class == DICOMDIR_SOP_CLASS:
         return _skipped(key, path, SKIP_DICOMDIR, compressed, size)
@@ -339,76 +359,11 @@ def _undecided(
     )
 
 
-def _has_uids(header: Header) -> bool:
-    return bool(header.study_uid or header.series_uid or header.sop_uid)
-
-
-def _inflated_header(data: bytes | mmap.mmap) -> Header | None:
-    """The header of a deflated dataset written without file meta information, or None
-    when the file does not inflate into one. Only the beginning is inflated: enough for
-    the identifiers, not for the pixel data (whose presence stays unknown)."""
-    engine = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        plain = engine.decompress(bytes(data[:_INFLATE_INPUT]), _INFLATE_OUTPUT)
-    except zlib.error:
-        return None
-    if len(plain) < 8:
-        return None
-    try:
-        header = _pydicom_header(plain, force=True)
-    except Exception:  # not a dataset after all
-        return None
-    if not _has_uids(header):
-        return None
-    return Header(
-        sop_class=header.sop_class,
-        transfer_syntax=_DEFLATED_TS,
-        patient_id=header.patient_id,
-        study_uid=header.study_uid,
-        series_uid=header.series_uid,
-        sop_uid=header.sop_uid,
-        rows_and_columns=header.rows_and_columns,
-        pixel=None,
-    )
-
-
-def _pydicom_header(data: bytes | mmap.mmap, force: bool) -> Header:
-    """Parse up to the pixel data with pydicom, for files :func:`read_header` declines."""
-    from pydicom.filereader import read_partial  # only odd files need it
-
-    seen: list[tuple[str | None, int]] = []
-
-    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
-        if tag in PIXEL_TAGS:
-            seen.append((vr, length))
-            return True
-        return False
-
-    fh = io.BytesIO(data) if isinstance(data, bytes) else data
-    fh.seek(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = read_partial(fh, stop_when=at_pixels, defer_size=_DEFER_SIZE, force=force)
-    meta = getattr(ds, "file_meta", None)
-    # read_partial rewinds to the start of the pixel element before returning.
-    pixel = (seen[-1][0], seen[-1][1], fh.tell()) if seen else None
-    return Header(
-        sop_class=str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "",
-        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-        patient_id=tag_text(ds, "PatientID"),
-        study_uid=tag_text(ds, "StudyInstanceUID"),
-        series_uid=tag_text(ds, "SeriesInstanceUID"),
-        sop_uid=tag_text(ds, "SOPInstanceUID"),
-        rows_and_columns="Rows" in ds and "Columns" in ds,
-        pixel=pixel,
-    )
-
-
 def _truncation(header: Header, size: int) -> str | None:
     if header.pixel is None:
         return None
     vr, length, offset = header.pixel
-    if length == 0xFFFFFFFF or header.transfer_syntax == _DEFLATED_TS:
+    if length == UNDEFINED_LENGTH or header.transfer_syntax == DEFLATED_TS:
         # Encapsulated or deflated data cannot be measured without reading it all.
         return None
     available = size - offset - element_header_size(vr)

@@ -13,6 +13,7 @@ import codecs
 import json
 import mmap
 import re
+import struct
 
 __all__ = [
     "NOT_DICOM_TEXT",
@@ -20,6 +21,7 @@ __all__ = [
     "json_reason",
     "looks_like_dataset",
     "other_format",
+    "starts_like_element",
 ]
 
 SKIP_JSON = "JSON summary (DicomAsJson)"
@@ -28,6 +30,21 @@ NOT_DICOM_TEXT = "not DICOM: text"
 _JSON_KEY = re.compile(r"^[0-9A-Fa-f]{4},[0-9A-Fa-f]{4}$")
 # JSON summaries are small; a bigger file starting with "{" is not one of them.
 _MAX_JSON_SIZE = 64 * 1024 * 1024
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI "
+    b"UL UN UR US UT UV".split()
+)
+
+
+def starts_like_element(head: bytes, size: int) -> bool:
+    """Whether ``head`` can start a dataset of ``size`` bytes, elements in any order: an
+    explicit VR in either byte order, or an implicit VR little endian length that fits."""
+    if len(head) < 8 or head[:8] == bytes(8):
+        return False
+    if head[4:6] in _VRS:
+        return True
+    (length,) = struct.unpack_from("<I", head, 4)
+    return length == 0xFFFFFFFF or length <= size - 8
 
 
 def looks_like_dataset(head: bytes) -> bool:

@@ -3,8 +3,8 @@
 pydicom writes well-formed files only; the classification of a folder must also cope with
 what old modalities and hand-rolled tools wrote: datasets without the 128-byte preamble and
 without file meta information, big endian, deflated, odd value lengths, private sequences,
-missing elements, trailing padding, truncation anywhere. :func:`build_folder` writes a
-folder of such files and says what each one is.
+missing elements, elements out of order, trailing padding, truncation anywhere.
+:func:`build_folder` writes a folder of such files and says what each one is.
 """
 
 from __future__ import annotations
@@ -229,6 +229,12 @@ def _trailing_padding(spec: Spec, little: bool) -> Spec:
     return spec
 
 
+def _out_of_order(spec: Spec, little: bool) -> Spec:
+    # Pixel data first, identifiers last: the target's reader does not mind.
+    spec.elements.reverse()
+    return spec
+
+
 def _no_pixels(spec: Spec, little: bool) -> Spec:
     spec.elements = [e for e in spec.elements if e[0] != 0x7FE00010]
     return spec
@@ -243,6 +249,7 @@ ODDITIES: dict[str, Callable[[Spec, bool], Spec]] = {
     "latin1-id": _latin1_id,
     "group-lengths": _group_lengths,
     "trailing-padding": _trailing_padding,
+    "out-of-order": _out_of_order,
     "no-pixels": _no_pixels,
     "no-sop-uid": _without(0x00080018),
     "no-study-uid": _without(0x0020000D),

@@ -2,10 +2,11 @@
 
 The folder is written by hand (tests/dicomforge.py): datasets in every uncompressed
 transfer syntax, with and without preamble and file meta information, with oddities (odd
-lengths, private sequences, missing elements, padding), truncated at every element, next
-to files that are not DICOM. Orthanc's own sample ``ImportDicomFiles.py`` (Debian's
-orthanc-doc) posts every file of the folder to one fresh Orthanc, ``migrator import`` to
-another: migrator must get in at least the instances the sample gets in.
+lengths, private sequences, missing elements, elements out of order, padding), truncated
+at every element, next to files that are not DICOM. Orthanc's own sample
+``ImportDicomFiles.py`` (Debian's orthanc-doc) posts every file of the folder to one fresh
+Orthanc, ``migrator import`` to another: migrator must get in at least the instances the
+sample gets in.
 """
 
 from __future__ import annotations
