@@ -6,17 +6,21 @@ series, two series per study; with ``--keep DIR`` the filled source is kept ther
 reused by the next run). Then, in interleaved rounds (A B, B A, A B, ...):
 
 - *bare*: a Python process that pages ``GET /instances?since=&limit=&expand`` with httpx,
-  one page after the other, and parses each answer. No ledger, no study UIDs.
+  one page after the other, and parses each answer. No ledger, no study UIDs. As httpx
+  does by default it accepts gzip (Orthanc then deflates every page); *bare_identity*
+  asks for the pages as they are, as migrator does with a source on the same machine.
 - *migrator*: ``migrator replicate SRC TGT --dry-run`` into a fresh SQLite ledger (the
   target is an empty Orthanc): listing pages requested ahead, study and series UIDs
   looked up, the reconciliation and the change log, every row saved.
+- *baseline* (with ``--baseline REV``): the same command run by the code of an older
+  revision (``git archive``), e.g. the one before pages were requested ahead.
 
 Each run records its wall time and the CPU seconds of the client process and of the
 source Orthanc (on a shared machine the CPU figures are the steadier ones). The migrator
 ledger is checked after each run: N rows, none without a study UID.
 
     .venv/bin/python bench/rest_listing_bench.py [--instances 100000] [--rounds 3]
-        [--page-size 1000] [--keep DIR] [--wait-quiet 60]
+        [--page-size 1000] [--keep DIR] [--wait-quiet 60] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import (
+    REPO,
     machine_facts,
     migrator_cmd,
     print_facts,
@@ -50,10 +55,11 @@ from migrator.testkit.fastgen import iter_fast_dataset
 
 BARE = r"""
 import sys, time, httpx
-url, size = sys.argv[1], int(sys.argv[2])
+url, size, encoding = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 started = time.perf_counter()
 listed = 0
-with httpx.Client(base_url=url, timeout=120) as client:
+headers = {"Accept-Encoding": encoding} if encoding != "default" else {}
+with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
     since = 0
     while True:
         page = client.get("instances", params={"since": since, "limit": size, "expand": ""})
@@ -98,32 +104,59 @@ def timed(cmd: list[str], source: OrthancProcess, env: dict[str, str]) -> dict[s
     }
 
 
-def run_bare(source: OrthancProcess, size: int, n: int) -> dict[str, Any]:
-    out = timed([sys.executable, "-c", BARE, source.url, str(size)], source, dict(os.environ))
+def run_bare(source: OrthancProcess, size: int, n: int, encoding: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-c", BARE, source.url, str(size), encoding]
+    out = timed(cmd, source, dict(os.environ))
     listed, loop = out.pop("stdout").split()
     assert int(listed) == n, listed
     out["loop_s"] = round(float(loop), 3)
     return out
 
 
+def baseline_code(rev: str, work: Path) -> Path:
+    """The package and migrations of revision `rev`, extracted under `work`."""
+    dest = work / "baseline"
+    dest.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "migrator", "migrations"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def run_migrator(
-    source: OrthancProcess, target: OrthancProcess, work: Path, size: int, n: int, k: int
+    source: OrthancProcess,
+    target: OrthancProcess,
+    work: Path,
+    size: int,
+    n: int,
+    k: int,
+    code: Path | None = None,
 ) -> dict[str, Any]:
+    """One dry run; `code`: the folder of an older revision's package to run instead."""
     ledger = work / f"ledger-{k}.db"
     config = work / "migrator.toml"
     config.write_text(f"page_size = {size}\n")
+    env = {**os.environ, "MIGRATOR_PROGRESS": "none"}
+    program = migrator_cmd()
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+        program = [sys.executable, "-m", "migrator"]
     cmd = [
-        *migrator_cmd(),
+        *program,
         *("replicate", source.url, target.url, "--dry-run"),
         *("--ledger", f"sqlite:///{ledger}", "--config", str(config)),
     ]
-    out = timed(cmd, source, {**os.environ, "MIGRATOR_PROGRESS": "none"})
+    out = timed(cmd, source, env)
     out.pop("stdout")
     with sqlite3.connect(ledger) as conn:
         rows, no_study = conn.execute(
             "SELECT COUNT(*), SUM(study_uid IS NULL) FROM instances"
         ).fetchone()
-    assert rows == n and not no_study, (rows, no_study)
+    assert rows == n and (code is not None or not no_study), (rows, no_study)
+    out["rows_without_study"] = no_study
     for path in work.glob(f"ledger-{k}.db*"):
         path.unlink()
     return out
@@ -145,6 +178,7 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=1000)
     parser.add_argument("--keep", type=Path, help="folder of a source Orthanc to reuse")
     parser.add_argument("--wait-quiet", type=float, default=60.0)
+    parser.add_argument("--baseline", help="also run the code of this git revision")
     args = parser.parse_args()
     facts = machine_facts()
     print_facts(facts)
@@ -155,15 +189,25 @@ def main() -> None:
         try:
             fill_s = fill(source, args.instances)
             n = source.count()
-            runs: dict[str, list[dict[str, Any]]] = {"bare": [], "migrator": []}
+            runs: dict[str, list[dict[str, Any]]] = {
+                "bare": [],
+                "migrator": [],
+                "bare_identity": [],
+            }
+            old = baseline_code(args.baseline, work) if args.baseline else None
+            if old is not None:
+                runs["baseline"] = []
+            names = list(runs)
             for k in range(args.rounds):
-                order = ["bare", "migrator"] if k % 2 == 0 else ["migrator", "bare"]
+                order = names if k % 2 == 0 else names[::-1]
                 for name in order:
                     busy = wait_quiet(max_wait=args.wait_quiet)
-                    if name == "bare":
-                        out = run_bare(source, args.page_size, n)
+                    if name.startswith("bare"):
+                        encoding = "identity" if name == "bare_identity" else "default"
+                        out = run_bare(source, args.page_size, n, encoding)
                     else:
-                        out = run_migrator(source, target, work, args.page_size, n, k)
+                        code = old if name == "baseline" else None
+                        out = run_migrator(source, target, work, args.page_size, n, k, code)
                     out["machine_busy_before"] = busy
                     runs[name].append(out)
                     print(f"round {k + 1} {name}: {out}", flush=True)
@@ -183,16 +227,19 @@ def main() -> None:
         )
     print(f"\n{n} instances, page size {args.page_size}, {args.rounds} rounds (median, range)")
     print_table(["run", "wall s", "client CPU s", "source Orthanc CPU s"], table)
-    ratio = statistics.median(r["wall_s"] for r in runs["migrator"]) / statistics.median(
-        r["wall_s"] for r in runs["bare"]
-    )
+    bare = statistics.median(r["wall_s"] for r in runs["bare"])
+    ratio = statistics.median(r["wall_s"] for r in runs["migrator"]) / bare
     print(f"migrator / bare (median wall): {ratio:.2f}")
+    if "baseline" in runs:
+        before = statistics.median(r["wall_s"] for r in runs["baseline"]) / bare
+        print(f"baseline {args.baseline} / bare (median wall): {before:.2f}")
     write_results(
         "rest-listing",
         {
             "machine": facts,
             "instances": n,
             "page_size": args.page_size,
+            "baseline": args.baseline,
             "fill_s": round(fill_s, 1),
             "runs": runs,
             "ratio_median_wall": round(ratio, 3),

@@ -133,9 +133,10 @@ class RestSource:
         # the reconciliation: ID-only answers are cheap for Orthanc.
         self.scan = min(max(self.page_size * 10, 1000), 100_000)
         self.uids = UidLookup(client, retry)
-        # Hashes of the IDs the offset pages of this process listed, and whether those
-        # pages began at offset 0 here (then the reconciliation needs only the others).
-        self._seen: set[int] = set()
+        # The IDs the offset pages of this process listed, and whether those pages began
+        # at offset 0 here (then the reconciliation needs only the others). Exact IDs, not
+        # hashes: a collision would hide an instance from both.
+        self._seen: set[str] = set()
         self._seen_all = False
 
     async def preflight(self) -> str:
@@ -195,8 +196,8 @@ class RestSource:
                 ids = [item["ID"] for item in page]
                 seen = self._seen
                 # The overlap (and a page read again) holds rows listed already.
-                rows.extend(r for r in page_rows if hash(r["source_key"]) not in seen)
-                seen.update(map(hash, ids))
+                rows.extend(r for r in page_rows if r["source_key"] not in seen)
+                seen.update(ids)
                 state["offset"] = start + len(page)
                 state["anchors"] = _next_anchors(anchors, ids)
                 if len(page) < self.page_size:
@@ -225,7 +226,7 @@ class RestSource:
         # Until the last chunk is saved, a resumed listing takes the snapshot again.
         during = json.dumps({"phase": "reconcile", "changes": changes})
         if self._seen_all:
-            ids = [i for i in ids if hash(i) not in self._seen]
+            ids = [i for i in ids if i not in self._seen]
             if ids:
                 log.info("source %s: %d instances missed by the pages", self.display, len(ids))
         self._seen = set()
