@@ -18,11 +18,13 @@ way instead of k.
   which gives it its exact verdict. Neighbours are never failed for it.
 
 `BatchPolicy` decides the size: ``--batch N`` forces it, ``--batch 1`` turns batching
-off, and by default the first transfers' measured latency decides.
+off, and by default the round trips to both ends, measured as the run starts, decide
+(the first transfers go one at a time meanwhile).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -48,12 +50,12 @@ log = logging.getLogger("migrator")
 SMALL = 2 * 1024 * 1024
 # Bytes of instance data in one batch, at most (and a quarter of the memory budget).
 MAX_BATCH_BYTES = 16 * 1024 * 1024
-MAX_BATCH = 256
-# Automatic choice: single transfers of small instances timed first, then batches of
-# about one instance per BATCH_STEP seconds of their fastest round trips (fetch + store),
-# when those round trips take BATCH_FROM seconds or more.
-SAMPLES = 8
-BATCH_FROM = 0.04
+# Automatic choice: each end's round trip is timed (`OrthancClient.round_trip`: the
+# fastest of PROBES `GET /system`, which the server answers at once, so the time is the
+# network's, not the server's load). When a transfer's round trips (source + target) add
+# up to BATCH_FROM seconds or more, batches of one instance per BATCH_STEP seconds of them.
+PROBES = 3
+BATCH_FROM = 0.05
 BATCH_STEP = 0.005
 AUTO_MIN, AUTO_MAX = 4, 32
 # Credentials refused: the one-instance path reports it the same way, as a fatal error.
@@ -62,27 +64,20 @@ _AUTH = (401, 403, 407)
 
 class BatchPolicy:
     """How many instances go in one request: `forced` (> 0) from ``--batch``, otherwise
-    decided from the round trips of the first single transfers of small instances."""
+    decided from the measured round trips (one at a time until then)."""
 
     def __init__(self, forced: int = 0, *, memory_limit: int | None = None) -> None:
         self.forced = forced
         self.size = forced if forced > 0 else 1
         self.decided = forced > 0
-        self._samples: list[float] = []
         cap = MAX_BATCH_BYTES if memory_limit is None else min(MAX_BATCH_BYTES, memory_limit // 4)
         self.max_bytes = max(cap, 1)
 
-    def observe(self, lease: Lease, outcome: Outcome, legs: Legs) -> None:
-        """Feed a single transfer; after SAMPLES small successes, decide the batch size."""
-        if self.decided or outcome.state is not State.SENT:
-            return
-        if lease.size is None or lease.size > SMALL:
-            return
-        self._samples.append((legs.fetch or 0.0) + (legs.store or 0.0))
-        if len(self._samples) < SAMPLES:
+    def decide(self, round_trips: float) -> None:
+        """Choose the size from the seconds of a transfer's round trips (both ends)."""
+        if self.decided:
             return
         self.decided = True
-        round_trips = min(self._samples)
         if round_trips >= BATCH_FROM:
             self.size = max(AUTO_MIN, min(AUTO_MAX, int(round_trips / BATCH_STEP)))
             log.info(
@@ -156,12 +151,16 @@ class Batcher:
         self.policy = policy
         self.rest = getattr(scheduler.source, "client", None) is not None
         self.batches = 0
+        self._probe: asyncio.Task[None] | None = None
 
     def gather(self, first: Lease) -> list[Lease]:
         """Rows to send with `first`, taken from the scheduler's queue (each taken row is
         marked done on the queue by `run`); rows that cannot travel in a batch are put
         back."""
         policy, queue = self.policy, self.s.queue
+        if not policy.decided and self._probe is None:
+            # Measured beside the first transfers, which go one at a time meanwhile.
+            self._probe = asyncio.get_running_loop().create_task(self._measure())
         if not policy.eligible(first):
             return []
         extra: list[Lease] = []
@@ -187,6 +186,20 @@ class Batcher:
             queue.put_nowait(lease)
             queue.task_done()  # the put counted it again
         return extra
+
+    async def _measure(self) -> None:
+        """Time both ends' round trips and let the policy decide."""
+        clients = [self.s.target]
+        if self.rest:
+            clients.append(self.s.source.client)  # type: ignore[attr-defined]
+        total = 0.0
+        try:
+            for client in clients:
+                total += await client.round_trip(PROBES)
+        except Exception as exc:  # an end that fails is the breaker's business, not ours
+            log.debug("round trips not measured (%s): one instance per request", exc)
+            total = 0.0
+        self.policy.decide(total)
 
     async def run(self, leases: list[Lease]) -> None:
         """Send `leases` as batches and record each row's outcome (the caller marks them
@@ -379,6 +392,8 @@ class Batcher:
                     target_status=entry.status,
                     md5=member.md5,
                     size=member.size,
+                    # The content's ID, recorded when the listing knew the row by another.
+                    target_id=oid if oid != member.lease.orthanc_id else None,
                 )
             )
         if stored and not answers.keys() & members.keys():

@@ -12,6 +12,7 @@ import ipaddress
 import itertools
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -409,6 +410,21 @@ class OrthancClient:
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.content
+
+    async def round_trip(self, tries: int = 3) -> float:
+        """Seconds of the fastest of `tries` `GET /system` on one connection: the network's
+        round trip (the first try also opens the connection; the server does next to
+        nothing for this request, whatever its load)."""
+        best = float("inf")
+        for _ in range(tries):
+            started = time.monotonic()
+            try:
+                response = await self._shards[0].get("system")
+            except httpx.HTTPError as exc:
+                raise TransferError(classify_exception(exc, side=self.role)) from None
+            await response.aclose()
+            best = min(best, time.monotonic() - started)
+        return best
 
     async def store_zip(self, data: bytes) -> list[Stored]:
         """POST a ZIP of DICOM files; one `Stored` per file the target stored. Orthanc

@@ -419,7 +419,6 @@ class Scheduler:
                 async with self.gate.memory.hold(memory_need(lease.size)):
                     outcome = await self._transfer(lease, legs)
                 self._add_outcome(outcome, legs)
-                self.batcher.policy.observe(lease, outcome, legs)
             finally:
                 self.transferring -= 1
                 self.gate.after(outcome, legs)

@@ -235,3 +235,63 @@ def test_failed_batched_requests_are_retried_without_an_outage(orthanc_factory, 
     assert_converged(ledger, data, target)
     retried = ledger_rows(ledger, "SELECT COUNT(*) FROM instances WHERE attempts > 1")[0][0]
     assert retried == 24, retried
+
+
+def test_batches_decided_from_round_trips(orthanc_factory, tmp_path):
+    source = orthanc_factory("source")
+    data = fast_fill(source, 120, seed=38)
+    for delay, batched in ((0.05, True), (0.0, False)):
+        target = orthanc_factory(f"target{int(batched)}")
+        ledger = tmp_path / f"auto-{batched}.db"
+        with (
+            Proxy("127.0.0.1", source.http_port, delay=delay) as src,
+            Proxy("127.0.0.1", target.http_port, delay=delay) as tgt,
+        ):
+            result = invoke("replicate", src.url, tgt.url, "--ledger", f"sqlite:///{ledger}",
+                            "-c", "4")  # fmt: skip
+            assert result.code == 0, result.stderr[-2000:]
+            archives = src.count("POST", "/tools/create-archive")
+            # 200 ms of round trips per transfer: batches; none on a local link.
+            assert (archives > 0) is batched, (delay, archives)
+            assert ("small instances per request" in result.stderr) is batched
+            if batched:
+                assert tgt.count("POST", "/instances") < 60
+        assert_converged(ledger, data, target)
+
+
+def test_batched_workers_one_killed(orthanc_factory, tmp_path, ledger_path):
+    from faultkit import write_config
+
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    data = fast_fill(source, 400, seed=39)
+    ledger_url = f"sqlite:///{ledger_path}"
+    config = write_config(tmp_path / "leases.toml", lease_seconds=3.0)
+    with Proxy("127.0.0.1", target.http_port, delay=0.05) as tgt:
+        common = ("--ledger", ledger_url, "-c", "2", "--batch", "8", "--config", str(config),
+                  "--progress", "none")  # fmt: skip
+        first = start_cli("replicate", source.url, tgt.url, "--job", "shared", *common)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if ledger_rows(ledger_path, "SELECT COUNT(*) FROM jobs")[0][0]:
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.1)
+        victim = start_cli("worker", "--job", "shared", *common)
+        # Killed once it has taken part: leased rows and sent at least one batch.
+        while time.monotonic() < deadline:
+            rows = ledger_rows(ledger_path, f"SELECT sent FROM runs WHERE pid = {victim.pid}")
+            if rows and rows[0][0] >= 8:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker never sent a batch")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        _out, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err[-2000:]
+    assert_converged(ledger_path, data, target)
+    assert ledger_rows(ledger_path, "SELECT MAX(attempts) FROM instances")[0][0] <= 2
+    statuses = dict(ledger_rows(ledger_path, "SELECT status, COUNT(*) FROM runs GROUP BY status"))
+    assert statuses == {"crashed": 1, "finished": 1}, statuses

@@ -138,6 +138,8 @@ def _workers_with_one_killed(ledger_url: str, tmp_path: Path, source, target, n_
             ledger_url,
             "-c",
             "4",
+            "--batch",
+            "1",
             "--config",
             str(config),
             "--progress",
@@ -153,6 +155,8 @@ def _workers_with_one_killed(ledger_url: str, tmp_path: Path, source, target, n_
                 ledger_url,
                 "-c",
                 "4",
+                "--batch",
+                "1",
                 "--config",
                 str(config),
                 "--progress",
@@ -177,7 +181,8 @@ def _workers_with_one_killed(ledger_url: str, tmp_path: Path, source, target, n_
     assert len(rows) == n and len({r[0] for r in rows}) == n
     assert {r[1] for r in rows} == {"sent"}
     assert all(r[2] is None for r in rows)
-    # Every POST follows a lease of its row (no faults here, so no retries), and only the
+    # One instance per POST (--batch 1; test_batching has the batched version). Every POST
+    # follows a lease of its row (no faults here, so no retries), and only the
     # killed worker's rows were leased twice: no instance reached the target three times.
     attempts = _counts(ledger_url, "SELECT SUM(attempts), MAX(attempts) FROM instances")[0]
     assert n < posts <= attempts[0]
