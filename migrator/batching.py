@@ -252,7 +252,11 @@ class Batcher:
             # One of the IDs is gone from the source: halve until it is found (a batch of
             # one goes the one-instance way and ends `vanished`).
             half = len(leases) // 2
-            return await self._send(leases[:half], legs) + await self._send(leases[half:], legs)
+            outcomes = await self._send(leases[:half], legs) + await self._send(leases[half:], legs)
+            if not any(o.state is State.VANISHED for o in outcomes):
+                # Every instance was there: this source does not build archives.
+                self.policy.turn_off(f"the source's create-archive failed: {verdict.reason}")
+            return outcomes
         if verdict.kind is Kind.RETRYABLE:
             legs.failed = "source"
             return self._failures(leases, verdict, "source")

@@ -295,3 +295,22 @@ def test_batched_workers_one_killed(orthanc_factory, tmp_path, ledger_path):
     assert ledger_rows(ledger_path, "SELECT MAX(attempts) FROM instances")[0][0] <= 2
     statuses = dict(ledger_rows(ledger_path, "SELECT status, COUNT(*) FROM runs GROUP BY status"))
     assert statuses == {"crashed": 1, "finished": 1}, statuses
+
+
+def test_a_source_without_archives_is_sent_one_by_one(orthanc_factory, ledger_path):
+    from migrator.testkit.faults import ScriptedFaults, Status
+
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    data = fast_fill(source, 40, seed=40)
+    with Proxy("127.0.0.1", source.http_port) as src:
+        # A source that answers 404 to every create-archive (no such route).
+        src.set_faults(ScriptedFaults([Status(404)] * 100, only=("POST", "/tools/create-archive")))
+        result = invoke("replicate", src.url, target.url, "--ledger", f"sqlite:///{ledger_path}",
+                        "-c", "1", "--batch", "8")  # fmt: skip
+        # The first batch is split (8, then 4, then 2) down to single instances, all
+        # there: batches stop, and the rest of that batch goes one by one too.
+        assert src.count("POST", "/tools/create-archive") == 3
+        assert src.count("GET", "/instances/") == 40
+    assert result.code == 0, result.stderr[-2000:]
+    assert "batched transfers off" in result.stderr
+    assert_converged(ledger_path, data, target)
