@@ -84,12 +84,13 @@ def fill(source: OrthancProcess, n: int) -> float:
     return time.perf_counter() - started
 
 
-def timed(cmd: list[str], source: OrthancProcess, env: dict[str, str]) -> dict[str, Any]:
-    """Run `cmd` to completion: wall, its CPU, the source Orthanc's CPU, its output."""
+def timed(cmd: list[str], source: OrthancProcess, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Run `cmd` to completion: wall, its CPU, the source Orthanc's CPU, its output. It
+    runs in `cwd`, not in the checkout: ``python -m`` imports from its folder first."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     orthanc0 = proc_cpu_seconds(source.pid)
     started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=cwd)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -104,9 +105,11 @@ def timed(cmd: list[str], source: OrthancProcess, env: dict[str, str]) -> dict[s
     }
 
 
-def run_bare(source: OrthancProcess, size: int, n: int, encoding: str) -> dict[str, Any]:
+def run_bare(
+    source: OrthancProcess, work: Path, size: int, n: int, encoding: str
+) -> dict[str, Any]:
     cmd = [sys.executable, "-c", BARE, source.url, str(size), encoding]
-    out = timed(cmd, source, dict(os.environ))
+    out = timed(cmd, source, dict(os.environ), work)
     listed, loop = out.pop("stdout").split()
     assert int(listed) == n, listed
     out["loop_s"] = round(float(loop), 3)
@@ -149,7 +152,7 @@ def run_migrator(
         *("replicate", source.url, target.url, "--dry-run"),
         *("--ledger", f"sqlite:///{ledger}", "--config", str(config)),
     ]
-    out = timed(cmd, source, env)
+    out = timed(cmd, source, env, work)
     out.pop("stdout")
     with sqlite3.connect(ledger) as conn:
         rows, no_study = conn.execute(
@@ -204,7 +207,7 @@ def main() -> None:
                     busy = wait_quiet(max_wait=args.wait_quiet)
                     if name.startswith("bare"):
                         encoding = "identity" if name == "bare_identity" else "default"
-                        out = run_bare(source, args.page_size, n, encoding)
+                        out = run_bare(source, work, args.page_size, n, encoding)
                     else:
                         code = old if name == "baseline" else None
                         out = run_migrator(source, target, work, args.page_size, n, k, code)

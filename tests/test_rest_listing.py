@@ -221,3 +221,18 @@ def test_pages_read_ahead_list_everything_while_instances_are_deleted(orthanc_fa
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 for victim in victims:
                     http.post("instances", content=files[victim]).raise_for_status()
+
+
+def test_pages_of_one_instance_reach_the_end(orthanc_factory, ledger_path, ledger_url, tmp_path):
+    """``page_size = 1`` (allowed by the config): each page starting one instance back
+    read the same instance again and again, forever; a page now always reaches past the
+    overlap."""
+    source, target = orthanc_factory("source"), orthanc_factory("target")
+    data = make_dataset(5, seed=79)
+    upload_all(source, data)
+    config = str(_config(tmp_path, 1))
+    args = ("replicate", source.url, target.url, "--ledger", ledger_url, "--config", config)
+    result = run_cli(*args, "--dry-run", timeout=60)
+    assert result.code == 0, result.stderr
+    rows = ledger_rows(ledger_path, "SELECT orthanc_id, study_uid FROM instances")
+    assert {r[0]: r[1] for r in rows} == {d.orthanc_id: d.study_uid for d in data}
