@@ -306,7 +306,7 @@ def _classify(key: str, path: str, data: bytes, size: int, fh: zipfile.ZipExtFil
         # zip bomb of zeros would cost seconds of parsing per megabyte.
         reason = cand.skip_reason or ""
         undecided = cand.orthanc_id is None and (
-            getattr(cand, "undecided", None) is not None  # no reader could parse it
+            cand.undecided is not None  # no reader could decide it
             or reason.startswith("incomplete DICOM")
         )
         if (undecided or cand.skip_reason in HELD_REASONS) and len(data) < CLASSIFY_MAX:
