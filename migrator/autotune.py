@@ -11,8 +11,9 @@ limiters of Netflix's concurrency-limits):
   so that transfers started under the previous limit are gone), on the interval's
   throughput and median latency, never on a single transfer: single answers are noise;
 - *startup*: double the limit each interval while throughput rises with it (at least
-  `GROW` of the proportional gain); when it stops, settle at throughput x latency of the
-  last good level (the number of transfers the pipe holds: BBR's bandwidth-delay product);
+  `GROW` of the proportional gain); when it stops (measured twice), settle at throughput
+  x latency of the last good level (the transfers the pipe holds: BBR's bandwidth-delay
+  product);
 - *cruise*: keep the limit, and every few intervals probe a step up (x1.25, kept if
   throughput rises with it) or a step down (x0.8, kept if throughput hardly drops): the
   limit follows the knee when conditions change (a window opens, the target gets busy);
@@ -38,20 +39,26 @@ WARMUP = 1.0
 WINDOW = 3.0
 MIN_WINDOW = 0.25
 MIN_SAMPLES = 8
+# Outside startup, intervals are CALM times as long.
+CALM = 2
 # The limit bound the interval when on average at least this share of it was in use.
 BUSY = 0.8
 # A step up is kept when throughput rose by at least GROW x the step's proportion (a
-# step x1.25 must bring 25% x GROW more); a step down is kept when throughput fell by at
-# most SHRINK x the step's proportion.
-GROW = 0.35
-SHRINK = 0.35
+# doubling must bring 20% more); a step down is kept when throughput fell by at most
+# SHRINK x the step's proportion. Low-ish on purpose: a few transfers too many cost little
+# (a little latency), too few cost throughput, and on a busy machine throughput keeps
+# rising slowly long after latency started to rise. SHRINK above GROW: where throughput
+# is flat, noise must lead the limit down more often than up.
+GROW = 0.2
+SHRINK = 0.3
 UP = 1.25
 DOWN = 0.8
 # Cruise intervals before the next probe once a probe was refused (the last of them is
 # the measure the probe is judged against).
 CRUISE = 2
-# Median latency up by this factor at an unchanged limit: cut by the gradient.
-LATENCY_RISE = 1.6
+# Median latency up by this factor at an unchanged limit: cut by the gradient. (A busy
+# shared machine makes 1.5x swings of an interval's median common.)
+LATENCY_RISE = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class Tuner:
         self.direction = 1  # of the next probe
         self.wait = 0  # cruise intervals left before the next probe
         self.last: Measure | None = None  # the previous startup level
+        self.doubt = False  # the last startup step brought too little: measured again
         self.ref: Measure | None = None  # the cruise measure a probe is judged against
         self.latency = 0.0  # recent median latency: sizes the intervals
         self.settled: int | None = None
@@ -131,8 +139,11 @@ class Tuner:
         self.done += 1
         if latency is not None:
             self.samples.append(latency)
-        window = max(MIN_WINDOW, WINDOW * self.latency)
-        if now - self.start < window or len(self.samples) < MIN_SAMPLES:
+        # Startup wants to be quick; probes and cruise measure longer (less noise), the
+        # differences they judge being smaller.
+        calm = 1 if self.phase == "startup" else CALM
+        window = calm * max(MIN_WINDOW, WINDOW * self.latency)
+        if now - self.start < window or len(self.samples) < calm * MIN_SAMPLES:
             return None
         self.use(now, self._in_use)
         self.now = now
@@ -173,7 +184,14 @@ class Tuner:
         return self._cruise(m)
 
     def _startup(self, m: Measure) -> int | None:
-        last, self.last = self.last, m
+        last = self.last
+        if last is not None and _gain(last, m) < GROW and not self.doubt:
+            # One interval can be unlucky (a busy moment of the machine): measure again
+            # before deciding that the knee is passed.
+            self.doubt = True
+            return None
+        self.doubt = False
+        self.last = m
         if last is None or _gain(last, m) >= GROW:
             if m.limit < self.maximum:
                 return m.limit * 2

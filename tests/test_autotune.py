@@ -72,14 +72,18 @@ class Server:
             self.limit.record(took, False)
             self.trace.append((finished, self.limit.allowed))
 
-    def mean_limit(self, last: float) -> float:
-        """The limit averaged over the last `last` seconds of simulated time."""
+    def settled(self, last: float) -> float:
+        """Where the limit stayed over the last `last` seconds of simulated time: the
+        time-weighted median (the probes a step up or down are short excursions)."""
         since = self.clock.now - last
         points = [(t, a) for t, a in self.trace if t >= since]
-        total = 0.0
-        for (t0, a), (t1, _) in itertools.pairwise(points):
-            total += a * (t1 - t0)
-        return total / (points[-1][0] - points[0][0])
+        spans = sorted((a, t1 - t0) for (t0, a), (t1, _) in itertools.pairwise(points))
+        half, seen = sum(d for _, d in spans) / 2, 0.0
+        for allowed, duration in spans:
+            seen += duration
+            if seen >= half:
+                return allowed
+        raise AssertionError("no trace")
 
 
 def simulated(ceiling: int = 64) -> tuple[AdaptiveLimit, Server]:
@@ -96,22 +100,22 @@ def test_settles_near_the_knee(knee):
     limit, server = simulated()
     server.latency = knee_at(knee)
     server.run(30)
-    assert 0.7 * knee <= server.mean_limit(15) <= 1.3 * knee
+    assert 0.7 * knee <= server.settled(15) <= 1.3 * knee
     assert limit.tuner.settled is not None
 
 
 def test_follows_the_knee_down_then_up():
     _limit, server = simulated()
     server.run(20)
-    assert 14 <= server.mean_limit(10) <= 26
+    assert 14 <= server.settled(10) <= 26
     # The target gets busy: the knee drops to 8.
     server.latency = knee_at(8)
     server.run(20)
-    assert 5.6 <= server.mean_limit(10) <= 10.4
+    assert 5.6 <= server.settled(10) <= 10.4
     # A window opens / the target is free again: the knee rises to 40.
     server.latency = knee_at(40)
     server.run(30)
-    assert 28 <= server.mean_limit(10) <= 52
+    assert 28 <= server.settled(10) <= 52
 
 
 def test_climbs_fast_while_throughput_rises():
@@ -127,7 +131,7 @@ def test_stops_at_the_ceiling():
     server.latency = knee_at(100)
     server.run(20)
     assert max(a for _, a in server.trace) == 16
-    assert server.mean_limit(10) >= 15
+    assert server.settled(10) >= 15
 
 
 def test_does_not_climb_without_work_to_fill_the_limit():
@@ -146,7 +150,7 @@ def test_errors_cut_at_once_and_climb_back_then_tuning_goes_on():
     limit.record(None, True, "HTTP 503")
     assert limit.allowed == before // 2
     server.run(20)
-    assert 21 <= server.mean_limit(10) <= 39
+    assert 21 <= server.settled(10) <= 39
 
 
 def test_gate_fixed_or_adaptive():
