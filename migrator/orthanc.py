@@ -313,13 +313,14 @@ class OrthancClient:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.content
 
-    async def open_file(self, orthanc_id: str) -> bytes | HttpChunks:
+    async def open_file(self, orthanc_id: str, size: int | None = None) -> bytes | HttpChunks:
         """The original DICOM bytes of an instance: whole when small, as chunks to stream
-        when its answer announces more than `streams.STREAM_ABOVE` bytes."""
+        when its answer announces more than `streams.STREAM_ABOVE` bytes. `size`, when
+        known, is the listing's: the wait for the answer grows with it."""
         url = httpx.URL(f"{self._base}instances/{orthanc_id}/file")
         # Orthanc reads (and inflates) a whole file before answering: give it time.
         request = httpx.Request(
-            "GET", url, headers=self._get_headers, extensions=self._large_extensions(None)
+            "GET", url, headers=self._get_headers, extensions=self._large_extensions(size)
         )
         try:
             response = await next(self._next_transport).handle_async_request(request)

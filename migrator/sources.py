@@ -293,7 +293,7 @@ class RestSource:
 
     async def open(self, lease: Lease) -> bytes | Chunks:
         # The answer's Content-Length decides: rows listed from the change log have no size.
-        return await self.client.open_file(lease.source_key)
+        return await self.client.open_file(lease.source_key, lease.size)
 
     async def aclose(self) -> None:
         await self.client.aclose()
