@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,28 @@ def test_streamed_replicate_of_an_instance_larger_than_the_budget(
     assert state_counts(ledger_path) == {"sent": 1}
     [(size, md5)] = ledger_rows(ledger_path, "SELECT size, md5 FROM instances")
     assert (size, md5) == (len(inst.data), md5_of(inst.data))
+    assert_on_target(target, inst)
+    assert_streamed(peak, len(inst.data))
+
+
+def test_instance_of_unknown_size_is_streamed_by_its_announced_length(
+    source_target: tuple[OrthancProcess, OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    """Rows listed from the change log carry no size: the download's Content-Length
+    decides, and a large one is streamed all the same."""
+    source, target = source_target
+    inst = big_instance(7)
+    source.upload(inst.data)
+    args = ("--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)))
+    result, _ = run_measured("replicate", source.url, target.url, "--dry-run", *args)
+    assert result.code == 0, result.stderr
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("UPDATE instances SET size = NULL")
+    result, peak = run_measured("replicate", source.url, target.url, *args)
+    assert result.code == 0, result.stderr
+    assert ledger_rows(ledger_path, "SELECT state, size FROM instances") == [
+        ("sent", len(inst.data))
+    ]
     assert_on_target(target, inst)
     assert_streamed(peak, len(inst.data))
 
