@@ -126,6 +126,10 @@ class OrthancClient:
         # Listing answers are JSON, which gzip shrinks ~8x: worth it over a network, not
         # on this machine, where deflating costs the source a fifth of its listing time.
         self.listing_headers = {"Accept-Encoding": "identity"} if _loopback(endpoint) else {}
+        # The listing's requests (a few at a time) all go through one pool, whose
+        # connections then stay busy from page to page: spread over every pool, each
+        # connection sat idle past the keep-alive expiry and nearly every page opened one.
+        self.listing_http = self._shards[0]
         self._extensions = {"timeout": self._timeout.as_dict()}
 
     @property
@@ -190,10 +194,11 @@ class OrthancClient:
         path: str,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        http: httpx.AsyncClient | None = None,
     ) -> Any:
         """GET a JSON resource; raises TransferError (retryable/fatal) on failure."""
         try:
-            response = await self.http.get(path, params=params, headers=headers)
+            response = await (http or self.http).get(path, params=params, headers=headers)
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
         if response.status_code != 200:
@@ -208,7 +213,7 @@ class OrthancClient:
     async def list_instances(self, since: int, limit: int) -> list[dict[str, Any]]:
         """One page of `GET /instances?since=&limit=&expand` (an offset, not a cursor)."""
         params = {"since": since, "limit": limit, "expand": ""}
-        page = await self.get_json("instances", params, self.listing_headers)
+        page = await self.get_json("instances", params, self.listing_headers, self.listing_http)
         if not isinstance(page, list):
             raise TransferError(Verdict(Kind.FATAL, f"{self.role}: /instances is not a list"))
         return page
@@ -217,7 +222,7 @@ class OrthancClient:
         """IDs only, from `GET /instances` (one page, or with no arguments all of them in
         one answer: a snapshot taken in one transaction of the server's index)."""
         params = {} if since is None else {"since": since, "limit": limit}
-        page = await self.get_json("instances", params, self.listing_headers)
+        page = await self.get_json("instances", params, self.listing_headers, self.listing_http)
         if not isinstance(page, list) or not all(isinstance(i, str) for i in page):
             raise TransferError(Verdict(Kind.FATAL, f"{self.role}: /instances is not a list"))
         return page
@@ -242,7 +247,7 @@ class OrthancClient:
         not hold (deleted meanwhile) are left out of the answer. None when the server has
         no such call (older versions, or a proxy that allows it no POST)."""
         try:
-            response = await self.http.post(
+            response = await self.listing_http.post(
                 "tools/bulk-content",
                 json={"Resources": ids, "Metadata": False},
                 headers=self.listing_headers,
@@ -267,7 +272,9 @@ class OrthancClient:
     async def resource(self, level: str, orthanc_id: str) -> dict[str, Any] | None:
         """``GET /{level}/{id}`` (level: instances, series, studies), None if unknown."""
         try:
-            response = await self.http.get(f"{level}/{orthanc_id}", headers=self.listing_headers)
+            response = await self.listing_http.get(
+                f"{level}/{orthanc_id}", headers=self.listing_headers
+            )
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
         if response.status_code == 404:

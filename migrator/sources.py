@@ -189,14 +189,18 @@ class RestSource:
                     at = ahead[-1][0] + self.page_size - self.overlap if ahead else start
                     ahead.append((at, asyncio.create_task(self._read(at))))
                 page, page_rows = await ahead.popleft()[1]
+                # Rows listed already: those of the overlap, or anywhere in a page read
+                # again from its anchors (the ledger ignores any other twice-listed row).
+                known = self.overlap
                 if not _holds_anchor(start, page, set(anchors)):
                     _drop(ahead)
                     page, start = await self._anchored_page(offset, anchors, page)
                     page_rows = await self.uids.rows(page)
+                    known = len(page_rows)
                 ids = [item["ID"] for item in page]
                 seen = self._seen
-                # The overlap (and a page read again) holds rows listed already.
-                rows.extend(r for r in page_rows if r["source_key"] not in seen)
+                rows.extend(r for r in page_rows[:known] if r["source_key"] not in seen)
+                rows.extend(page_rows[known:])
                 seen.update(ids)
                 state["offset"] = start + len(page)
                 state["anchors"] = _next_anchors(anchors, ids)
