@@ -278,7 +278,8 @@ def test_status_tells_transferring_from_queued_and_the_chart_agrees_with_the_rat
                     break  # the run ended while status read: its worker may be gone
                 (job,) = doc["jobs"]
                 samples.append(job)
-                texts.append(run_cli("status", "--ledger", ledger_url).stdout)
+                if len(texts) < 2:
+                    texts.append(run_cli("status", "--ledger", ledger_url).stdout)
                 charts.append(_chart_and_rate(ledger_url, base))
         finally:
             _, err = proc.communicate(timeout=120)
@@ -290,16 +291,19 @@ def test_status_tells_transferring_from_queued_and_the_chart_agrees_with_the_rat
         assert 0 <= job["transferring"] <= 2, job
         assert job["queued"] == in_flight - job["transferring"], job
         (worker,) = job["workers"]
-        assert worker["transferring"] + worker["queued"] == worker["in_flight"] == in_flight
+        # (Its rows are counted apart from the job's, a moment later.)
+        assert worker["transferring"] + worker["queued"] == worker["in_flight"], worker
         assert worker["concurrency"] is None or 1 <= worker["concurrency"] <= 2, worker
     # Both were seen: rows being sent, and more rows leased ahead of them.
     assert any(job["transferring"] > 0 for job in live), live
     assert any(job["queued"] > job["transferring"] for job in live), live
     assert any(" transferring, " in text and " queued" in text for text in texts), texts
     for exact, shown in charts:
-        # Computed at one moment: the chart's peak is never below the rate.
+        # Computed at one moment, the chart's peak is not below the rate (the rate is an
+        # average of the chart's figures; 2 % for a first minute begun less than a second
+        # before its end, which counts as one second).
         peak, rate = exact
-        assert peak >= rate - 0.01, exact
+        assert peak >= 0.98 * rate - 0.01, exact
         # Through the server, the two answers are a second or so apart.
         peak, rate, elapsed = shown
         if rate and elapsed >= 3:
@@ -309,6 +313,11 @@ def test_status_tells_transferring_from_queued_and_the_chart_agrees_with_the_rat
 def _chart_and_rate(ledger_url: str, base: str) -> tuple[tuple[float, float], tuple]:
     """The chart's peak and the headline rate, computed at one moment from the ledger,
     and as the server answers them (with the seconds since the first send)."""
+    # A moment away from a minute's edge: a current minute younger than a second counts
+    # as one second (as the rate above does), and rows sent after the moment, which both
+    # count, must fall in the same minute.
+    while not 1.5 <= time.time() % 60 <= 55:
+        time.sleep(0.1)
     ledger = Ledger.open(ledger_url)
     try:
         now = time.time()
