@@ -25,6 +25,7 @@ off, and by default the round trips to both ends, measured as the run starts, de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -55,6 +56,8 @@ MAX_BATCH_BYTES = 16 * 1024 * 1024
 # network's, not the server's load). When a transfer's round trips (source + target) add
 # up to BATCH_FROM seconds or more, batches of one instance per BATCH_STEP seconds of them.
 PROBES = 3
+# Seconds the first transfers wait for the measure at most.
+PROBE_WAIT = 5.0
 BATCH_FROM = 0.05
 BATCH_STEP = 0.005
 AUTO_MIN, AUTO_MAX = 4, 32
@@ -153,14 +156,21 @@ class Batcher:
         self.batches = 0
         self._probe: asyncio.Task[None] | None = None
 
-    def gather(self, first: Lease) -> list[Lease]:
+    def start(self) -> None:
+        """Measure the round trips as the run starts (unless the size is forced)."""
+        if not self.policy.decided and self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(self._measure())
+
+    async def gather(self, first: Lease) -> list[Lease]:
         """Rows to send with `first`, taken from the scheduler's queue (each taken row is
         marked done on the queue by `run`); rows that cannot travel in a batch are put
         back."""
         policy, queue = self.policy, self.s.queue
-        if not policy.decided and self._probe is None:
-            # Measured beside the first transfers, which go one at a time meanwhile.
-            self._probe = asyncio.get_running_loop().create_task(self._measure())
+        if not policy.decided and self._probe is not None and not self._probe.done():
+            # The first transfers wait for the decision, so that every transfer the
+            # concurrency tuner measures is of one kind (batches or single instances).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._probe), PROBE_WAIT)
         if not policy.eligible(first):
             return []
         extra: list[Lease] = []
@@ -192,10 +202,8 @@ class Batcher:
         clients = [self.s.target]
         if self.rest:
             clients.append(self.s.source.client)  # type: ignore[attr-defined]
-        total = 0.0
         try:
-            for client in clients:
-                total += await client.round_trip(PROBES)
+            total = sum(await asyncio.gather(*(c.round_trip(PROBES) for c in clients)))
         except Exception as exc:  # an end that fails is the breaker's business, not ours
             log.debug("round trips not measured (%s): one instance per request", exc)
             total = 0.0

@@ -190,6 +190,7 @@ class Scheduler:
         status = "finished"
         tasks: list[asyncio.Task[Any]] = []
         try:
+            self.batcher.start()
             await self._refresh_progress()
             listing = asyncio.create_task(self._listing_then_prepare(), name="listing")
             tasks = [
@@ -397,7 +398,7 @@ class Scheduler:
             if self.stopping.is_set():
                 self.queue.task_done()
                 continue
-            together = self.batcher.gather(lease)
+            together = await self.batcher.gather(lease)
             if together:
                 try:
                     await self.batcher.run([lease, *together])
