@@ -30,11 +30,12 @@ import io
 import logging
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from migrator.dicomhead import Unsupported, read_header
+from migrator.dicomhead import read_header
 from migrator.dicomid import orthanc_id_from_dataset, orthanc_instance_id
 from migrator.errors import FatalError, Kind, TransferError, Verdict, verdict_for_store_status
 from migrator.ledger import Lease, Outcome
@@ -120,7 +121,7 @@ def member_id(data: bytes) -> str | None:
     """The Orthanc ID of a DICOM file, from its four identifiers (None: not computable)."""
     try:
         head = read_header(data)
-    except Unsupported:
+    except Exception:  # Unsupported, or a malformed header: pydicom decides
         head = None
     if head is not None:
         if not (head.study_uid and head.series_uid and head.sop_uid):
@@ -327,7 +328,7 @@ class Batcher:
                     del by_id[oid]
                     continue
                 members[oid] = _Member(lease, digest, len(data), data)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
             # A damaged answer (cut short on the way): the rows go one by one.
             log.warning("the source's archive could not be read (%s): sending one by one", exc)
             return {}, None, [], leases
