@@ -475,6 +475,7 @@ class HttpChunks:
         self._response = response
         self.length = length
         self._role = role
+        self.md5: str | None = None  # see RestSource.open
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from migrator.config import RetryPolicy
+from migrator.errors import TransferError
 from migrator.ledger import Lease
 from migrator.orthanc import OrthancClient
 from migrator.rest_uids import UidLookup
@@ -297,7 +298,18 @@ class RestSource:
 
     async def open(self, lease: Lease) -> bytes | Chunks:
         # The answer's Content-Length decides: rows listed from the change log have no size.
-        return await self.client.open_file(lease.source_key, lease.size)
+        payload = await self.client.open_file(lease.source_key, lease.size)
+        if not isinstance(payload, bytes):
+            # Orthanc keeps the MD5 of every file it stores (unless configured not to):
+            # one small request spares hashing the whole file on the way (see Body).
+            try:
+                payload.md5 = await self.client.attachment_md5(lease.source_key)
+            except TransferError:
+                pass  # then it is computed on the way
+            except BaseException:
+                await payload.aclose()
+                raise
+        return payload
 
     async def aclose(self) -> None:
         await self.client.aclose()

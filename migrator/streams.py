@@ -72,6 +72,9 @@ class Chunks(Protocol):
     """
 
     length: int
+    # The MD5 of the whole body when the source knows it beforehand (an Orthanc keeps
+    # each file's): then it is not computed on the way.
+    md5: str | None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         """The chunks, in order."""
@@ -89,6 +92,10 @@ class Body:
     last chunk is held back until the source ended, had the announced length and, when
     `expected_md5` is given, that MD5. A source failure is kept in `failure` and raised;
     the store then fails with it, and the caller charges it to the source.
+
+    Without an MD5 to check, one the source already knows (``source.md5``) is taken as
+    the body's rather than computed: the target receives a body whole before parsing it,
+    and hashing on the way (~0.6 GB/s) held the upload back (600 MB: 1.1 s of 5 s).
     """
 
     def __init__(self, source: Chunks, expected_md5: str | None, name: str) -> None:
@@ -106,7 +113,8 @@ class Body:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        digest = hashlib.md5(usedforsecurity=False)
+        known = None if self.expected_md5 else getattr(self.source, "md5", None)
+        digest = None if known else hashlib.md5(usedforsecurity=False)
         count = 0
         held = b""
         chunks = aiter(self.source)
@@ -124,7 +132,8 @@ class Body:
                     raise self._fail(
                         Kind.RETRYABLE, f"longer than the {self.length} bytes announced"
                     )
-                digest.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 if held:
                     yield held
                 held = chunk
@@ -135,7 +144,7 @@ class Body:
             raise self._fail(
                 Kind.RETRYABLE, f"ended after {count} of the {self.length} bytes announced"
             )
-        md5 = digest.hexdigest()
+        md5 = digest.hexdigest() if digest is not None else known
         if self.expected_md5 and md5 != self.expected_md5:
             raise self._fail(
                 Kind.PERMANENT,
@@ -164,6 +173,7 @@ class FileChunks:
         self._fh = fh
         self.length = length
         self.compressed = compressed
+        self.md5: str | None = None  # computed on the way
         # The first bytes of the file as stored (what sniffing it read).
         self.start = head if not compressed else b""
         # Bytes read while sniffing the file, handed out (or inflated) first.

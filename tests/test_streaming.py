@@ -90,10 +90,17 @@ def assert_on_target(target: OrthancProcess, inst: SyntheticInstance) -> None:
     assert target.md5(inst.orthanc_id) == md5_of(inst.data)
 
 
+@pytest.mark.parametrize("source_md5", [True, False], ids=["source-md5", "no-source-md5"])
 def test_streamed_replicate_of_an_instance_larger_than_the_budget(
-    source_target: tuple[OrthancProcess, OrthancProcess], tmp_path: Path, ledger_path: Path
+    source_md5: bool,
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    ledger_path: Path,
 ) -> None:
-    source, target = source_target
+    """The MD5 recorded is the one the source stored, or, when it keeps none
+    (StoreMD5ForAttachments off), the one computed on the way."""
+    source = orthanc_factory("source", extra={"StoreMD5ForAttachments": source_md5})
+    target = orthanc_factory("target")
     inst = big_instance()
     source.upload(inst.data)
     result, peak = run_measured(
