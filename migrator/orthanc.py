@@ -476,6 +476,7 @@ class HttpChunks:
         self.length = length
         self._role = role
         self.md5: str | None = None  # see RestSource.open
+        self.hashes = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()

@@ -73,8 +73,10 @@ class Chunks(Protocol):
 
     length: int
     # The MD5 of the whole body when the source knows it beforehand (an Orthanc keeps
-    # each file's): then it is not computed on the way.
+    # each file's), or computes it itself as it reads (`hashes`): then the body is not
+    # hashed again on the way. Read after the last chunk.
     md5: str | None
+    hashes: bool
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         """The chunks, in order."""
@@ -114,7 +116,8 @@ class Body:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         known = None if self.expected_md5 else getattr(self.source, "md5", None)
-        digest = None if known else hashlib.md5(usedforsecurity=False)
+        hashed = known is not None or getattr(self.source, "hashes", False)
+        digest = None if hashed else hashlib.md5(usedforsecurity=False)
         count = 0
         held = b""
         chunks = aiter(self.source)
@@ -144,7 +147,7 @@ class Body:
             raise self._fail(
                 Kind.RETRYABLE, f"ended after {count} of the {self.length} bytes announced"
             )
-        md5 = digest.hexdigest() if digest is not None else known
+        md5 = digest.hexdigest() if digest is not None else self.source.md5
         if self.expected_md5 and md5 != self.expected_md5:
             raise self._fail(
                 Kind.PERMANENT,
@@ -173,7 +176,10 @@ class FileChunks:
         self._fh = fh
         self.length = length
         self.compressed = compressed
-        self.md5: str | None = None  # computed on the way
+        # Hashed in the reading thread, as it reads; the MD5 is set at the end.
+        self.hashes = True
+        self.md5: str | None = None
+        self._digest = hashlib.md5(usedforsecurity=False)
         # The first bytes of the file as stored (what sniffing it read).
         self.start = head if not compressed else b""
         # Bytes read while sniffing the file, handed out (or inflated) first.
@@ -186,21 +192,35 @@ class FileChunks:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                chunk = await asyncio.to_thread(self._read)
-            except CorruptFile as exc:
-                raise TransferError(Verdict(Kind.PERMANENT, f"corrupt file: {exc}")) from None
-            except OSError as exc:
-                raise TransferError(
-                    Verdict(Kind.RETRYABLE, f"cannot read the file: {exc}")
-                ) from None
-            if not chunk:
-                return
-            yield chunk
+        # One chunk is read (and hashed) ahead, while the one before goes out.
+        loop = asyncio.get_running_loop()
+        ahead = loop.run_in_executor(None, self._read)
+        try:
+            while True:
+                try:
+                    chunk = await ahead
+                except CorruptFile as exc:
+                    raise TransferError(Verdict(Kind.PERMANENT, f"corrupt file: {exc}")) from None
+                except OSError as exc:
+                    raise TransferError(
+                        Verdict(Kind.RETRYABLE, f"cannot read the file: {exc}")
+                    ) from None
+                if not chunk:
+                    self.md5 = self._digest.hexdigest()
+                    return
+                ahead = loop.run_in_executor(None, self._read)
+                yield chunk
+        finally:
+            # Left unread (the upload failed): its outcome no longer matters.
+            ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def _read(self) -> bytes:
-        """The next chunk (b"" at the end); runs in a worker thread."""
+        """The next chunk (b"" at the end), hashed; runs in a worker thread."""
+        chunk = self._next()
+        self._digest.update(chunk)
+        return chunk
+
+    def _next(self) -> bytes:
         if self._engine is None:
             if self._head:
                 head, self._head = self._head, b""
