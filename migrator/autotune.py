@@ -39,8 +39,12 @@ WARMUP = 1.0
 WINDOW = 3.0
 MIN_WINDOW = 0.25
 MIN_SAMPLES = 8
-# Outside startup, intervals are CALM times as long.
+# Outside startup, intervals are CALM times as long (and startup's window is a latency
+# shorter).
 CALM = 2
+# A startup doubling that brought this share of the proportional gain or more: the next
+# step quadruples.
+STEEP = 0.75
 # The limit bound the interval when on average at least this share of it was in use.
 BUSY = 0.8
 # A step up is kept when throughput rose by at least GROW x the step's proportion (a
@@ -142,7 +146,7 @@ class Tuner:
         # Startup wants to be quick; probes and cruise measure longer (less noise), the
         # differences they judge being smaller.
         calm = 1 if self.phase == "startup" else CALM
-        window = calm * max(MIN_WINDOW, WINDOW * self.latency)
+        window = max(MIN_WINDOW, (WINDOW - 1 if calm == 1 else WINDOW) * self.latency) * calm
         if now - self.start < window or len(self.samples) < calm * MIN_SAMPLES:
             return None
         self.use(now, self._in_use)
@@ -194,7 +198,10 @@ class Tuner:
         self.last = m
         if last is None or _gain(last, m) >= GROW:
             if m.limit < self.maximum:
-                return m.limit * 2
+                # Throughput rose in step with the last doubling: the knee is far, go
+                # twice as fast (a long link wants dozens of transfers at once).
+                steep = last is not None and _gain(last, m) >= STEEP
+                return m.limit * (4 if steep else 2)
             self._settle(m.limit, "the ceiling", m)
             return None
         # The knee lies between the two levels: as many transfers as the pipe holds at
