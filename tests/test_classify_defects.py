@@ -34,6 +34,7 @@ from migrator.fileclass import (
 from migrator.inspect import ORPHAN_ADVICE, inspect_path, render_text
 from migrator.ledger import Ledger
 from migrator.testkit import OrthancProcess, make_dataset, make_instance, upload_all
+from migrator.testkit.dicomgen import without_pixel_data
 from migrator.testkit.fastgen import fast_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -46,15 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
-
-
-def _without_pixels(data: bytes) -> bytes:
-    """The same instance, Rows/Columns kept, pixel data removed (as in MR spectroscopy)."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    del ds.PixelData
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 def _brace_preamble(data: bytes) -> bytes:
@@ -87,7 +79,7 @@ def test_bare_folder_sends_no_pixel_instance_and_brace_preamble(
     ledger_path: Path,
     ledger_url: str,
 ) -> None:
-    spectro = _without_pixels(_instance(1))
+    spectro = without_pixel_data(_instance(1))
     brace = _brace_preamble(_instance(2))
     full = _instance(3)
     files = {
@@ -95,7 +87,7 @@ def test_bare_folder_sends_no_pixel_instance_and_brace_preamble(
         "brace.dcm": brace,
         # A copy without pixels listed well before the full copy of its instance: it
         # must neither be sent first (the full copy would be "AlreadyStored") nor at all.
-        "a-nopix.dcm": _without_pixels(full),
+        "a-nopix.dcm": without_pixel_data(full),
         **{f"m/{i:04d}.dcm": inst.data for i, inst in enumerate(fast_dataset(FILLERS, seed=5))},
         "z/full.dcm": full,
     }
@@ -130,7 +122,7 @@ def test_storage_without_index_sends_lone_no_pixel_instance(
     ledger_url: str,
 ) -> None:
     instances = make_dataset(3, seed=61)
-    spectro = _without_pixels(_instance(4))
+    spectro = without_pixel_data(_instance(4))
     with OrthancProcess(tmp_path / "old", extra={"StorageCompression": True}) as old:
         upload_all(old, instances)
         upload_all(old, fast_dataset(FILLERS, seed=6))

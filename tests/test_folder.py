@@ -10,7 +10,6 @@ import shutil
 import signal
 import sqlite3
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from migrator.folder import (
 )
 from migrator.inspect import inspect_path, render_text
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
+from migrator.testkit.dicomgen import orthanc_compressed, without_pixel_data
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.environ.get("MIGRATOR_ORTHANC_BIN", "/usr/sbin/Orthanc")),
@@ -234,18 +234,6 @@ def test_compressed_store_without_index(compressed_store: Store, tmp_path: Path)
 # --- a mixed folder -----------------------------------------------------------------------
 
 
-def _zlib_with_size(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + zlib.compress(data)
-
-
-def _without_pixels(data: bytes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    del ds.PixelData
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def _raw_dataset(data: bytes) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     out = DicomBytesIO()
@@ -276,13 +264,13 @@ def mixed(tmp_path: Path) -> tuple[Path, list[SyntheticInstance]]:
         "a/one.dcm": inst[0].data,
         "a/one-copy.dcm": inst[0].data,
         "a/sub/two.dcm": inst[1].data,
-        "a/sub/two-header.dcm": _without_pixels(inst[1].data),
-        "b/alone-header.dcm": _without_pixels(inst[2].data),
+        "a/sub/two-header.dcm": without_pixel_data(inst[1].data),
+        "b/alone-header.dcm": without_pixel_data(inst[2].data),
         "b/raw-no-preamble": _raw_dataset(inst[3].data),
         "b/truncated.dcm": inst[4].data[:-100],
         "b/cut-in-header.dcm": inst[4].data[:300],
-        "c/5b/0e/5b0e0000-0000-4000-8000-000000000005": _zlib_with_size(inst[5].data),
-        "c/corrupt-compressed": _zlib_with_size(inst[5].data)[:-20],
+        "c/5b/0e/5b0e0000-0000-4000-8000-000000000005": orthanc_compressed(inst[5].data),
+        "c/corrupt-compressed": orthanc_compressed(inst[5].data)[:-20],
         "DICOMDIR": _dicomdir(),
         "summary.json": json.dumps({"0008,0018": {"Name": "SOPInstanceUID", "Value": "1"}}),
         "other.json": json.dumps({"hello": 1}),
@@ -367,7 +355,7 @@ def test_corrupt_compressed_files(mixed: tuple[Path, list[SyntheticInstance]]) -
     with pytest.raises(CorruptFile, match="truncated"):
         read_dicom_bytes(str(root / "c" / "corrupt-compressed"), True)
     bad_size = root / "bad-size"
-    packed = _zlib_with_size(inst[0].data)
+    packed = orthanc_compressed(inst[0].data)
     bad_size.write_bytes(struct.pack("<Q", len(inst[0].data) + 5) + packed[8:])
     with pytest.raises(CorruptFile, match="size mismatch"):
         read_dicom_bytes(str(bad_size))

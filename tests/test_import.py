@@ -6,8 +6,6 @@ import hashlib
 import io
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pydicom
@@ -15,6 +13,7 @@ import pytest
 from conftest import ledger_rows, run_cli, state_counts
 
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
+from migrator.testkit.dicomgen import orthanc_compressed, without_pixel_data
 
 N = 12
 
@@ -90,28 +89,16 @@ def test_import_compressed_store_without_index(
     assert reasons == [("header-only copy (DicomUntilPixelData)", N)]
 
 
-def _zlib_with_size(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + zlib.compress(data)
-
-
-def _without_pixels(data: bytes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    del ds.PixelData
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def test_import_mixed_folder(orthanc_factory, tmp_path, ledger_path, ledger_url):
     inst = make_dataset(6, seed=23)
     files = {
         "a/one.dcm": inst[0].data,
         "a/one-copy.dcm": inst[0].data,
-        "a/two-header.dcm": _without_pixels(inst[1].data),
+        "a/two-header.dcm": without_pixel_data(inst[1].data),
         "a/z/two.dcm": inst[1].data,
         "b/three.dcm": inst[2].data,
         "b/truncated.dcm": inst[3].data[:-100],
-        "c/4f/1a/4f1a0000-0000-4000-8000-000000000004": _zlib_with_size(inst[4].data),
+        "c/4f/1a/4f1a0000-0000-4000-8000-000000000004": orthanc_compressed(inst[4].data),
         "summary.json": json.dumps({"0008,0018": {"Name": "SOPInstanceUID", "Value": "1"}}),
         "notes.txt": "not DICOM\n",
     }

@@ -18,6 +18,7 @@ from conftest import ledger_rows, run_cli, start_cli, wait_for_sent
 from migrator.ledger import Ledger, Outcome
 from migrator.states import State
 from migrator.testkit import make_dataset, upload_all
+from migrator.testkit.dicomgen import without_pixel_data
 from migrator.testkit.fastgen import fast_dataset
 
 
@@ -35,18 +36,6 @@ def _wrong_pixel_length(data: bytes) -> bytes:
     at = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010), explicit VR: OW, 2 reserved
     length = struct.unpack("<I", data[at + 8 : at + 12])[0]
     return data[: at + 8] + struct.pack("<I", length - 2) + data[at + 12 :] + b"\0" * 600
-
-
-def _without_pixels(data: bytes) -> bytes:
-    import io
-
-    import pydicom
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    del ds.PixelData
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 def _rows(ledger_path: Path) -> dict[str, tuple[str, str | None]]:
@@ -221,7 +210,7 @@ def test_retry_skipped_leaves_files_that_must_never_be_sent(
     root = _write_tree(
         tmp_path / "tree",
         {
-            "a/header.dcm": _without_pixels(inst[0].data),
+            "a/header.dcm": without_pixel_data(inst[0].data),
             "e/full.dcm": inst[0].data,
             "b/summary.json": summary,
             "c/other.dcm": inst[1].data,
@@ -437,7 +426,7 @@ def test_progress_counts_files_released_after_the_listing(orthanc_factory, tmp_p
     # then sent when no copy with pixel data of its instance exists: it is a row to send.
     inst = make_dataset(3, seed=53)
     files = {f"i{i}.dcm": x.data for i, x in enumerate(inst[1:])}
-    files["nopixels.dcm"] = _without_pixels(inst[0].data)
+    files["nopixels.dcm"] = without_pixel_data(inst[0].data)
     root = _write_tree(tmp_path / "tree", files)
     target = orthanc_factory("target")
     plain = {"MIGRATOR_PROGRESS": "plain"}

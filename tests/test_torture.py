@@ -7,16 +7,13 @@ source still holds; otherwise they exit non-zero and say why.
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import pydicom
-
-from migrator.testkit.dicomgen import make_dataset, upload_all
+from migrator.testkit.dicomgen import make_dataset, upload_all, without_pixel_data
 from migrator.testkit.orthanc import OrthancProcess
 from migrator.testkit.proxy import Pass, Proxy
 from tests.conftest import run_cli
@@ -84,15 +81,6 @@ def test_replicate_from_a_source_that_deletes_and_adds_during_listing(
     assert again.code != 0, again.stdout
 
 
-def _without_pixels(data: bytes) -> bytes:
-    """The same instance with Rows/Columns kept and no PixelData (like MR spectroscopy)."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    del ds.PixelData
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def _corrupt_but_larger(data: bytes) -> bytes:
     """A copy that ranks before the good one (larger) but that Orthanc refuses: the
     PixelData element claims more bytes than the file holds."""
@@ -126,7 +114,7 @@ def test_import_of_a_messy_folder_sends_every_dicom_file(
     (root / "a" / "dup-corrupt.dcm").write_bytes(_corrupt_but_larger(dup.data))
     expected.add(dup.orthanc_id)
     # A valid instance without pixel data, and a Part-10 file whose preamble starts with {.
-    (root / "nopixels.dcm").write_bytes(_without_pixels(instances[23].data))
+    (root / "nopixels.dcm").write_bytes(without_pixel_data(instances[23].data))
     expected.add(instances[23].orthanc_id)
     braced = bytearray(instances[24].data)
     braced[:16] = b'{"not": "json"} '

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -326,3 +328,19 @@ def upload_all(
         for c in clients:
             c.close()
     return [results[i] for i in range(len(results))]
+
+
+def without_pixel_data(data: bytes) -> bytes:
+    """The same instance with Rows/Columns kept and its PixelData removed (as in MR
+    spectroscopy, or a header-only copy of Orthanc's storage)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.PixelData
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def orthanc_compressed(data: bytes) -> bytes:
+    """A file as Orthanc stores it with StorageCompression: the uncompressed size as a
+    little-endian 64-bit prefix, then zlib."""
+    return struct.pack("<Q", len(data)) + zlib.compress(data)
