@@ -158,19 +158,7 @@ def _why(exc: BaseException) -> str:
 
 
 def _row(key: str, path: str, reason: str, size: int | None = None) -> Candidate:
-    return Candidate(
-        source_key=key,
-        path=path,
-        orthanc_id=None,
-        sop_uid=None,
-        study_uid=None,
-        series_uid=None,
-        size=size,
-        md5=None,
-        has_pixels=None,
-        compressed=False,
-        skip_reason=reason,
-    )
+    return Candidate(key, path, size=size, skip_reason=reason)
 
 
 # --- listing -------------------------------------------------------------------------------

@@ -113,15 +113,15 @@ class Candidate:
 
     source_key: str
     path: str
-    orthanc_id: str | None
-    sop_uid: str | None
-    study_uid: str | None
-    series_uid: str | None
-    size: int | None
-    md5: str | None
-    has_pixels: bool | None
-    compressed: bool
-    skip_reason: str | None
+    orthanc_id: str | None = None
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    size: int | None = None
+    md5: str | None = None
+    has_pixels: bool | None = None
+    compressed: bool = False
+    skip_reason: str | None = None
     missing: bool = False
     problem: str | None = None
     undecided: str | None = None
@@ -241,19 +241,7 @@ def _source_key(abspath: str, root: str | None) -> str:
 def _skipped(
     key: str, path: str, reason: str, compressed: bool = False, size: int | None = None
 ) -> Candidate:
-    return Candidate(
-        source_key=key,
-        path=path,
-        orthanc_id=None,
-        sop_uid=None,
-        study_uid=None,
-        series_uid=None,
-        size=size,
-        md5=None,
-        has_pixels=None,
-        compressed=compressed,
-        skip_reason=reason,
-    )
+    return Candidate(key, path, size=size, compressed=compressed, skip_reason=reason)
 
 
 def _classify_bytes(
@@ -343,20 +331,7 @@ def _undecided(
     key: str, path: str, why: str, compressed: bool, size: int, md5: str | None
 ) -> Candidate:
     """A file to offer to the target, which alone can tell whether it is DICOM."""
-    return Candidate(
-        source_key=key,
-        path=path,
-        orthanc_id=None,
-        sop_uid=None,
-        study_uid=None,
-        series_uid=None,
-        size=size,
-        md5=md5,
-        has_pixels=None,
-        compressed=compressed,
-        skip_reason=None,
-        undecided=why,
-    )
+    return Candidate(key, path, size=size, md5=md5, compressed=compressed, undecided=why)
 
 
 def _truncation(header: Header, size: int) -> str | None:

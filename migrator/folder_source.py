@@ -229,19 +229,8 @@ class FolderSource:
                 cand = classify_file(os.path.join(self.root, rel), self.root)
             except OSError as exc:
                 # An orphan is skipped anyway: one that cannot be read says why.
-                cand = Candidate(
-                    source_key=rel,
-                    path=os.path.join(self.root, rel),
-                    orthanc_id=None,
-                    sop_uid=None,
-                    study_uid=None,
-                    series_uid=None,
-                    size=None,
-                    md5=None,
-                    has_pixels=None,
-                    compressed=False,
-                    skip_reason=f"cannot read this file: {exc.strerror or exc}",
-                )
+                reason = f"cannot read this file: {exc.strerror or exc}"
+                cand = Candidate(rel, os.path.join(self.root, rel), skip_reason=reason)
             row = _row(cand)
             row["source_key"] = f"orphan:{rel}"
             held = cand.skip_reason in HELD_REASONS  # settled for bare folders only

@@ -265,19 +265,7 @@ def iter_folder(root: str, after: str | None = None) -> Iterator[Candidate]:
 
 
 def _not_read(rel: str, path: str, reason: str) -> Candidate:
-    return Candidate(
-        source_key=rel,
-        path=path,
-        orthanc_id=None,
-        sop_uid=None,
-        study_uid=None,
-        series_uid=None,
-        size=None,
-        md5=None,
-        has_pixels=None,
-        compressed=False,
-        skip_reason=reason,
-    )
+    return Candidate(rel, path, skip_reason=reason)
 
 
 # --- names that are not UTF-8 ------------------------------------------------------------
