@@ -13,7 +13,7 @@ import itertools
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,17 +257,9 @@ class OrthancClient:
         if response.status_code in (403, 404, 405, 501):
             # Unknown IDs answer 200 with the resource left out: 404 is the route.
             return None
-        if response.status_code != 200:
-            raise TransferError(verdict_for_response(response, side=self.role))
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, list) or not all(isinstance(i, dict) for i in body):
-            raise TransferError(
-                Verdict(Kind.FATAL, f"{self.role}: /tools/bulk-content is not a list")
-            )
-        return body
+        return self._json(
+            response, _list_of_objects, f"{self.role}: /tools/bulk-content is not a list"
+        )
 
     async def resource(self, level: str, orthanc_id: str) -> dict[str, Any] | None:
         """``GET /{level}/{id}`` (level: instances, series, studies), None if unknown."""
@@ -279,14 +271,19 @@ class OrthancClient:
             raise TransferError(classify_exception(exc, side=self.role)) from None
         if response.status_code == 404:
             return None
+        return self._json(response, _object, f"{self.role}: /{level}/{{id}} is not an object")
+
+    def _json(self, response: httpx.Response, shape: Callable[[Any], bool], what: str) -> Any:
+        """The JSON body of a successful answer, of the expected `shape`. Any other status
+        is classified as usual; a body of another shape is fatal (`what`): the server is
+        not answering as Orthanc does."""
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         try:
             body = response.json()
         except ValueError:
             body = None
-        if not isinstance(body, dict):
-            what = f"{self.role}: /{level}/{{id}} is not an object"
+        if not shape(body):
             raise TransferError(Verdict(Kind.FATAL, what))
         return body
 
@@ -384,18 +381,11 @@ class OrthancClient:
 
     def _stored(self, response: httpx.Response) -> Stored:
         """The confirmation in the target's answer to a POST /instances, or TransferError."""
-        if response.status_code != 200:
-            raise TransferError(verdict_for_response(response, side=self.role))
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            # Orthanc answers one JSON object per stored file; anything else is not a
-            # confirmation (e.g. a proxy's page), so it cannot count as sent.
-            raise TransferError(
-                Verdict(Kind.FATAL, "target answered POST /instances without Orthanc's JSON")
-            )
+        # Orthanc answers one JSON object per stored file; anything else is not a
+        # confirmation (e.g. a proxy's page), so it cannot count as sent.
+        body = self._json(
+            response, _object, "target answered POST /instances without Orthanc's JSON"
+        )
         status = body.get("Status")
         verdict = verdict_for_store_status(status)
         if verdict is not None:
@@ -436,16 +426,9 @@ class OrthancClient:
         confirmed, and only the IDs say which file each entry is."""
         headers = {**self._store_headers, "Content-Type": "application/zip"}
         response = await self._per_instance("POST", self._instances_url, headers, content=data)
-        if response.status_code != 200:
-            raise TransferError(verdict_for_response(response, side=self.role))
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, list) or not all(isinstance(e, dict) for e in body):
-            raise TransferError(
-                Verdict(Kind.FATAL, "target answered a ZIP POST /instances without a JSON list")
-            )
+        body = self._json(
+            response, _list_of_objects, "target answered a ZIP POST /instances without a JSON list"
+        )
         return [
             Stored(status=str(entry.get("Status")), orthanc_id=entry.get("ID")) for entry in body
         ]
@@ -499,6 +482,14 @@ class HttpChunks:
     async def aclose(self) -> None:
         """Release the connection (closed, when the answer was not read to its end)."""
         await self._response.aclose()
+
+
+def _object(body: Any) -> bool:
+    return isinstance(body, dict)
+
+
+def _list_of_objects(body: Any) -> bool:
+    return isinstance(body, list) and all(isinstance(item, dict) for item in body)
 
 
 def _content_length(response: httpx.Response) -> int | None:
