@@ -392,8 +392,8 @@ def import_profile(
     modules: tuple[str, ...] = (
         "migrator.cli",
         "migrator.app",
-        "migrator.ledger",
-        "migrator.folder_source",
+        "migrator.ledger.store",
+        "migrator.ends.folder.source",
         "sqlalchemy",
         "alembic",
         "pydicom",

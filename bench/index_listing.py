@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 
-from migrator.folder import iter_index
+from migrator.ends.folder.storage import iter_index
 
 # The tables and triggers of an index written by Orthanc 1.10.1 (schema 6), verbatim.
 SCHEMA = """

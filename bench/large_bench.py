@@ -45,7 +45,7 @@ from benchkit import (
     write_results,
 )
 
-from migrator.dicomid import orthanc_instance_id
+from migrator.ends.dicomid import orthanc_instance_id
 from migrator.testkit.dicomgen import make_instance
 from migrator.testkit.orthanc import OrthancProcess
 

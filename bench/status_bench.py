@@ -30,9 +30,9 @@ from pathlib import Path
 
 import httpx
 
-from migrator import web
-from migrator.ledger import Ledger
-from migrator.reports import status_document
+from migrator.ledger.store import Ledger
+from migrator.views import web
+from migrator.views.reports import status_document
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -30,7 +30,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from migrator.ledger import Ledger
+from migrator.ledger.store import Ledger
 from migrator.testkit import OrthancProcess, Proxy, iter_dataset, upload_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ RESULTS = REPO / "bench" / "results"
 
 BARE = r"""
 import asyncio, sys, time, httpx
-from migrator.orthanc import KEEPALIVE_EXPIRY
+from migrator.ends.orthanc.client import KEEPALIVE_EXPIRY
 
 async def main(url, ids, concurrency):
     limits = httpx.Limits(max_connections=concurrency + 2,

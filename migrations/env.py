@@ -1,6 +1,6 @@
 """Alembic environment for the migrator ledger.
 
-Runs against the connection handed over by `migrator.ledger` (``config.attributes``) or,
+Runs against the connection handed over by `migrator.ledger.store` (``config.attributes``) or,
 when alembic is called by hand, against ``sqlalchemy.url`` from the config.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from migrator.schema import metadata
+from migrator.ledger.schema import metadata
 
 config = context.config
 target_metadata = metadata

@@ -9,14 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.config import Settings
-from migrator.endpoints import Endpoint, parse_endpoint
+from migrator.endpoints import redact
+from migrator.ends.base import Source, Target
+from migrator.ends.factory import end_kind, endpoint_from, open_source, open_target
+from migrator.ends.orthanc.identity import same_orthanc
+from migrator.engine.progress import NullProgress, make_progress
+from migrator.engine.scheduler import RunResult, Scheduler
 from migrator.errors import (
     EXIT_FATAL,
     EXIT_INCOMPLETE,
@@ -26,15 +31,9 @@ from migrator.errors import (
     LedgerError,
     UsageError,
 )
-from migrator.identity import same_orthanc
-from migrator.ledger import Job, Ledger, make_owner
-from migrator.orthanc import OrthancClient
-from migrator.preflight import warn_about_target
-from migrator.progress import NullProgress, make_progress
-from migrator.reports import job_counts
-from migrator.scheduler import RunResult, Scheduler
-from migrator.sources import RestSource, Source
+from migrator.ledger.store import Job, Ledger, make_owner
 from migrator.units import human_bytes
+from migrator.views.reports import job_counts
 
 log = logging.getLogger("migrator")
 
@@ -90,26 +89,13 @@ class JobReport:
         return "\n".join(lines)
 
 
-def endpoint_from(url: str | None, role: str, settings: Settings) -> Endpoint:
-    """Build an endpoint from the command line or config, with credentials from settings."""
-    url = url or getattr(settings, f"{role}_url")
-    if not url:
-        raise UsageError(f"no {role} URL given (argument or [{role}] url in the config)")
-    endpoint = parse_endpoint(url, role=role)
-    endpoint = endpoint.with_credentials(
-        getattr(settings, f"{role}_username"), getattr(settings, f"{role}_password")
-    )
-    ca_file = getattr(settings, f"{role}_ca_file")
-    return replace(endpoint, ca_file=ca_file) if ca_file else endpoint
-
-
-def default_job_name(kind: str, source: str, target: Endpoint) -> str:
+def default_job_name(kind: str, source: str, target: str) -> str:
     """A stable name from the two ends, so that rerunning a command resumes its job."""
 
     def clean(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._:/-]+", "_", text).strip("/_")
 
-    return f"{kind}:{clean(source)}->{clean(target.host_port + urlpath(target.url))}"
+    return f"{kind}:{clean(source)}->{clean(target)}"
 
 
 def urlpath(url: str) -> str:
@@ -117,36 +103,57 @@ def urlpath(url: str) -> str:
     return urlsplit(url).path.rstrip("/")
 
 
-def check_endpoints(settings: Settings, **endpoints: Endpoint) -> None:
-    """Make sure each endpoint is an Orthanc that accepts us, before anything is written:
-    an unreachable or wrong server must not leave a new ledger behind."""
-
-    async def check() -> None:
-        for role, endpoint in endpoints.items():
-            client = make_client(endpoint, role, settings)
-            try:
-                await client.system()
-            finally:
-                await client.aclose()
-
-    asyncio.run(check())
+def end_name(url: str | None, role: str, settings: Settings) -> str:
+    """How an end appears in a default job name: ``host:port/path`` for an Orthanc (as
+    job names always were), the URL without credentials or the path otherwise."""
+    url = url or getattr(settings, f"{role}_url") or ""
+    kind = end_kind(url) if url else "orthanc"
+    if kind == "orthanc":
+        endpoint = endpoint_from(url, role, settings)
+        return endpoint.host_port + urlpath(endpoint.url)
+    if kind == "folder":
+        return url
+    return redact(url).replace(":***@", "@")
 
 
-def make_client(endpoint: Endpoint, role: str, settings: Settings) -> OrthancClient:
-    """A REST client sized for the run's concurrency."""
-    return OrthancClient(
-        endpoint,
-        role,
-        connections=settings.concurrency + 2,
-        timeout=settings.timeout,
-        connect_timeout=settings.connect_timeout,
-    )
+def check_ends(
+    settings: Settings, *, source_url: str | None = None, target_url: str | None = None
+) -> None:
+    """Make sure each end answers and accepts us, before anything is written: an
+    unreachable or wrong server must not leave a new ledger behind. Refuse a source and
+    a target that are one Orthanc under two URLs."""
+
+    async def check() -> bool:
+        ends: list[Any] = []
+        try:
+            source = target = None
+            if source_url is not None:
+                source = open_source(source_url, settings)
+                ends.append(source)
+                await source.preflight()
+            if target_url is not None:
+                target = open_target(target_url, settings)
+                ends.append(target)
+                await target.preflight()
+            client = getattr(source, "client", None)
+            if client is not None and target is not None and target.kind == "orthanc":
+                return await same_orthanc(client, target.client)  # type: ignore[attr-defined]
+            return False
+        finally:
+            for end in ends:
+                await end.aclose()
+
+    if asyncio.run(check()):
+        raise UsageError(
+            f"source {redact(source_url or '')} and target {redact(target_url or '')} are the "
+            f"same Orthanc: give another target"
+        )
 
 
 async def run_job(
     ledger: Ledger,
     source: Source,
-    target: OrthancClient,
+    target: Target,
     settings: Settings,
     *,
     job_name: str,
@@ -158,11 +165,9 @@ async def run_job(
     """Preflight both ends, then create or resume the job and run it to the end (with
     `follow`, keep listing new source data every `follow` seconds until stopped)."""
     log.info(await source.preflight())
-    info = await target.system()
-    log.info("target %s: Orthanc %s (%s)", target.endpoint.display, info.version, info.name)
-    warn_about_target(info.raw, target.endpoint.display)
+    log.info(await target.preflight())
     job = await asyncio.to_thread(
-        ledger.ensure_job, job_name, source.kind, source.display, target.endpoint.display, options
+        ledger.ensure_job, job_name, source.kind, source.display, target.display, options
     )
     progress = make_progress(settings.progress) if show_progress else NullProgress()
     scheduler = Scheduler(
@@ -183,42 +188,6 @@ async def run_job(
     return JobReport(job, result, counts, dry_run=dry_run)
 
 
-def _rest_ends(
-    source_url: str | None, target_url: str | None, settings: Settings, job_name: str | None
-) -> tuple[Endpoint, Endpoint, str]:
-    """Both ends of a REST job, checked, and the job's name (from the URLs by default)."""
-    source_ep = endpoint_from(source_url, "source", settings)
-    target_ep = endpoint_from(target_url, "target", settings)
-    if source_ep.url == target_ep.url:
-        raise UsageError("source and target are the same URL")
-    name = job_name or default_job_name(
-        "replicate", source_ep.host_port + urlpath(source_ep.url), target_ep
-    )
-    check_endpoints(settings, source=source_ep, target=target_ep)
-    check_distinct(settings, source_ep, target_ep)
-    return source_ep, target_ep, name
-
-
-def check_distinct(settings: Settings, source_ep: Endpoint, target_ep: Endpoint) -> None:
-    """Refuse a source and a target that are one Orthanc under two URLs (`localhost` and
-    `127.0.0.1`, a proxy and its server): every instance would be "sent" to itself."""
-
-    async def check() -> bool:
-        source = make_client(source_ep, "source", settings)
-        target = make_client(target_ep, "target", settings)
-        try:
-            return await same_orthanc(source, target)
-        finally:
-            await source.aclose()
-            await target.aclose()
-
-    if asyncio.run(check()):
-        raise UsageError(
-            f"source {source_ep.display} and target {target_ep.display} are the same "
-            f"Orthanc: give another target"
-        )
-
-
 def replicate(
     source_url: str | None,
     target_url: str | None,
@@ -228,53 +197,108 @@ def replicate(
     dry_run: bool = False,
     show_progress: bool = True,
 ) -> JobReport:
-    """Replicate one Orthanc into another through the ledger (`migrator replicate`)."""
-    source_ep, target_ep, name = _rest_ends(source_url, target_url, settings, job_name)
+    """Copy every instance of a server (Orthanc REST, DICOMweb, DIMSE) into a target
+    through the ledger (`migrator replicate`)."""
+    source_url = _require(source_url, "source", settings)
+    target_url = _require(target_url, "target", settings)
+    if end_kind(source_url) in ("folder", "database"):
+        raise UsageError(f"{source_url} is not a server: use `migrator import` for it")
+    name = _checked_job_name("replicate", source_url, target_url, settings, job_name)
+    return _run_with_ledger(
+        settings,
+        source_url,
+        target_url,
+        name=name,
+        options={"concurrency": settings.concurrency},
+        dry_run=dry_run,
+        show_progress=show_progress,
+    )
+
+
+def _require(url: str | None, role: str, settings: Settings) -> str:
+    url = url or getattr(settings, f"{role}_url")
+    if not url:
+        raise UsageError(f"no {role} URL given (argument or [{role}] url in the config)")
+    return str(url)
+
+
+def _checked_job_name(
+    kind: str, source_url: str, target_url: str, settings: Settings, job_name: str | None
+) -> str:
+    """The job's name (from the ends by default), once both ends answered."""
+    source_name = end_name(source_url, "source", settings)
+    target_name = end_name(target_url, "target", settings)
+    if source_name == target_name:
+        raise UsageError("source and target are the same URL")
+    name = job_name or default_job_name(kind, source_name, target_name)
+    check_ends(settings, source_url=source_url, target_url=target_url)
+    return name
+
+
+def _run_with_ledger(
+    settings: Settings,
+    source_url: str,
+    target_url: str,
+    *,
+    name: str,
+    options: dict[str, Any],
+    dry_run: bool = False,
+    show_progress: bool = True,
+    follow: float | None = None,
+    source: Source | None = None,
+) -> JobReport:
     ledger = Ledger.open(settings.ledger, create=True)
     try:
-        return _run_rest(
+        return _run(
             ledger,
-            source_ep,
-            target_ep,
             settings,
+            source_url,
+            target_url,
             name=name,
+            options=options,
             dry_run=dry_run,
             show_progress=show_progress,
+            follow=follow,
+            source=source,
         )
     finally:
         ledger.close()
 
 
-def _run_rest(
+def _run(
     ledger: Ledger,
-    source_ep: Endpoint,
-    target_ep: Endpoint,
     settings: Settings,
+    source_url: str,
+    target_url: str,
     *,
     name: str,
+    options: dict[str, Any],
     dry_run: bool = False,
     show_progress: bool = True,
     follow: float | None = None,
+    source: Source | None = None,
 ) -> JobReport:
     async def main() -> JobReport:
-        source = RestSource(
-            make_client(source_ep, "source", settings), settings.retry, settings.page_size
-        )
-        target = make_client(target_ep, "target", settings)
+        src = source or open_source(source_url, settings, options=options)
+        try:
+            target = open_target(target_url, settings)
+        except BaseException:
+            await src.aclose()
+            raise
         try:
             return await run_job(
                 ledger,
-                source,
+                src,
                 target,
                 settings,
                 job_name=name,
-                options={"concurrency": settings.concurrency},
+                options=options,
                 dry_run=dry_run,
                 show_progress=show_progress,
                 follow=follow,
             )
         finally:
-            await source.aclose()
+            await src.aclose()
             await target.aclose()
 
     return asyncio.run(main())
@@ -296,20 +320,20 @@ def mirror(
     """
     if poll <= 0:
         raise UsageError("--poll must be positive")
-    source_ep, target_ep, name = _rest_ends(source_url, target_url, settings, job_name)
-    ledger = Ledger.open(settings.ledger, create=True)
-    try:
-        return _run_rest(
-            ledger,
-            source_ep,
-            target_ep,
-            settings,
-            name=name,
-            show_progress=show_progress,
-            follow=poll,
-        )
-    finally:
-        ledger.close()
+    source_url = _require(source_url, "source", settings)
+    target_url = _require(target_url, "target", settings)
+    if end_kind(source_url) != "orthanc":
+        raise UsageError("mirror follows an Orthanc's change log: the source must be http(s)://")
+    name = _checked_job_name("replicate", source_url, target_url, settings, job_name)
+    return _run_with_ledger(
+        settings,
+        source_url,
+        target_url,
+        name=name,
+        options={"concurrency": settings.concurrency},
+        show_progress=show_progress,
+        follow=poll,
+    )
 
 
 def work(
@@ -329,55 +353,17 @@ def work(
         if job is None:
             known = ", ".join(j.name for j in ledger.list_jobs()) or "none"
             raise UsageError(f"no job named {job_name!r} in the ledger (jobs: {known})")
-        target_ep = endpoint_from(job.target, "target", settings)
-        if job.kind == "replicate":
-            source_ep = endpoint_from(job.source, "source", settings)
-            return _run_rest(
-                ledger, source_ep, target_ep, settings, name=job.name, show_progress=show_progress
-            )
-        from migrator.folder_source import FolderSource
-
-        return _run_folder(
+        return _run(
             ledger,
-            FolderSource(job.source, job.options.get("storage")),
-            target_ep,
             settings,
+            job.source,
+            job.target,
             name=job.name,
             options=job.options,
             show_progress=show_progress,
         )
     finally:
         ledger.close()
-
-
-def _run_folder(
-    ledger: Ledger,
-    source: Source,
-    target_ep: Endpoint,
-    settings: Settings,
-    *,
-    name: str,
-    options: dict[str, Any],
-    dry_run: bool = False,
-    show_progress: bool = True,
-) -> JobReport:
-    async def main() -> JobReport:
-        target = make_client(target_ep, "target", settings)
-        try:
-            return await run_job(
-                ledger,
-                source,
-                target,
-                settings,
-                job_name=name,
-                options=options,
-                dry_run=dry_run,
-                show_progress=show_progress,
-            )
-        finally:
-            await target.aclose()
-
-    return asyncio.run(main())
 
 
 def import_path(
@@ -390,37 +376,41 @@ def import_path(
     show_progress: bool = True,
     storage: str | None = None,
 ) -> JobReport:
-    """Import an Orthanc storage folder or any folder of DICOM files (`migrator import`).
+    """Import an Orthanc storage folder, any folder of DICOM files, or a stopped
+    Orthanc's index database (`migrator import`).
 
     ``storage`` is the folder holding the attachment files of an Orthanc index (``path``)
     when it is not the index's own folder.
     """
-    from migrator.folder_source import FolderSource  # only imports read folders
-
-    source = FolderSource(path, storage)
-    target_ep = endpoint_from(target_url, "target", settings)
-    name = job_name or default_job_name("import", source.display, target_ep)
+    kind = end_kind(path)
+    if kind not in ("folder", "database"):
+        raise UsageError(f"{redact(path)} is a server: use `migrator replicate` for it")
+    options: dict[str, Any] = {"concurrency": settings.concurrency}
+    if storage:
+        # A worker joining the job reads the files from the same place.
+        options["storage"] = storage
+    source = open_source(path, settings, options=options)
+    target_url = _require(target_url, "target", settings)
+    name = job_name or default_job_name(
+        "import", source.display, end_name(target_url, "target", settings)
+    )
     asyncio.run(source.preflight())
-    check_endpoints(settings, target=target_ep)
-    ledger = Ledger.open(settings.ledger, create=True)
-    try:
-        report = _run_folder(
-            ledger,
-            source,
-            target_ep,
-            settings,
-            name=name,
-            options={
-                "concurrency": settings.concurrency,
-                "folder_kind": source.info.kind,
-                # A worker joining the job reads the files from the same place.
-                **({"storage": source.info.storage} if storage else {}),
-            },
-            dry_run=dry_run,
-            show_progress=show_progress,
-        )
-    finally:
-        ledger.close()
+    folder_kind = getattr(getattr(source, "info", None), "kind", None)
+    if folder_kind is not None:
+        options["folder_kind"] = folder_kind
+        if storage:
+            options["storage"] = source.info.storage  # type: ignore[attr-defined]
+    check_ends(settings, target_url=target_url)
+    report = _run_with_ledger(
+        settings,
+        path,
+        target_url,
+        name=name,
+        options=options,
+        dry_run=dry_run,
+        show_progress=show_progress,
+        source=source,
+    )
     if report.job.listing_done or report.result.listed:
         wanted = sum(report.counts[k] for k in ("pending", "in_flight", "sent", "rejected"))
         if not wanted and not report.counts["failed"] and report.counts["skipped"]:

@@ -20,17 +20,17 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from migrator import app as api
-from migrator import db
 from migrator.config import Settings, load_settings
 from migrator.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, MigratorError, UsageError
-from migrator.ledger import Job, Ledger
-from migrator.reports import render_status, status_document
+from migrator.ledger import db
+from migrator.ledger.store import Job, Ledger
 from migrator.states import (
     RETRYABLE_BY_USER,
     State,
     VerifyResult,
     parse_state_or_result,
 )
+from migrator.views.reports import render_status, status_document
 
 cli = typer.Typer(
     name="migrator",
@@ -46,7 +46,9 @@ T = TypeVar("T")
 
 LedgerOpt = Annotated[
     str | None,
-    typer.Option("--ledger", help="Ledger URL (default sqlite:///migrator.db, or the config)."),
+    typer.Option(
+        "--ledger", help="Ledger URL (default sqlite:///migrator.ledger.db, or the config)."
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None,
@@ -386,7 +388,7 @@ def inspect(
 
     Example: migrator inspect /var/lib/orthanc/db-v5
     """
-    from migrator.inspect import inspect_path, render_text
+    from migrator.ends.folder.inspect import inspect_path, render_text
 
     def body() -> None:
         try:
@@ -430,7 +432,7 @@ def status(
 def jobs(ledger: LedgerOpt = None, config: ConfigOpt = None) -> None:
     """List the jobs in the ledger.
 
-    Example: migrator jobs --ledger sqlite:///migrator.db
+    Example: migrator jobs --ledger sqlite:///migrator.ledger.db
     """
 
     def body() -> None:
@@ -586,7 +588,7 @@ def verify(
 
     Example: migrator verify --job nightly --json
     """
-    from migrator import verify_report
+    from migrator.views import verify_report
 
     _setup_logging(verbose)
 
@@ -614,7 +616,7 @@ def verify(
         if as_json:
             typer.echo(json.dumps({"jobs": [r.as_json() for r in reports]}, indent=2))
         else:
-            from migrator.verify_text import render_text
+            from migrator.views.verify_text import render_text
 
             typer.echo(render_text(reports))
         return verify_report.exit_code(reports)
@@ -645,7 +647,7 @@ def report(
 
     Example: migrator report --state failed --format csv -o failed.csv
     """
-    from migrator.export import export
+    from migrator.views.export import export
 
     def body() -> None:
         try:
@@ -690,7 +692,7 @@ def serve(
 
     Example: migrator serve --port 8080 --ledger postgresql://migrator@db/migrator
     """
-    from migrator.web import serve as run_server
+    from migrator.views.web import serve as run_server
 
     _setup_logging(verbose)
 
@@ -706,7 +708,7 @@ def serve(
 def db_upgrade(ledger: LedgerOpt = None, config: ConfigOpt = None) -> None:
     """Upgrade the ledger's schema to this version of migrator (back it up first).
 
-    Example: migrator db upgrade --ledger sqlite:///migrator.db
+    Example: migrator db upgrade --ledger sqlite:///migrator.ledger.db
     """
 
     def body() -> None:

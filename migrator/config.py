@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from migrator import timetable
+from migrator.engine import timetable
 from migrator.errors import UsageError
 
-DEFAULT_LEDGER = "sqlite:///migrator.db"
+DEFAULT_LEDGER = "sqlite:///migrator.ledger.db"
 # Concurrent transfers: the ceiling of the self-tuning concurrency when not given (high
 # enough for long links: a 100 ms round trip wants several dozen transfers at once), and
 # the concurrency of a fixed (not adaptive) run when not given.
@@ -48,6 +48,14 @@ class Settings:
     target_password: str | None = field(default=None, repr=False)
     source_ca_file: str | None = None
     target_ca_file: str | None = None
+    # Bearer tokens for DICOMweb ends (`[source] token`, MIGRATOR_SOURCE_TOKEN...).
+    source_token: str | None = field(default=None, repr=False)
+    target_token: str | None = field(default=None, repr=False)
+    # DIMSE ends: our AE title, how instances are retrieved ("get": C-GET, "move": C-MOVE
+    # to our own storage SCP on `dimse_move_port`, 0: any free port).
+    dimse_aet: str = "MIGRATOR"
+    dimse_retrieve: str = "get"
+    dimse_move_port: int = 0
     retry: RetryPolicy = RetryPolicy()
     # Seconds without a single answer from an endpoint before the run gives up (exit 3).
     outage_timeout: float = 600.0
@@ -56,7 +64,7 @@ class Settings:
     lease_seconds: float = 120.0
     page_size: int = 1000
     progress: str = "auto"
-    # Throttling (see migrator.throttle / migrator.timetable): kept as the user wrote
+    # Throttling (see migrator.engine.throttle / migrator.engine.timetable): kept as the user wrote
     # them, parsed by the scheduler's gate; validated below.
     max_rate: str | None = None
     max_bandwidth: str | None = None
@@ -81,7 +89,12 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {
     "progress": str,
     "batch": int,
 }
-_ENDPOINT_KEYS = ("url", "username", "password", "ca_file")
+_ENDPOINT_KEYS = ("url", "username", "password", "ca_file", "token")
+_DIMSE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "aet": str,
+    "retrieve": str,
+    "move_port": int,
+}
 _RETRY_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_attempts": int,
     "backoff_initial": (int, float),
@@ -108,6 +121,13 @@ def _from_mapping(data: dict[str, Any], base: Settings) -> Settings:
                 if sub not in _ENDPOINT_KEYS:
                     raise UsageError(f"config: unknown key {key}.{sub}")
                 changes[f"{key}_{sub}"] = _check(f"{key}.{sub}", subval, str)
+        elif key == "dimse":
+            if not isinstance(value, dict):
+                raise UsageError("config: [dimse] must be a table")
+            for sub, subval in value.items():
+                if sub not in _DIMSE_KEYS:
+                    raise UsageError(f"config: unknown key dimse.{sub}")
+                changes[f"dimse_{sub}"] = _check(f"dimse.{sub}", subval, _DIMSE_KEYS[sub])
         elif key == "throttle":
             changes.update(timetable.settings_from_toml(value))
         elif key == "retry":
@@ -131,7 +151,7 @@ def _from_env(env: dict[str, str], base: Settings) -> Settings:
     if env.get("MIGRATOR_PROGRESS"):
         changes["progress"] = env["MIGRATOR_PROGRESS"]
     for role in ("source", "target"):
-        for sub in ("username", "password", "ca_file"):
+        for sub in ("username", "password", "ca_file", "token"):
             value = env.get(f"MIGRATOR_{role.upper()}_{sub.upper()}")
             if value is not None:
                 changes[f"{role}_{sub}"] = value
@@ -205,6 +225,12 @@ def validate(settings: Settings) -> None:
         raise UsageError("batch must be between 1 and 256 (0: decided from the round trips)")
     if settings.progress not in ("auto", "bar", "plain", "none"):
         raise UsageError("progress must be one of auto, bar, plain, none")
+    if settings.dimse_retrieve not in ("get", "move"):
+        raise UsageError("dimse.retrieve must be get or move")
+    if not 0 <= settings.dimse_move_port <= 65535:
+        raise UsageError("dimse.move_port must be between 0 and 65535")
+    if not 0 < len(settings.dimse_aet.strip()) <= 16:
+        raise UsageError("dimse.aet must be 1 to 16 characters")
     if not settings.ledger.strip():
         raise UsageError("ledger URL is empty")
     timetable.validate_settings(settings)

@@ -16,10 +16,10 @@ from pathlib import Path
 from migrator.app import replicate
 from migrator.config import Settings
 from migrator.errors import EXIT_INCOMPLETE, EXIT_OK
-from migrator.ledger import Ledger
-from migrator.reports import render_status, status_document
+from migrator.ledger.store import Ledger
 from migrator.testkit.dicomgen import iter_dataset, upload_all
 from migrator.testkit.orthanc import OrthancProcess
+from migrator.views.reports import render_status, status_document
 
 log = logging.getLogger("migrator")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ledger_rows, run_cli, start_cli, state_counts
 
-from migrator import archives
-from migrator.folder_walk import iter_tree
+from migrator.ends.folder import archives
+from migrator.ends.folder.walk import iter_tree
 from migrator.testkit.dicomgen import SyntheticInstance, make_dataset, make_instance
 from migrator.testkit.fastgen import fast_dataset
 from migrator.testkit.orthanc import OrthancProcess

@@ -22,11 +22,11 @@ from collections.abc import Callable
 import pytest
 from faultkit import fast_fill, invoke, write_config
 
-from migrator.adaptive import START, AdaptiveLimit
 from migrator.config import DEFAULT_CEILING, DEFAULT_FIXED, load_settings
+from migrator.engine.adaptive import START, AdaptiveLimit
+from migrator.engine.throttle import Gate
+from migrator.engine.timetable import Limits, Schedule
 from migrator.testkit.proxy import Proxy
-from migrator.throttle import Gate
-from migrator.timetable import Limits, Schedule
 
 
 class FakeClock:

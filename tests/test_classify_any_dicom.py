@@ -29,8 +29,8 @@ from dicomforge import (
     instance,
 )
 
+from migrator.ends.folder.fileclass import classify_file
 from migrator.errors import Kind, Verdict, refused_as_not_dicom
-from migrator.fileclass import classify_file
 from migrator.testkit import OrthancProcess
 
 IMPORT_SAMPLE = Path(

@@ -20,9 +20,9 @@ import pydicom
 import pytest
 from conftest import ledger_rows, run_cli
 
-from migrator.dicomhead import read_header
-from migrator.dicomid import orthanc_id_from_dataset
-from migrator.fileclass import (
+from migrator.ends.dicomid import orthanc_id_from_dataset
+from migrator.ends.folder.dicomhead import read_header
+from migrator.ends.folder.fileclass import (
     HELD_REASONS,
     HELD_STORAGE,
     HELD_TREE,
@@ -31,8 +31,8 @@ from migrator.fileclass import (
     _pydicom_header,
     classify_file,
 )
-from migrator.inspect import ORPHAN_ADVICE, inspect_path, render_text
-from migrator.ledger import Ledger
+from migrator.ends.folder.inspect import ORPHAN_ADVICE, inspect_path, render_text
+from migrator.ledger.store import Ledger
 from migrator.testkit import OrthancProcess, make_dataset, make_instance, upload_all
 from migrator.testkit.dicomgen import without_pixel_data
 from migrator.testkit.fastgen import fast_dataset

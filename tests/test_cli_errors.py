@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import fill, ledger_rows, run_cli, state_counts
 
-from migrator import db
-from migrator.ledger import Ledger
+from migrator.ledger import db
+from migrator.ledger.store import Ledger
 from migrator.testkit.orthanc import free_port
 
 USERS = {"alice": "s3cret-pw"}

@@ -13,10 +13,10 @@ import logging
 import httpx
 from faultkit import assert_converged, fast_fill, invoke, write_config
 
+from migrator.engine.throttle import AdaptiveLimit
 from migrator.testkit.dicomgen import make_dataset, upload_all
 from migrator.testkit.faults import Fault
 from migrator.testkit.proxy import Proxy
-from migrator.throttle import AdaptiveLimit
 
 # Answers before the slow ones: enough for each leg to learn its usual latency.
 HEALTHY_FIRST = 30

@@ -17,8 +17,8 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from migrator.dicomhead import Unsupported, read_header
-from migrator.fileclass import _pydicom_header, classify_file
+from migrator.ends.folder.dicomhead import Unsupported, read_header
+from migrator.ends.folder.fileclass import _pydicom_header, classify_file
 from migrator.testkit.dicomgen import make_instance
 
 

@@ -24,10 +24,10 @@ from conftest import MIGRATOR, ledger_rows, run_cli, start_cli, wait_for_sent
 from faultkit import fast_fill
 
 from migrator.cli import cli
-from migrator.ledger import Ledger
-from migrator.reports import job_status
+from migrator.ledger.store import Ledger
 from migrator.testkit import Proxy, free_port, make_dataset, upload_all
-from migrator.web_history import History
+from migrator.views.reports import job_status
+from migrator.views.web_history import History
 
 N = 24
 

@@ -20,8 +20,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from migrator.fileclass import DICOMDIR_SOP_CLASS, HELD_STORAGE, HELD_TREE
-from migrator.folder import (
+from migrator.ends.folder.fileclass import DICOMDIR_SOP_CLASS, HELD_STORAGE, HELD_TREE
+from migrator.ends.folder.inspect import inspect_path, render_text
+from migrator.ends.folder.storage import (
     CorruptFile,
     IndexLocked,
     classify_file,
@@ -33,7 +34,6 @@ from migrator.folder import (
     read_dicom_bytes,
     walk_files,
 )
-from migrator.inspect import inspect_path, render_text
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
 from migrator.testkit.dicomgen import orthanc_compressed, without_pixel_data
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import MIGRATOR, CliResult, ledger_rows, run_cli, state_counts
 
-from migrator import folder_source
+from migrator.ends.folder import source as folder_source
+from migrator.ends.folder.storage import escape_name, ledger_path, real_path, walk_files
 from migrator.errors import FatalError
-from migrator.folder import escape_name, ledger_path, real_path, walk_files
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
 
 # Root reads any file whatever its mode: without these two capabilities it obeys the mode

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from migrator.config import load_settings
 from migrator.endpoints import parse_endpoint
+from migrator.ends.orthanc.client import OrthancClient
+from migrator.engine.timetable import parse_bandwidth, parse_rate, parse_window
 from migrator.errors import UsageError
-from migrator.orthanc import OrthancClient
-from migrator.timetable import parse_bandwidth, parse_rate, parse_window
 
 # The suite replays the same examples every time (derandomized, so a red build is never
 # luck); MIGRATOR_FUZZ=explore draws new ones, ten times as many, to hunt for bugs.

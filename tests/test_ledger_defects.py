@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from conftest import ledger_rows, run_cli, start_cli, wait_for_sent
 
-from migrator.ledger import Ledger, Outcome
+from migrator.ledger.store import Ledger, Outcome
 from migrator.states import State
 from migrator.testkit import make_dataset, upload_all
 from migrator.testkit.dicomgen import without_pixel_data
@@ -244,7 +244,7 @@ def test_retry_skipped_leaves_files_that_must_never_be_sent(
 
 
 def test_never_send_reasons_are_the_ones_fileclass_writes():
-    from migrator import fileclass
+    from migrator.ends.folder import fileclass
     from migrator.states import NEVER_SEND_REASONS
 
     names = ("SKIP_HEADER_ONLY", "SKIP_NO_PIXELS", "HELD_STORAGE", "HELD_TREE", "SKIP_JSON")
@@ -312,7 +312,7 @@ def test_long_uid_and_long_job_name_import_on_both_ledgers(orthanc_factory, tmp_
 def test_upgrade_to_unbounded_text_keeps_rows(tmp_path, pg_url):
     # A ledger at the previous revision, with rows, upgraded in place: the rows stay, and
     # a long UID fits afterwards.
-    from migrator import db
+    from migrator.ledger import db
 
     for url in (f"sqlite:///{tmp_path / 'u.db'}", pg_url):
         ledger = Ledger.open(url, create=True)

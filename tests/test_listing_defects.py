@@ -19,8 +19,8 @@ from conftest import fill, ledger_rows, run_cli, state_counts
 
 from migrator.config import RetryPolicy
 from migrator.endpoints import parse_endpoint
-from migrator.orthanc import OrthancClient
-from migrator.sources import AHEAD, RestSource
+from migrator.ends.orthanc.client import OrthancClient
+from migrator.ends.orthanc.source import AHEAD, RestSource
 from migrator.testkit.dicomgen import make_dataset
 from migrator.testkit.orthanc import OrthancProcess
 from migrator.testkit.proxy import Proxy, ScriptedFaults, Status
@@ -250,7 +250,7 @@ def test_two_servers_configured_alike_are_two(orthanc_factory, ledger_path):
     """Two fresh servers with the same name and AET: accepted. Their /system answers
     differ only by ports, so the probe itself is checked too: a job started on one is
     unknown to the other, and known to the same server under another name."""
-    from migrator import identity
+    from migrator.ends.orthanc import identity
 
     first, second = orthanc_factory("orthanc"), orthanc_factory("orthanc")
     fill(first, 3)
@@ -293,7 +293,7 @@ def test_same_server_is_refused_when_no_probe_job_is_allowed(orthanc_factory, le
 
 
 def test_two_servers_holding_the_same_instances_have_different_contents(orthanc_factory):
-    from migrator import identity
+    from migrator.ends.orthanc import identity
 
     first, second = orthanc_factory("orthanc"), orthanc_factory("orthanc")
     data = make_dataset(3, seed=5)

@@ -1,4 +1,5 @@
-"""httpcore's network layer on asyncio streams (`migrator.netio`), against real servers:
+"""httpcore's network layer on asyncio streams (`migrator.ends.orthanc.netio`), against real
+servers:
 a real Orthanc, a TLS server on loopback, a server that never answers, a closed port."""
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import pytest
 from conftest import self_signed
 
 from migrator.endpoints import parse_endpoint
+from migrator.ends.orthanc.client import OrthancClient, _transport
+from migrator.ends.orthanc.netio import AsyncioBackend
 from migrator.errors import Kind, classify_exception
-from migrator.netio import AsyncioBackend
-from migrator.orthanc import OrthancClient, _transport
 from migrator.testkit.orthanc import OrthancProcess, free_port
 
 

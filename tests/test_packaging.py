@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator import db
+from migrator.ledger import db
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from conftest import ledger_rows
 from faultkit import fast_fill, invoke
 
-from migrator.preflight import check_target
+from migrator.ends.orthanc.preflight import check_target
 
 V1_10 = {"ApiVersion": 16, "DatabaseVersion": 6, "Name": "t", "Version": "1.10.1"}
 V1_11_3 = {

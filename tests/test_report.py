@@ -11,10 +11,10 @@ from datetime import datetime
 import pytest
 from conftest import ledger_rows, run_cli
 
-from migrator import export
-from migrator.ledger import Ledger
+from migrator.ledger.store import Ledger
 from migrator.states import State, VerifyResult
 from migrator.testkit import OrthancProcess, make_dataset, upload_all
+from migrator.views import export
 
 PASSWORD = "pw-Zq81x"
 FILTER = """
@@ -155,10 +155,10 @@ def test_streams_in_id_order_across_pages(tmp_path, monkeypatch):
 def test_ledger_side_on_both_backends(backend, tmp_path, request):
     """The SQL of report, verify and serve on SQLite and PostgreSQL: keyset pages,
     verification writes and retries, totals, per-minute history."""
-    from migrator import web
-    from migrator.ledger import Outcome
-    from migrator.verify import select_page
-    from migrator.verify_report import verification_totals
+    from migrator.engine.verify import select_page
+    from migrator.ledger.store import Outcome
+    from migrator.views import web
+    from migrator.views.verify_report import verification_totals
 
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else (
         f"sqlite:///{tmp_path / 'l.db'}"

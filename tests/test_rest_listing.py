@@ -18,8 +18,9 @@ from test_listing_defects import DeleteBeforePage
 
 from migrator.config import RetryPolicy
 from migrator.endpoints import parse_endpoint
-from migrator.orthanc import OrthancClient
-from migrator.sources import ListingPage, RestSource
+from migrator.ends.base import ListingPage
+from migrator.ends.orthanc.client import OrthancClient
+from migrator.ends.orthanc.source import RestSource
 from migrator.testkit import Proxy, make_dataset, upload_all
 from migrator.testkit.fastgen import fast_dataset
 from migrator.testkit.orthanc import OrthancProcess

@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, text
 
-from migrator import db
-from migrator.ledger import Ledger
-from migrator.schema import metadata
+from migrator.ledger import db
+from migrator.ledger.schema import metadata
+from migrator.ledger.store import Ledger
 
 
 def test_revisions_match_metadata(tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_start_up_does_not_import_alembic_or_postgresql() -> None:
     import sys
 
     code = (
-        "import sys, migrator.cli, migrator.app, migrator.ledger, migrator.scheduler; "
+        "import sys, migrator.cli, migrator.app, migrator.ledger.store, migrator.engine.scheduler; "
         "print(sorted(m for m in sys.modules if m.startswith(('alembic', "
         "'sqlalchemy.dialects.postgresql'))))"
     )

@@ -22,7 +22,7 @@ import pytest
 from conftest import CliResult, ledger_rows, state_counts
 from faultkit import md5_of, write_config
 
-from migrator.dicomid import orthanc_instance_id
+from migrator.ends.dicomid import orthanc_instance_id
 from migrator.testkit.dicomgen import SyntheticInstance, make_instance
 from migrator.testkit.faults import TruncateResponse
 from migrator.testkit.orthanc import OrthancProcess

@@ -1,7 +1,7 @@
 """Throttling: rate and bandwidth limits, weekly windows, adaptive concurrency.
 
-Unit tests of `migrator.timetable` (parsing, which window is open, when the next opens)
-and `migrator.throttle` (token bucket, AIMD limit, the gate), then runs against real
+Unit tests of `migrator.engine.timetable` (parsing, which window is open, when the next opens)
+and `migrator.engine.throttle` (token bucket, AIMD limit, the gate), then runs against real
 Orthanc processes: --max-rate and --max-bandwidth bound the pace, a window that opens in
 a few seconds pauses the run until then, and a burst of 503s cuts the concurrency.
 """
@@ -22,14 +22,21 @@ from conftest import ledger_rows, start_cli, state_counts
 from faultkit import fast_fill, invoke, write_config, write_files
 
 from migrator.config import load_settings
+from migrator.engine.throttle import (
+    AdaptiveLimit,
+    Gate,
+    Legs,
+    MemoryBudget,
+    TokenBucket,
+    is_overload,
+)
+from migrator.engine.timetable import Limits, Schedule, parse_bandwidth, parse_rate, parse_window
 from migrator.errors import UsageError
-from migrator.ledger import Outcome
+from migrator.ledger.store import Outcome
 from migrator.states import State
 from migrator.testkit.fastgen import fast_dataset
 from migrator.testkit.faults import ScriptedFaults, Status
 from migrator.testkit.proxy import Proxy
-from migrator.throttle import AdaptiveLimit, Gate, Legs, MemoryBudget, TokenBucket, is_overload
-from migrator.timetable import Limits, Schedule, parse_bandwidth, parse_rate, parse_window
 
 MONDAY = datetime(2024, 1, 1)  # a Monday
 

@@ -10,8 +10,8 @@ import pytest
 
 from migrator.config import RetryPolicy, load_settings
 from migrator.endpoints import parse_endpoint, redact
+from migrator.engine.scheduler import backoff_delay
 from migrator.errors import Kind, UsageError, classify_status, verdict_for_store_status
-from migrator.scheduler import backoff_delay
 from migrator.states import TRANSITIONS, IllegalTransition, State, check_transition, parse_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_progress_bar_counts_and_renders() -> None:
 
     from rich.console import Console
 
-    from migrator.progress import BarProgress
+    from migrator.engine.progress import BarProgress
 
     out = io.StringIO()
     bar = BarProgress(Console(file=out, force_terminal=False, width=100))
@@ -137,7 +137,7 @@ def test_progress_bar_counts_and_renders() -> None:
 )
 def test_store_sends_the_authorization_httpx_would(user, password):
     # store() posts below httpx's client layer, so it builds the header itself.
-    from migrator.orthanc import _basic_auth_header
+    from migrator.ends.orthanc.client import _basic_auth_header
 
     request = httpx.Request("POST", "http://127.0.0.1:1/instances")
     expected = next(httpx.BasicAuth(user, password).auth_flow(request)).headers["Authorization"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ledger_rows, run_cli, start_cli, state_counts
 
-from migrator.ledger import Ledger, Outcome
+from migrator.ledger.store import Ledger, Outcome
 from migrator.states import State
 from migrator.testkit import OrthancProcess, Proxy, make_dataset, make_instance, upload_all
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import ledger_rows, run_cli, start_cli, state_counts
 
-from migrator.ledger import Ledger, Outcome
+from migrator.ledger.store import Ledger, Outcome
 from migrator.states import State, VerifyResult
 from migrator.testkit import OrthancProcess, Proxy, make_dataset, upload_all
 
@@ -266,8 +266,8 @@ def test_verify_refuses_times_that_are_not_times(args, ledger_url):
 def test_verification_pass_and_stand_in_skips_on_both_backends(backend, tmp_path, request):
     """The ledger side of a pass (kept beside the job's options, finished only by the pass
     that began it) and of skipped copies without a sent twin, on SQLite and PostgreSQL."""
-    from migrator.verify import select_page
-    from migrator.verify_report import STAND_IN_REASONS
+    from migrator.engine.verify import select_page
+    from migrator.views.verify_report import STAND_IN_REASONS
 
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else (
         f"sqlite:///{tmp_path / 'l.db'}"

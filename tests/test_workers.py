@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from conftest import fill, run_cli, start_cli
 
-from migrator.ledger import COPIES_LEASE_LOCK, Ledger, Outcome, make_owner
+from migrator.ledger.store import COPIES_LEASE_LOCK, Ledger, Outcome, make_owner
 from migrator.states import State
 from migrator.testkit.proxy import Proxy
 

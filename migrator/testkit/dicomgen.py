@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from migrator.dicomid import orthanc_instance_id
+from migrator.ends.dicomid import orthanc_instance_id
 
 if TYPE_CHECKING:
     from migrator.testkit.orthanc import OrthancProcess

@@ -15,7 +15,7 @@ import httpx
 import pydicom
 import pytest
 
-from migrator.dicomid import orthanc_id_from_dataset, orthanc_instance_id
+from migrator.ends.dicomid import orthanc_id_from_dataset, orthanc_instance_id
 from migrator.testkit import (
     DropResponse,
     OrthancProcess,

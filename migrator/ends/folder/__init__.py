@@ -1,0 +1,1 @@
+"""A folder of DICOM files or an Orthanc storage folder (with or without its index)."""

@@ -1,0 +1,1 @@
+"""An Orthanc reached over its REST API: client, source and target."""

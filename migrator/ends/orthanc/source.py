@@ -1,0 +1,309 @@
+"""Where instances come from: the protocol every source follows, and the Orthanc REST source.
+
+A source does two things: it lists its instances as pages of ledger rows, each page with a
+cursor from which the listing resumes after a crash; and it fetches the bytes of one
+leased instance. The scheduler saves each page and its cursor in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from migrator.config import RetryPolicy
+from migrator.ends.base import Item, ListingPage
+from migrator.ends.orthanc.client import OrthancClient
+from migrator.ends.orthanc.uids import UidLookup
+from migrator.ends.retrying import with_retries
+from migrator.ends.streams import Chunks
+from migrator.errors import FatalError, TransferError
+
+__all__ = ["RestSource"]
+
+log = logging.getLogger("migrator")
+
+# Offset pages requested ahead of the one being saved (Orthanc answers several at once).
+AHEAD = 4
+# At most this many rows of offset pages go to the ledger in one transaction.
+MERGE_ROWS = 10_000
+# The most instances two consecutive offset pages share.
+OVERLAP_MAX = 32
+# An offset page as read, and its ledger rows.
+Read = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+
+
+class RestSource:
+    """An Orthanc reached over REST.
+
+    The listing has three phases, saved in the cursor:
+
+    1. ``offset``: pages of ``/instances?since=&limit=&expand``. ``since`` is an offset
+       (no ORDER BY in Orthanc's index), so a deletion during the listing shifts later
+       instances down. Each page starts a little before the end of the previous one and
+       must contain one of the *anchors* (IDs listed just before, kept in the cursor):
+       an anchor found at position p proves that nothing after it slid below the page.
+       A page without any anchor means deletions moved them: the anchors are looked for
+       further back (cheap ID-only pages) and the page is read again from there; when
+       every anchor was deleted, the listing starts over from offset 0 (the ledger
+       ignores rows it already has).
+       Several pages are requested ahead, each from where it starts if the pages before
+       it are full. They are checked in order, each against the anchors of the page
+       before it: the proof holds whichever of the two was read first, as each is one
+       snapshot of the index. A page that fails is read again as above and the pages
+       requested after it are dropped. Pages already read when the ledger is ready for
+       more are saved together, in one transaction.
+    2. ``reconcile``: one ``GET /instances`` (every ID, in one transaction of the
+       source's index): whatever the offset pages missed, for any reason, is listed
+       here. When this process read the offset pages from the first, only the IDs they
+       missed are looked up and listed; otherwise every ID goes to the ledger, which
+       ignores the ones it holds.
+    3. ``changes``: instances that arrived while the listing ran come from the change
+       log, read from the position recorded before the first page.
+
+    Rows carry the study and series UIDs, looked up once per series and study
+    (`rest_uids.UidLookup`), so that `verify` can compare counts per study.
+    """
+
+    kind = "replicate"
+    send_while_listing = True
+    copies_possible = False
+
+    def __init__(
+        self, client: OrthancClient, retry: RetryPolicy, page_size: int = 1000, ahead: int = AHEAD
+    ) -> None:
+        self.client = client
+        self.retry = retry
+        # A page reaches past the overlap with the one before it, or the listing stalls.
+        self.page_size = max(page_size, 2)
+        self.display = client.endpoint.display
+        # Deletions before a page that the overlap absorbs (more: a step back); each
+        # instance of the overlap is read twice.
+        self.overlap = min(max(self.page_size // 10, 1), OVERLAP_MAX)
+        self.ahead = max(ahead, 1)
+        self.merge = max(self.page_size, MERGE_ROWS)
+        # IDs per request when looking back for the anchors, and rows per ledger page of
+        # the reconciliation: ID-only answers are cheap for Orthanc.
+        self.scan = min(max(self.page_size * 10, 1000), 100_000)
+        self.uids = UidLookup(client, retry)
+        # The IDs the offset pages of this process listed, and whether those pages began
+        # at offset 0 here (then the reconciliation needs only the others). Exact IDs, not
+        # hashes: a collision would hide an instance from both.
+        self._seen: set[str] = set()
+        self._seen_all = False
+
+    async def preflight(self) -> str:
+        info = await self.client.system()
+        return f"source {self.display}: Orthanc {info.version} ({info.name})"
+
+    async def listing(self, cursor: str | None) -> AsyncIterator[ListingPage]:
+        state: dict[str, Any] = json.loads(cursor) if cursor else {}
+        if "changes" not in state:
+            last = await with_retries(self.client.last_change, self.retry, "GET /changes?last")
+            state = {"phase": "offset", "offset": 0, "anchors": [], "changes": last}
+            yield ListingPage([], json.dumps(state), changes_seq=state["changes"])
+        if state["phase"] == "offset":
+            async for page in self._offset_pages(state):
+                yield page
+            state = {"phase": "reconcile", "changes": state["changes"]}
+        if state["phase"] == "reconcile":
+            async for page in self._reconcile(state["changes"]):
+                yield page
+            state = {"phase": "changes", "changes": state["changes"]}
+        while True:
+            body = await with_retries(
+                lambda s=state["changes"]: self.client.changes(s, 1000), self.retry, "GET /changes"
+            )
+            ids = [
+                c["ID"]
+                for c in body.get("Changes", [])
+                if c.get("ChangeType") == "NewInstance" and isinstance(c.get("ID"), str)
+            ]
+            rows = await self.uids.rows_for_ids(list(dict.fromkeys(ids)))
+            state["changes"] = int(body.get("Last", state["changes"]))
+            done = bool(body.get("Done", True))
+            yield ListingPage(rows, json.dumps(state), done=done)
+            if done:
+                return
+
+    async def _offset_pages(self, state: dict[str, Any]) -> AsyncIterator[ListingPage]:
+        """The offset phase from `state` (updated page by page); the cursor of its last
+        page moves on to the reconciliation."""
+        self._seen_all = state["offset"] == 0
+        ahead: deque[tuple[int, asyncio.Task[Read]]] = deque()
+        rows: list[dict[str, Any]] = []
+        try:
+            while True:
+                offset, anchors = state["offset"], state.get("anchors") or []
+                start = max(offset - self.overlap, 0)
+                if ahead and ahead[0][0] != start:
+                    _drop(ahead)  # requested from where a full page would have ended
+                while len(ahead) < self.ahead:
+                    at = ahead[-1][0] + self.page_size - self.overlap if ahead else start
+                    ahead.append((at, asyncio.create_task(self._read(at))))
+                page, page_rows = await ahead.popleft()[1]
+                # Rows listed already: those of the overlap, or anywhere in a page read
+                # again from its anchors (the ledger ignores any other twice-listed row).
+                known = self.overlap
+                if not _holds_anchor(start, page, set(anchors)):
+                    _drop(ahead)
+                    page, start = await self._anchored_page(offset, anchors, page)
+                    page_rows = await self.uids.rows(page)
+                    known = len(page_rows)
+                ids = [item["ID"] for item in page]
+                seen = self._seen
+                rows.extend(r for r in page_rows[:known] if r["source_key"] not in seen)
+                rows.extend(page_rows[known:])
+                seen.update(ids)
+                state["offset"] = start + len(page)
+                state["anchors"] = _next_anchors(anchors, ids)
+                if len(page) < self.page_size:
+                    after = {"phase": "reconcile", "changes": state["changes"]}
+                    yield ListingPage(rows, json.dumps(after))
+                    return
+                if not (ahead and ahead[0][1].done() and len(rows) < self.merge):
+                    yield ListingPage(rows, json.dumps(state))
+                    rows = []
+        finally:
+            _drop(ahead)
+
+    async def _read(self, start: int) -> Read:
+        """One expanded page from `start` and its ledger rows."""
+        page = await with_retries(
+            lambda: self.client.list_instances(start, self.page_size),
+            self.retry,
+            "GET /instances",
+        )
+        return page, await self.uids.rows(page)
+
+    async def _reconcile(self, changes: int) -> AsyncIterator[ListingPage]:
+        """The reconciliation: every ID the source holds now, against the offset pages."""
+        ids = await with_retries(self.client.instance_ids, self.retry, "GET /instances")
+        after = json.dumps({"phase": "changes", "changes": changes})
+        # Until the last chunk is saved, a resumed listing takes the snapshot again.
+        during = json.dumps({"phase": "reconcile", "changes": changes})
+        if self._seen_all:
+            ids = [i for i in ids if i not in self._seen]
+            if ids:
+                log.info("source %s: %d instances missed by the pages", self.display, len(ids))
+        self._seen = set()
+        for at in range(0, len(ids), self.scan):
+            chunk = ids[at : at + self.scan]
+            last = at + self.scan >= len(ids)
+            if self._seen_all:
+                rows = await self.uids.rows_for_ids(chunk)
+            else:
+                rows = [{"source_key": i, "orthanc_id": i} for i in chunk]
+            yield ListingPage(rows, after if last else during)
+        if not ids:
+            yield ListingPage([], after)
+
+    async def _anchored_page(
+        self, offset: int, anchors: list[str], page: list[dict[str, Any]] | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The next expanded page after `offset` and where it starts: a page holding one
+        of the anchors (or starting at 0, which misses nothing). `page` is the page
+        already read from the usual start, if any."""
+        start = max(offset - self.overlap, 0)
+        wanted = set(anchors)
+        while True:
+            if page is None:
+                page = await with_retries(
+                    lambda s=start: self.client.list_instances(s, self.page_size),
+                    self.retry,
+                    "GET /instances",
+                )
+            if _holds_anchor(start, page, wanted):
+                return page, start
+            page = None
+            found = await self._find_anchor(wanted, start + self.overlap)
+            if found is None:
+                log.warning(
+                    "source %s: instances listed last were deleted meanwhile; "
+                    "listing again from the start",
+                    self.display,
+                )
+                start = 0
+            else:
+                # Read again from the anchor: a later deletion is caught the same way.
+                start = found
+
+    async def _find_anchor(self, wanted: set[str], below: int) -> int | None:
+        """The position of the last anchor before `below`, from ID-only pages read
+        backwards (each a little over the previous one); None if none is left."""
+        end = below
+        while end > 0:
+            begin = max(end - self.scan, 0)
+            ids = await with_retries(
+                lambda b=begin, n=end - begin: self.client.instance_ids(b, n),
+                self.retry,
+                "GET /instances",
+            )
+            for index in range(len(ids) - 1, -1, -1):
+                if ids[index] in wanted:
+                    return begin + index
+            end = begin + self.overlap if begin > 0 else 0
+        return None
+
+    async def fetch(self, item: Item) -> bytes:
+        return await self.client.get_file(item.source_key)
+
+    async def open(self, item: Item) -> bytes | Chunks:
+        # The answer's Content-Length decides: rows listed from the change log have no size.
+        payload = await self.client.open_file(item.source_key, item.size)
+        if not isinstance(payload, bytes):
+            # Orthanc keeps the MD5 of every file it stores (unless configured not to):
+            # one small request spares hashing the whole file on the way (see Body).
+            try:
+                payload.md5 = await self.client.attachment_md5(item.source_key)
+            except TransferError:
+                pass  # then it is computed on the way
+            except BaseException:
+                await payload.aclose()
+                raise
+        return payload
+
+    async def probe(self) -> bool:
+        """Whether the source answers again (the circuit breaker's probe)."""
+        try:
+            await self.client.system()
+        except FatalError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# How many IDs of the pages listed last the cursor keeps as anchors: the end of the last
+# page (what the next page overlaps) and a spread over it and the page before, so that
+# deleting the last few instances listed does not lose every anchor.
+ANCHORS_LAST = 8
+ANCHORS_SPREAD = 8
+ANCHORS_KEPT = 16
+
+
+def _next_anchors(previous: list[str], ids: list[str]) -> list[str]:
+    """Anchors after a page of `ids`: a few of `previous`, a spread of `ids`, its end."""
+    if not ids:
+        return previous
+    step = max(len(ids) // ANCHORS_SPREAD, 1)
+    fresh = ids[::step][:ANCHORS_SPREAD] + ids[-ANCHORS_LAST:]
+    return list(dict.fromkeys(previous[-ANCHORS_KEPT:] + fresh))
+
+
+def _holds_anchor(start: int, page: list[dict[str, Any]], wanted: set[str]) -> bool:
+    """Whether a page read from `start` misses nothing after the pages before it."""
+    return start == 0 or not wanted or any(item["ID"] in wanted for item in page)
+
+
+def _drop(ahead: deque[tuple[int, asyncio.Task[Read]]]) -> None:
+    """Cancel the pages requested ahead (their failures, if any, are not news)."""
+    while ahead:
+        task = ahead.popleft()[1]
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a dropped page's failure is not reported
+        task.cancel()

@@ -1,0 +1,1 @@
+"""One run of a job: scheduling, throttling, health, progress and verification."""
