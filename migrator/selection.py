@@ -12,7 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Selection", "StudyFields"]
+__all__ = ["Selection", "StudyFields", "study_date_key"]
+
+
+def study_date_key(value: object) -> str:
+    """A StudyDate as the ledger keeps and compares it: ``YYYYMMDD``, or "" when there is
+    none or it is not a date (old ``YYYY.MM.DD`` forms are read; a range or a time is not a
+    study's date)."""
+    if not isinstance(value, str):
+        return ""
+    digits = value.strip().replace(".", "").replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return ""
+    return digits
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ def test_new_sqlite_ledger_is_the_revisions_schema(tmp_path: Path) -> None:
         f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}", _sqlite_schema
     )
     assert a["instances"]["indexes"] and a["instances.ix_instances_copies.where"]
+    # Revision 0008: the study date and priority, and the index of the lease order.
+    assert {"study_date", "priority"} <= {c[1] for c in a["instances"]["columns"]}
+    assert "ix_instances_order" in {i[0] for i in a["instances"]["indexes"]}
     assert a == b
 
 
@@ -115,6 +118,7 @@ def test_new_postgresql_ledger_is_the_revisions_schema(pg_url: str) -> None:
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     assert any("ix_instances_copies" in name and "WHERE" in d for name, d in a["indexes"])
+    assert any(name == "ix_instances_order" for name, _ in a["indexes"])
     assert a == b
 
 

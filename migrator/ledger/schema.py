@@ -90,8 +90,24 @@ instances = Table(
     # Revision 0007: the ID the target answered, when it differs from `orthanc_id`
     # (verify asks the target for this one).
     Column("target_id", String(44)),
+    # Revision 0008: the study's StudyDate (YYYYMMDD; empty when not known, which sorts
+    # alike in both databases) and the priority `migrator prioritize` raises.
+    Column("study_date", Text, nullable=False, server_default=""),
+    Column("priority", Integer, nullable=False, server_default="0"),
     UniqueConstraint("job_id", "source_key", name="uq_instances_job_source_key"),
     Index("ix_instances_lease", "job_id", "state", "next_attempt_at", "id"),
+    # Revision 0008: the lease order (priority, study date either way, study, id), walked
+    # in index order; `next_attempt_at` last, so that waiting rows are passed over in it.
+    Index(
+        "ix_instances_order",
+        "job_id",
+        "state",
+        "priority",
+        "study_date",
+        "study_uid",
+        "id",
+        "next_attempt_at",
+    ),
     # Revision 0005: "another copy of this instance is in flight or sent" in one lookup;
     # partial, so that listing (every row pending) does not pay for it.
     ix_copies := Index(

@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator.errors import LedgerError, UsageError
 from migrator.ledger import db
 from migrator.ledger.copies import CopiesMixin
+from migrator.ledger.deletions import DeletionsMixin
 from migrator.ledger.runs import RunsMixin
 from migrator.ledger.schema import instances, jobs, pending_again, runs
 from migrator.ledger.supersede import (
@@ -33,6 +34,7 @@ from migrator.ledger.supersede import (
     SupersedeMixin,
 )
 from migrator.ledger.verification import VerifyMixin
+from migrator.selection import study_date_key
 from migrator.states import NEVER_SEND_REASONS, State, check_transition
 
 # A row whose twin is in flight waits this long before it is looked at again.
@@ -135,7 +137,7 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
+class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:
@@ -262,7 +264,7 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
                     r.get("skip_reason"),
                     now,
                     now,
-                    *(r.get(k) for k in _LISTED_COLUMNS),
+                    *_listed_values(r),
                 )
                 (to_send if state == State.PENDING.value else skipped).append(params)
             new_to_send = new_skipped = 0
@@ -640,7 +642,13 @@ _LISTED_COLUMNS = (
     "size",
     "md5",
     "has_pixels",
+    "study_date",
 )
+
+
+def _listed_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A listed row's `_LISTED_COLUMNS`, its study date as the ledger keeps it."""
+    return (*(row.get(k) for k in _LISTED_COLUMNS[:-1]), study_date_key(row.get("study_date")))
 
 
 def _end(display: str) -> str:
