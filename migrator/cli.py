@@ -96,6 +96,12 @@ WindowOpt = Annotated[
 ]
 
 
+AetOpt = Annotated[
+    str | None,
+    typer.Option("--aet", help="Our AE title towards dicom:// peers (default MIGRATOR)."),
+]
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to the current sys.stderr, which rich swaps while a progress bar is live."""
 
@@ -241,6 +247,7 @@ def replicate(
     dry_run: DryRunOpt = False,
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
+    aet: AetOpt = None,
 ) -> None:
     """Replicate every instance of SOURCE_URL into TARGET_URL; rerun to resume.
 
@@ -256,6 +263,7 @@ def replicate(
         adaptive=False if fixed else None,
         batch=batch,
         progress=progress,
+        dimse_aet=aet,
     )
 
 
@@ -272,6 +280,7 @@ def worker(
     window: WindowOpt = None,
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
+    aet: AetOpt = None,
 ) -> None:
     """Join an existing job and drain it, beside any number of other workers.
 
@@ -290,6 +299,7 @@ def worker(
         adaptive=False if fixed else None,
         batch=batch,
         progress=progress,
+        dimse_aet=aet,
     )
 
 
@@ -355,6 +365,7 @@ def import_(
     dry_run: DryRunOpt = False,
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
+    aet: AetOpt = None,
 ) -> None:
     """Send the DICOM instances of a folder to TARGET_URL; rerun to resume.
 
@@ -374,6 +385,7 @@ def import_(
         adaptive=False if fixed else None,
         batch=batch,
         progress=progress,
+        dimse_aet=aet,
     )
 
 
@@ -581,6 +593,7 @@ def verify(
     ledger: LedgerOpt = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    aet: AetOpt = None,
 ) -> None:
     """Check that the target holds every instance of the job with the same bytes (MD5).
 
@@ -599,7 +612,7 @@ def verify(
             raise UsageError("give one of --all, --since and --max-age")
         start = verify_report.parse_since(since) if since is not None else None
         age = verify_report.parse_age(max_age) if max_age is not None else None
-        settings = _settings(config, ledger=ledger)
+        settings = _settings(config, ledger=ledger, dimse_aet=aet)
         reports = verify_report.verify_jobs(
             settings,
             job_name=job,

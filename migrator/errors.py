@@ -184,3 +184,105 @@ def refused_as_not_dicom(verdict: Verdict) -> str | None:
     if verdict.reason.startswith(_INEXISTENT_TAG):
         return f"incomplete DICOM: the target found no identifiers ({_INEXISTENT_TAG})"
     return None
+
+
+# DIMSE (DICOM network) outcomes. A-ASSOCIATE-RJ: result 1 permanent, 2 transient; source
+# 1 service user, 2 provider (ACSE), 3 provider (presentation); the diagnostic of a
+# service-user rejection: 1 no reason, 2 application context, 3 calling AE, 7 called AE.
+_RJ_CALLED_AE = 7
+_RJ_CALLING_AE = 3
+_RJ_CONTEXT = 2
+
+
+def verdict_for_association(
+    rejection: tuple[int, int, int] | None, *, side: str, peer: str, connected: bool
+) -> Verdict:
+    """Classify an association that could not be established with a DIMSE peer.
+
+    `rejection` is the A-ASSOCIATE-RJ's (result, source, diagnostic) when the peer
+    rejected it; `connected` says whether a TCP connection was made at all. A permanent
+    rejection naming our AE titles or the application context will not heal by itself
+    (the peer's configuration must change): fatal for the run. Refused connections,
+    transient rejections (busy peer), other rejections and aborts are retryable.
+    """
+    if rejection is None:
+        if not connected:
+            return Verdict(
+                Kind.RETRYABLE, f"{side} {peer}: connection failed (refused or timed out)"
+            )
+        return Verdict(Kind.RETRYABLE, f"{side} {peer}: association aborted")
+    result, source, diagnostic = rejection
+    if result == 1 and source == 1:
+        if diagnostic == _RJ_CALLED_AE:
+            return Verdict(
+                Kind.FATAL, f"{side} {peer}: association rejected: called AE title not recognised"
+            )
+        if diagnostic == _RJ_CALLING_AE:
+            return Verdict(
+                Kind.FATAL,
+                f"{side} {peer}: association rejected: our (calling) AE title is not "
+                "recognised; declare it on the peer or give --aet",
+            )
+        if diagnostic == _RJ_CONTEXT:
+            return Verdict(
+                Kind.FATAL, f"{side} {peer}: association rejected: application context refused"
+            )
+    kind = "transient" if result == 2 else "permanent"
+    return Verdict(
+        Kind.RETRYABLE,
+        f"{side} {peer}: association rejected ({kind}, source {source}, reason {diagnostic})",
+    )
+
+
+def verdict_for_dimse_status(status: int | None, *, side: str, operation: str) -> Verdict | None:
+    """Classify the status of a DIMSE response; None when the operation succeeded (0x0000,
+    or a 0xB0xx warning: the instance is stored, see `dimse_warning`).
+
+    For a C-STORE on the target: 0xA7xx (out of resources), 0xA9xx (data set does not
+    match the SOP class) and 0xCxxx (cannot understand) refuse the instance: permanent.
+    0xA700 on a source's C-GET/C-MOVE/C-FIND is the peer out of resources: retryable. No
+    response at all (None: DIMSE timeout, association aborted) is retryable, and so is a
+    0xFE00 cancel. 0xA801 on a C-MOVE (move destination unknown) is fatal: the peer does
+    not know our AE title. Any other failure of a source's query or retrieve is retried
+    (the row ends `failed` when it persists); any other C-STORE failure (0x0122 SOP class
+    not supported...) is permanent for the instance.
+    """
+    if status is None:
+        return Verdict(Kind.RETRYABLE, f"{side} {operation}: no response (timeout or abort)")
+    text = f"{side} {operation} status 0x{status:04X}"
+    if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
+        return None
+    if status in (0xFF00, 0xFF01):
+        # Pending: not a final status; a caller that sees one as final was cut short.
+        return Verdict(Kind.RETRYABLE, f"{text}: ended while pending")
+    if status == 0xFE00:
+        return Verdict(Kind.RETRYABLE, f"{text}: cancelled")
+    if operation in ("C-MOVE", "C-GET", "C-FIND") and side == "source":
+        if status == 0xA801:
+            return Verdict(
+                Kind.FATAL,
+                f"{text}: move destination unknown: declare our AE title on the peer",
+            )
+        if 0xA700 <= status <= 0xA7FF:
+            return Verdict(Kind.RETRYABLE, f"{text}: peer out of resources")
+        return Verdict(Kind.RETRYABLE, text)
+    if 0xA700 <= status <= 0xA7FF:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (out of resources)")
+    if 0xA900 <= status <= 0xA9FF:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (data set does not match SOP class)")
+    if 0xC000 <= status <= 0xCFFF:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (cannot understand)")
+    return Verdict(Kind.PERMANENT, f"{text}: refused")
+
+
+def dimse_warning(status: int) -> str | None:
+    """The warning of a C-STORE stored with a 0xB0xx status (coercion, elements
+    discarded...), else None."""
+    if 0xB000 <= status <= 0xBFFF:
+        names = {
+            0xB000: "coercion of data elements",
+            0xB006: "elements discarded",
+            0xB007: "data set does not match SOP class",
+        }
+        return f"status 0x{status:04X}: {names.get(status, 'warning')}"
+    return None

@@ -110,10 +110,14 @@ class VerifyResult(enum.StrEnum):
     DIFFER = "differ"
     # The check could not tell (no MD5 recorded, network errors after retries...).
     ERROR = "error"
+    # The target holds an instance with these UIDs, but could not hand back its bytes to
+    # compare (a DICOMweb or DIMSE target asked by UID): found, not byte-proven.
+    PRESENT = "present"
 
 
 def parse_state_or_result(text: str) -> State | VerifyResult:
-    """A state name, or one of the verify results (match, missing, differ, error)."""
+    """A state name, or one of the verify results (match, missing, differ, error,
+    present)."""
     word = text.strip().lower().replace("-", "_")
     try:
         return VerifyResult(word)

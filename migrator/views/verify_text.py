@@ -35,8 +35,11 @@ def _job_block(r: JobVerification) -> str:
             f"  carried on the pass begun at {iso(r.pass_state.started_at)} "
             f"(`migrator verify --all` begins a new one)"
         )
+    present = t.get("present", 0)
     lines.append(
-        f"  {t['match']} match, {t['missing']} missing, {t['differ']} differ, "
+        f"  {t['match']} match, "
+        + (f"{present} present (found by UID, bytes not compared), " if present else "")
+        + f"{t['missing']} missing, {t['differ']} differ, "
         f"{t['error']} error" + (f", {t['unverified']} not verified yet" if t["unverified"] else "")
     )
     earlier, oldest = r.earlier
@@ -81,6 +84,8 @@ def _verdict_lines(r: JobVerification) -> list[str]:
         skipped = r.not_sent.get("skipped", 0)
         vanished = r.not_sent.get("vanished", 0)
         extra = f"; {skipped} skipped on purpose" if skipped else ""
+        if r.totals.get("present"):
+            extra = f", {r.totals['present']} present, bytes not compared" + extra
         if vanished:
             extra += f"; {vanished} vanished from the source, accepted (--accept-vanished)"
         return [

@@ -1,0 +1,113 @@
+"""Instances arriving by C-STORE: on a C-GET's own association, or at our storage SCP
+(the C-MOVE destination).
+
+Arrivals are matched by SOP Instance UID to the retrievals waiting for them; an instance
+nobody waits for (a late arrival of a retrieval given up) is acknowledged and dropped, so
+that memory holds only what a waiting fetch will take. The bytes kept are the dataset as
+received, behind a file meta naming its transfer syntax (pynetdicom's
+`Event.encoded_dataset`): a Part-10 file, the pixel data as the peer sent them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from migrator.ends.dimse.peer import no_delay
+
+__all__ = ["Arrivals", "StorageSCP"]
+
+log = logging.getLogger("migrator")
+
+# C-STORE statuses our side answers.
+SUCCESS = 0x0000
+CANNOT_UNDERSTAND = 0xC000
+
+
+class Arrivals:
+    """Instances received for the retrievals under way, by SOP Instance UID (thread-safe:
+    pynetdicom calls `on_store` from its association threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.expected: dict[str, int] = {}
+        self.received: dict[str, bytes] = {}
+
+    def expect(self, sop_uids: list[str]) -> None:
+        """Keep these instances when they arrive."""
+        with self.lock:
+            for uid in sop_uids:
+                self.expected[uid] = self.expected.get(uid, 0) + 1
+
+    def take(self, sop_uids: list[str]) -> dict[str, bytes]:
+        """What arrived of `sop_uids`; they are no longer expected."""
+        with self.lock:
+            out = {}
+            for uid in sop_uids:
+                count = self.expected.get(uid, 0) - 1
+                if count > 0:
+                    self.expected[uid] = count
+                    data = self.received.get(uid)
+                else:
+                    self.expected.pop(uid, None)
+                    data = self.received.pop(uid, None)
+                if data is not None:
+                    out[uid] = data
+            return out
+
+    def on_store(self, event: Any) -> int:
+        """pynetdicom's EVT_C_STORE handler."""
+        try:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            with self.lock:
+                wanted = uid in self.expected
+            if wanted:
+                data = event.encoded_dataset()
+                with self.lock:
+                    if uid in self.expected:
+                        self.received[uid] = data
+        except Exception as exc:
+            log.warning("could not take a received instance: %s", exc)
+            return CANNOT_UNDERSTAND
+        return SUCCESS
+
+
+class StorageSCP:
+    """Our storage SCP for C-MOVE: the AE title the peer moves to, listening on `port`
+    (0: a free port, then `port` says which)."""
+
+    def __init__(self, aet: str, port: int, arrivals: Arrivals) -> None:
+        self.aet = aet
+        self.arrivals = arrivals
+        ae = AE(ae_title=aet)
+        ae.maximum_pdu_size = 0
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, AllTransferSyntaxes)
+        self.ae = ae
+        self.server: ThreadedAssociationServer | None = None
+        self.port = port
+
+    def start(self) -> int:
+        """Listen (blocking until bound); return the port."""
+        server = self.ae.start_server(
+            ("0.0.0.0", self.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self.arrivals.on_store),
+                (evt.EVT_CONN_OPEN, no_delay),
+            ],
+        )
+        self.server = server
+        self.port = int(server.server_address[1])
+        return self.port
+
+    def stop(self) -> None:
+        """Stop listening and close the associations."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

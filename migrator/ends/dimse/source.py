@@ -1,0 +1,546 @@
+"""A DICOM peer as a source: C-FIND listing, C-GET or C-MOVE retrieval.
+
+Listing (Study Root): studies by C-FIND at STUDY level, then each study's series, then
+each series' instances, one page of rows per few studies. The cursor keeps the StudyDate
+ranges still to list and, within the current one, the last study listed (studies are
+taken in StudyInstanceUID order), so that a resumed listing asks the same range again
+and skips what it listed.
+
+Date-range splitting: the first query asks every study. A STUDY-level answer that ends
+other than in success (Orthanc's ``LimitFindResults`` ends it with 0xFE00 "cancelled",
+other archives with 0xA700 "out of resources") or that times out is taken as capped: its
+range is halved (by date) and each half asked, down to single days. A single day still
+capped is listed as far as it was answered and a note says so. Studies without StudyDate
+come only from an unsplit query: when the first query is capped, undated studies beyond
+the cap are not listed (the note says so). A capped SERIES or IMAGE level answer cannot
+be split and stops the listing (FatalError): raise the peer's limit.
+
+Retrieval, per instance (``settings.dimse_retrieve``):
+
+- ``get`` (default): C-GET at IMAGE level on a pooled association that proposes the
+  storage SOP classes in the SCP role (the classes the listing saw, with a context per
+  common compressed transfer syntax so that the peer need not transcode, then the common
+  storage classes uncompressed, 127 in all).
+- ``move``: C-MOVE at IMAGE level to our own storage SCP (started by `preflight`, on
+  ``settings.dimse_move_port``). The peer must know our AE title (``settings.dimse_aet``)
+  with our host and that port (Orthanc: ``DicomModalities``).
+
+A retrieval is done only when the instance asked for arrived (matched by SOP Instance
+UID) and the final status counts one completed sub-operation and no failed one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import StoragePresentationContexts, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from migrator.config import Settings
+from migrator.ends.base import Item, ListingPage
+from migrator.ends.dicomid import orthanc_instance_id
+from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
+from migrator.ends.dimse.scp import Arrivals, StorageSCP
+from migrator.ends.dimse.wire import FIND_MODEL, find, query, text
+from migrator.ends.retrying import with_retries
+from migrator.ends.streams import Chunks
+from migrator.errors import (
+    FatalError,
+    Kind,
+    TransferError,
+    Verdict,
+    verdict_for_dimse_status,
+)
+from migrator.selection import Selection, StudyFields
+
+__all__ = ["DimseSource"]
+
+log = logging.getLogger("migrator")
+
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+# Storage contexts one C-GET association proposes (128 at most, one for the C-GET).
+MAX_STORAGE_CONTEXTS = 127
+# Transfer syntaxes an instance may be stored in at the peer: each gets a context of its
+# own for the SOP classes the listing saw, so that the peer sends the instance as stored.
+COMPRESSED = (
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    DeflatedExplicitVRLittleEndian,
+)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# The widest range a StudyDate split works with (an open bound is taken as this).
+FIRST_DAY = date(1900, 1, 1)
+
+
+class DimseSource:
+    """A Query/Retrieve SCP listed by C-FIND and read by C-GET or C-MOVE."""
+
+    kind = "dimse"
+    send_while_listing = True
+    copies_possible = False
+
+    def __init__(self, peer: Peer, settings: Settings, selection: Selection | None = None):
+        self.peer = peer
+        self.display = peer.display
+        self.settings = settings
+        self.retrieve = settings.dimse_retrieve
+        self.selection = selection or Selection()
+        size = max(1, min(settings.concurrency, MAX_ASSOCIATIONS))
+        self.connector = Connector(peer, settings, "source", threads=size + 3)
+        self.arrivals = Arrivals()
+        opener = self._open_get if self.retrieve == "get" else self._open_move
+        self.pool = AssociationPool(self.connector, opener, size)
+        self.finds = AssociationPool(self.connector, self._open_find, 1)
+        self.scp: StorageSCP | None = None
+        # SOP classes seen by the listing, most recent last (C-GET contexts).
+        self.sop_classes: dict[str, None] = {}
+        self.page_size = max(1, settings.page_size)
+
+    # -- checks ---------------------------------------------------------------------------
+
+    async def preflight(self) -> str:
+        """C-ECHO, and the services the run needs (C-FIND and C-GET or C-MOVE); for C-MOVE
+        our storage SCP starts listening. FatalError when the peer will not serve us."""
+        model = GET_MODEL if self.retrieve == "get" else MOVE_MODEL
+        try:
+            accepted = await self.connector.run(self._echo, model)
+        except TransferError as exc:
+            raise FatalError(exc.verdict.reason) from None
+        if FIND_MODEL not in accepted:
+            raise FatalError(f"source {self.display} does not offer C-FIND (Study Root)")
+        if model not in accepted:
+            other = "move" if self.retrieve == "get" else "get"
+            raise FatalError(
+                f"source {self.display} does not offer C-{self.retrieve.upper()} (Study Root): "
+                f'try [dimse] retrieve = "{other}"'
+            )
+        how = "C-GET"
+        if self.retrieve == "move" and self.scp is None:
+            scp = StorageSCP(self.peer.calling, self.settings.dimse_move_port, self.arrivals)
+            try:
+                port = await self.connector.run(scp.start)
+            except OSError as exc:
+                raise FatalError(
+                    f"cannot listen on port {self.settings.dimse_move_port} for C-MOVE: {exc}"
+                ) from None
+            self.scp = scp
+            how = f"C-MOVE to {self.peer.calling} on port {port}"
+            await self._probe_move(port)
+        return f"source {self.display}: DICOM peer (C-FIND, {how}; our AE {self.peer.calling})"
+
+    async def _probe_move(self, port: int) -> None:
+        """Move one instance to ourselves: a peer that does not know our AE title as a
+        move destination fails every C-MOVE (Orthanc as it fails one that matches
+        nothing: 0xC000), which must stop the run before any row is tried."""
+        found = await self._first_instance()
+        if found is None:
+            return  # an empty peer: nothing will be moved either
+        sop_uid = found.split("/")[2]
+        self.arrivals.expect([sop_uid])
+        try:
+            async with self.pool.take() as assoc:
+                final = await self.connector.run(
+                    _move, assoc, _image_query(found), self.peer.calling
+                )
+        finally:
+            arrived = self.arrivals.take([sop_uid])
+        if sop_uid not in arrived:
+            status = int(final.Status) if final is not None and "Status" in final else None
+            answer = f"status 0x{status:04X}" if status is not None else "no answer"
+            raise FatalError(
+                f"source {self.display} did not move an instance to us ({answer}): it must "
+                f"know our AE title {self.peer.calling} at this host, port {port}"
+            )
+
+    async def _first_instance(self) -> str | None:
+        """The source key of one instance of the peer, None when it holds none."""
+        for study in (await self._find(query("STUDY", StudyInstanceUID="")))[0]:
+            study_uid = text(study, "StudyInstanceUID")
+            series_q = query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="")
+            for series in (await self._find(series_q))[0]:
+                series_uid = text(series, "SeriesInstanceUID")
+                image_q = query(
+                    "IMAGE",
+                    StudyInstanceUID=study_uid,
+                    SeriesInstanceUID=series_uid,
+                    SOPInstanceUID="",
+                )
+                for image in (await self._find(image_q))[0]:
+                    if text(image, "SOPInstanceUID"):
+                        return f"{study_uid}/{series_uid}/{text(image, 'SOPInstanceUID')}"
+        return None
+
+    def _echo(self, model: str) -> set[str]:
+        contexts = [build_context(Verification), build_context(FIND_MODEL), build_context(model)]
+        assoc = self.connector.associate(contexts)
+        try:
+            assoc.send_c_echo()
+            return {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    async def probe(self) -> bool:
+        """Whether the peer answers again."""
+        try:
+            await self.connector.run(self._echo, FIND_MODEL)
+        except TransferError:
+            return False
+        return True
+
+    # -- listing --------------------------------------------------------------------------
+
+    async def listing(self, cursor: str | None) -> AsyncIterator[ListingPage]:
+        """Pages of rows, study by study, from `cursor` (see the module's docstring)."""
+        if cursor:
+            state = json.loads(cursor)
+        else:
+            since, until = self.selection.since or "", self.selection.until or ""
+            state = {"ranges": [[since, until]], "after": None}
+        rows: list[dict[str, Any]] = []
+        notes: list[str] = []
+        while state["ranges"]:
+            low, high = state["ranges"][0]
+            studies, capped = await self._studies(low, high)
+            if capped is not None:
+                halves = split_range(low, high)
+                if halves is not None:
+                    log.info(
+                        "source %s: studies of %s capped (%s): asking by halves",
+                        self.display,
+                        _range_text(low, high),
+                        capped.reason,
+                    )
+                    if not (low or high):
+                        notes.append(
+                            "the peer caps C-FIND answers: studies listed by StudyDate "
+                            "ranges; undated studies past the cap are not listed"
+                        )
+                    state["ranges"][0:1] = halves
+                    state["after"] = None
+                    continue
+                if not studies:
+                    raise TransferError(capped)
+                notes.append(
+                    f"StudyDate {low}: the peer capped the answer at {len(studies)} studies "
+                    "and a day cannot be split: the others are not listed"
+                )
+            after = state["after"]
+            for study in sorted(studies, key=lambda s: text(s, "StudyInstanceUID")):
+                uid = text(study, "StudyInstanceUID")
+                if not uid or (after is not None and uid <= after):
+                    continue
+                if self._selected(study):
+                    rows.extend(await self._study_rows(study))
+                state["after"] = uid
+                if len(rows) >= self.page_size:
+                    yield ListingPage(rows, json.dumps(state), notes=notes)
+                    rows, notes = [], []
+            state["ranges"].pop(0)
+            state["after"] = None
+            if state["ranges"]:
+                yield ListingPage(rows, json.dumps(state), notes=notes)
+                rows, notes = [], []
+        yield ListingPage(rows, json.dumps(state), done=True, notes=notes)
+
+    def _selected(self, study: Dataset) -> bool:
+        if self.selection.empty:
+            return True
+        modalities = study.get("ModalitiesInStudy") or []
+        if isinstance(modalities, str):
+            modalities = [modalities]
+        return self.selection.matches(
+            StudyFields(
+                study_uid=text(study, "StudyInstanceUID"),
+                study_date=text(study, "StudyDate") or None,
+                modalities=tuple(str(m) for m in modalities if m),
+                accession=text(study, "AccessionNumber") or None,
+                patient_id=text(study, "PatientID"),
+            )
+        )
+
+    async def _studies(self, low: str, high: str) -> tuple[list[Dataset], Verdict | None]:
+        """The studies of a StudyDate range, and why the answer was cut short, if it was."""
+        q = query(
+            "STUDY",
+            StudyInstanceUID="",
+            StudyDate=f"{low}-{high}" if (low or high) else "",
+            PatientID="",
+            AccessionNumber="",
+            ModalitiesInStudy="",
+        )
+        matches, verdict = await self._find(q)
+        if verdict is not None and verdict.kind is Kind.FATAL:
+            raise FatalError(verdict.reason)
+        return matches, verdict
+
+    async def _study_rows(self, study: Dataset) -> list[dict[str, Any]]:
+        """Ledger rows of every instance of one study."""
+        study_uid = text(study, "StudyInstanceUID")
+        patient_id = text(study, "PatientID") if "PatientID" in study else None
+        study_date = text(study, "StudyDate") or None
+        series_q = query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="")
+        series_list = await self._complete_find(series_q, f"series of study {study_uid}")
+        rows: list[dict[str, Any]] = []
+        for series in series_list:
+            series_uid = text(series, "SeriesInstanceUID")
+            if not series_uid:
+                continue
+            image_q = query(
+                "IMAGE",
+                StudyInstanceUID=study_uid,
+                SeriesInstanceUID=series_uid,
+                SOPInstanceUID="",
+                SOPClassUID="",
+            )
+            images = await self._complete_find(image_q, f"instances of series {series_uid}")
+            for image in images:
+                sop_uid = text(image, "SOPInstanceUID")
+                if not sop_uid:
+                    continue
+                sop_class = text(image, "SOPClassUID")
+                if sop_class:
+                    self.sop_classes.pop(sop_class, None)
+                    self.sop_classes[sop_class] = None
+                rows.append(
+                    {
+                        "source_key": f"{study_uid}/{series_uid}/{sop_uid}",
+                        "sop_uid": sop_uid,
+                        "study_uid": study_uid,
+                        "series_uid": series_uid,
+                        "study_date": study_date,
+                        "orthanc_id": orthanc_instance_id(
+                            patient_id, study_uid, series_uid, sop_uid
+                        )
+                        if patient_id is not None
+                        else None,
+                    }
+                )
+        return rows
+
+    async def _complete_find(self, q: Dataset, what: str) -> list[Dataset]:
+        """A C-FIND that must be answered whole (no range to split it by)."""
+        matches, verdict = await self._find(q)
+        if verdict is None:
+            return matches
+        if verdict.kind is Kind.RETRYABLE and verdict.reason.endswith("cancelled"):
+            raise FatalError(
+                f"source {self.display} capped the C-FIND answer for the {what} at "
+                f"{len(matches)}: raise the peer's limit (Orthanc: LimitFindInstances)"
+            )
+        raise TransferError(verdict)
+
+    async def _find(self, q: Dataset) -> tuple[list[Dataset], Verdict | None]:
+        """One C-FIND over the listing's association, retried while it cannot be opened."""
+
+        async def once() -> tuple[list[Dataset], Verdict | None]:
+            async with self.finds.take() as assoc:
+                return await self.connector.run(find, assoc, q, "source")
+
+        return await with_retries(once, self.settings.retry, "source C-FIND")
+
+    def _open_find(self, extra: bool = False) -> Association:
+        return self.connector.associate([build_context(FIND_MODEL)], extra=extra)
+
+    # -- retrieval ------------------------------------------------------------------------
+
+    async def fetch(self, item: Item) -> bytes:
+        """The instance as a Part-10 file, retrieved by C-GET or C-MOVE."""
+        sop_uid = _uids(item.source_key)[2]
+        q = _image_query(item.source_key)
+        self.arrivals.expect([sop_uid])
+        try:
+            async with self.pool.take() as assoc:
+                if self.retrieve == "get":
+                    final = await self.connector.run(_get, assoc, q)
+                else:
+                    final = await self.connector.run(_move, assoc, q, self.peer.calling)
+        finally:
+            arrived = self.arrivals.take([sop_uid])
+        try:
+            return self._settle(final, arrived.get(sop_uid))
+        except TransferError as exc:
+            if exc.verdict.kind is Kind.RETRYABLE and sum(_counts(final)) == 0:
+                # Nothing was even tried: is the instance still there? (Orthanc fails a
+                # retrieval that matches nothing with the status of any failure.)
+                matches, verdict = await self._find(q)
+                if verdict is None and not matches:
+                    raise TransferError(
+                        Verdict(Kind.VANISHED, "no longer on the source (C-FIND finds it no more)")
+                    ) from None
+            raise
+
+    async def open(self, item: Item) -> bytes | Chunks:
+        """Retrieved whole (DIMSE gives no size ahead)."""
+        return await self.fetch(item)
+
+    def _settle(self, final: Dataset | None, data: bytes | None) -> bytes:
+        """The received instance once the final status checks out, else TransferError."""
+        operation = f"C-{self.retrieve.upper()}"
+        status = int(final.Status) if final is not None and "Status" in final else None
+        counts = _counts(final)
+        completed, failed, warning = counts
+        if status is not None and status not in (0xFF00, 0xFF01):
+            verdict = verdict_for_dimse_status(status, side="source", operation=operation)
+            if verdict is not None and verdict.kind is Kind.FATAL:
+                raise TransferError(verdict)
+        else:
+            verdict = verdict_for_dimse_status(None, side="source", operation=operation)
+        if verdict is None and data is not None and failed == 0 and completed + warning == 1:
+            return data
+        if verdict is None and completed + warning + failed == 0 and data is None:
+            raise TransferError(
+                Verdict(Kind.VANISHED, f"no longer on the source: {operation} matched nothing")
+            )
+        if verdict is None:
+            verdict = Verdict(
+                Kind.RETRYABLE,
+                f"source {operation}: {completed} completed, {failed} failed, {warning} "
+                f"warning sub-operations; instance {'arrived' if data else 'did not arrive'}",
+            )
+        raise TransferError(verdict)
+
+    def _open_get(self, extra: bool = False) -> Association:
+        contexts = self._get_contexts()
+        roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in contexts[1:]]
+        unique = list({r.sop_class_uid: r for r in roles}.values())
+        return self.connector.associate(
+            contexts,
+            roles=unique,
+            handlers=[(evt.EVT_C_STORE, self.arrivals.on_store)],
+            extra=extra,
+        )
+
+    def _get_contexts(self) -> list[PresentationContext]:
+        """The C-GET context, then storage contexts in the SCP role (see the module)."""
+        contexts = [build_context(GET_MODEL)]
+        budget = MAX_STORAGE_CONTEXTS
+        seen = list(self.sop_classes)[-(budget // (1 + len(COMPRESSED))) :]
+        for sop_class in seen:
+            contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+            contexts.extend(build_context(sop_class, [ts]) for ts in COMPRESSED)
+        taken = set(seen)
+        for cx in StoragePresentationContexts:
+            if len(contexts) > budget:
+                break
+            if cx.abstract_syntax not in taken:
+                contexts.append(build_context(cx.abstract_syntax, list(UNCOMPRESSED)))
+        return contexts[: budget + 1]
+
+    def _open_move(self, extra: bool = False) -> Association:
+        return self.connector.associate([build_context(MOVE_MODEL)], extra=extra)
+
+    async def aclose(self) -> None:
+        """Release the associations, stop our SCP and the threads."""
+        await self.pool.aclose()
+        await self.finds.aclose()
+        if self.scp is not None:
+            await self.connector.run(self.scp.stop)
+            self.scp = None
+        self.connector.close()
+
+
+def _get(assoc: Association, q: Dataset) -> Dataset | None:
+    """A C-GET to its end (blocking): the final response (None: none came)."""
+    final = None
+    for status, _ in assoc.send_c_get(q, GET_MODEL):
+        if status and "Status" in status:
+            final = status
+    return final
+
+
+def _move(assoc: Association, q: Dataset, destination: str) -> Dataset | None:
+    """A C-MOVE to `destination` to its end (blocking): the final response."""
+    final = None
+    for status, _ in assoc.send_c_move(q, destination, MOVE_MODEL):
+        if status and "Status" in status:
+            final = status
+    return final
+
+
+def _counts(final: Dataset | None) -> tuple[int, int, int]:
+    """(completed, failed, warning) sub-operations of a final C-GET/C-MOVE response."""
+    if final is None:
+        return 0, 0, 0
+    return tuple(  # type: ignore[return-value]
+        int(final.get(name) or 0)
+        for name in (
+            "NumberOfCompletedSuboperations",
+            "NumberOfFailedSuboperations",
+            "NumberOfWarningSuboperations",
+        )
+    )
+
+
+def _image_query(source_key: str) -> Dataset:
+    """The IMAGE-level identifier that retrieves one instance."""
+    study_uid, series_uid, sop_uid = _uids(source_key)
+    return query(
+        "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID=sop_uid
+    )
+
+
+def _uids(source_key: str) -> tuple[str, str, str]:
+    parts = source_key.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise TransferError(
+            Verdict(Kind.PERMANENT, f"not a DIMSE row (study/series/SOP UIDs): {source_key}")
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def split_range(low: str, high: str) -> list[list[str]] | None:
+    """Two halves of a StudyDate range (``YYYYMMDD``, '' for an open bound), or None when
+    it is a single day. An open lower bound stays open in the first half, an open upper
+    bound in the second, so that no date is left out."""
+    start = _day(low) or FIRST_DAY
+    end = _day(high) or date.today() + timedelta(days=1)
+    if end <= start:
+        return None
+    middle = start + (end - start) // 2
+    return [
+        [low, middle.strftime("%Y%m%d")],
+        [(middle + timedelta(days=1)).strftime("%Y%m%d"), high],
+    ]
+
+
+def _day(text_value: str) -> date | None:
+    if not text_value:
+        return None
+    try:
+        return date(int(text_value[:4]), int(text_value[4:6]), int(text_value[6:8]))
+    except ValueError:
+        return None
+
+
+def _range_text(low: str, high: str) -> str:
+    return f"StudyDate {low or '…'} to {high or '…'}" if (low or high) else "every StudyDate"

@@ -1,0 +1,252 @@
+"""DIMSE ends against real peers: Orthanc's DICOM port (C-FIND, C-GET, C-MOVE, C-STORE
+SCP) and DCMTK's storescp (a C-STORE SCP that is not an Orthanc)."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import fill, run_cli, start_cli, state_counts, wait_for_sent
+
+from migrator.errors import Kind, verdict_for_association, verdict_for_dimse_status
+from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset
+from migrator.testkit.orthanc import free_port
+
+N = 24
+PACS_AET = "PACS"
+
+
+@pytest.fixture(autouse=True)
+def _no_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Debian's DCMTK (Orthanc's DICOM stack, storescp) keeps Nagle's algorithm on unless
+    # told otherwise: 40 ms per DIMSE message. The peers started here inherit this.
+    monkeypatch.setenv("TCP_NODELAY", "1")
+
+
+def _pacs(factory: Callable[..., OrthancProcess], move_port: int = 0, **extra: object):
+    """An Orthanc serving C-FIND, C-GET and C-MOVE to anyone, knowing MIGRATOR as a move
+    destination on `move_port`."""
+    config = {
+        "DicomAet": PACS_AET,
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowGet": True,
+        "DicomAlwaysAllowMove": True,
+        "DicomAlwaysAllowStore": True,
+        "DicomModalities": {"migrator": ["MIGRATOR", "127.0.0.1", move_port or 1]},
+        **extra,
+    }
+    return factory("pacs", extra=config)
+
+
+def _dicom_url(server: OrthancProcess, aet: str = PACS_AET) -> str:
+    return f"dicom://{aet}@127.0.0.1:{server.dicom_port}"
+
+
+def _config(tmp_path: Path, **dimse: object) -> str:
+    lines = ["[dimse]"] + [
+        f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
+        for k, v in dimse.items()
+    ]
+    path = tmp_path / "dimse.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _same_instances(target: OrthancProcess, expected: list[SyntheticInstance]) -> None:
+    """The target holds exactly these SOP Instance UIDs, each with the same pixel data."""
+    assert sorted(target.instance_ids()) == sorted(i.orthanc_id for i in expected)
+    for inst in expected:
+        got = pydicom.dcmread(io.BytesIO(target.file(inst.orthanc_id)))
+        want = pydicom.dcmread(io.BytesIO(inst.data))
+        assert got.SOPInstanceUID == want.SOPInstanceUID
+        assert got.PixelData == want.PixelData
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK's storescp writing what it receives into a folder: (port, folder)."""
+    folder = tmp_path / "storescp"
+    folder.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "+xa", "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port)
+    yield port, folder
+    proc.terminate()
+    proc.wait(10)
+
+
+def _wait_port(port: int, timeout: float = 10) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def _received_uids(folder: Path) -> list[str]:
+    return sorted(
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in folder.iterdir()
+        if p.is_file()
+    )
+
+
+def test_cget_to_orthanc_rest(orthanc_factory, tmp_path, ledger_path, ledger_url):
+    pacs = _pacs(orthanc_factory)
+    target = orthanc_factory("target")
+    instances = fill(pacs, N, seed=61)
+    result = run_cli("replicate", _dicom_url(pacs), target.url, "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    _same_instances(target, instances)
+    assert state_counts(ledger_path) == {"sent": N}
+    # The byte proof holds on the Orthanc target: the Part-10 file sent is what it keeps.
+    verified = run_cli("verify", "--ledger", ledger_url)
+    assert verified.code == 0, verified.stdout + verified.stderr
+    assert f"{N} match" in verified.stdout
+
+
+def test_cmove_to_orthanc_rest(orthanc_factory, tmp_path, ledger_path, ledger_url):
+    move_port = free_port()
+    pacs = _pacs(orthanc_factory, move_port)
+    target = orthanc_factory("target")
+    instances = fill(pacs, N, seed=62)
+    config = _config(tmp_path, retrieve="move", move_port=move_port)
+    result = run_cli(
+        "replicate", _dicom_url(pacs), target.url, "--ledger", ledger_url, "--config", config
+    )
+    assert result.code == 0, result.stderr
+    assert "C-MOVE to MIGRATOR" in result.stderr
+    _same_instances(target, instances)
+    assert state_counts(ledger_path) == {"sent": N}
+
+
+def test_cmove_destination_unknown_is_fatal(orthanc_factory, tmp_path, ledger_path, ledger_url):
+    """A peer that does not know our AE as a move destination stops the run (exit 3):
+    nothing is marked, whatever the number of rows."""
+    pacs = _pacs(orthanc_factory)
+    target = orthanc_factory("target")
+    fill(pacs, 4, seed=63)
+    config = _config(tmp_path, retrieve="move", move_port=free_port(), aet="STRANGER")
+    result = run_cli(
+        "replicate", _dicom_url(pacs), target.url, "--ledger", ledger_url, "--config", config
+    )
+    assert result.code == 3, result.stderr
+    result.assert_one_line_error()
+    assert "did not move an instance to us" in result.stderr
+    assert not ledger_path.exists() or state_counts(ledger_path).get("sent", 0) == 0
+    assert target.count() == 0
+
+
+def test_orthanc_rest_to_storescp(orthanc_factory, storescp, ledger_path, ledger_url):
+    port, folder = storescp
+    source = orthanc_factory("source")
+    instances = fill(source, N, seed=64)
+    result = run_cli(
+        "replicate", source.url, f"dicom://STORESCP@127.0.0.1:{port}", "--ledger", ledger_url
+    )
+    assert result.code == 0, result.stderr
+    assert _received_uids(folder) == sorted(i.sop_uid for i in instances)
+    assert state_counts(ledger_path) == {"sent": N}
+
+
+def test_folder_to_dimse_orthanc_and_verify_present(orthanc_factory, tmp_path, ledger_url):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    instances = make_dataset(N, seed=65)
+    for i, inst in enumerate(instances):
+        (folder / f"{i}.dcm").write_bytes(inst.data)
+    pacs = _pacs(orthanc_factory)
+    result = run_cli("import", str(folder), _dicom_url(pacs), "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    assert sorted(pacs.instance_ids()) == sorted(i.orthanc_id for i in instances)
+    verified = run_cli("verify", "--ledger", ledger_url)
+    assert verified.code == 0, verified.stdout + verified.stderr
+    assert f"{N} present" in verified.stdout
+    # An instance deleted on the peer is found missing by C-FIND.
+    pacs.delete_instance(instances[0].orthanc_id)
+    again = run_cli("verify", "--all", "--ledger", ledger_url)
+    assert again.code == 1, again.stdout
+    assert "1 missing" in again.stdout
+
+
+def test_kill_mid_run_then_rerun(orthanc_factory, tmp_path, ledger_path, ledger_url):
+    pacs = _pacs(orthanc_factory)
+    target = orthanc_factory("target")
+    n = 40
+    instances = fill(pacs, n, seed=66)
+    args = ("replicate", _dicom_url(pacs), target.url, "--ledger", ledger_url)
+    proc = start_cli(*args, "--max-rate", "40", env={"MIGRATOR_PROGRESS": "none"})
+    try:
+        wait_for_sent(ledger_path, 8)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert state_counts(ledger_path).get("sent", 0) < n
+    result = run_cli(*args)
+    assert result.code == 0, result.stderr
+    assert state_counts(ledger_path) == {"sent": n}
+    _same_instances(target, instances)
+
+
+def test_unknown_called_ae_is_one_line_exit_3(orthanc_factory, ledger_path, ledger_url):
+    pacs = _pacs(orthanc_factory, DicomCheckCalledAet=True)
+    target = orthanc_factory("target")
+    fill(pacs, 2, seed=67)
+    result = run_cli("replicate", _dicom_url(pacs, "NOBODY"), target.url, "--ledger", ledger_url)
+    assert result.code == 3
+    result.assert_one_line_error()
+    assert "called AE title not recognised" in result.stderr
+    assert not ledger_path.exists() or state_counts(ledger_path).get("sent", 0) == 0
+
+
+def test_refused_association_marks_nothing(tmp_path, ledger_path, ledger_url):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i, inst in enumerate(make_dataset(4, seed=68)):
+        (folder / f"{i}.dcm").write_bytes(inst.data)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "--refuse", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_port(port)
+        result = run_cli("import", str(folder), f"dicom://ANY@127.0.0.1:{port}", "--ledger", ledger_url)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert result.code == 3
+    result.assert_one_line_error()
+    assert "association rejected" in result.stderr
+    assert not ledger_path.exists() or state_counts(ledger_path).get("sent", 0) == 0
+
+
+def test_status_classes():
+    """The one classification of DIMSE outcomes (errors.py)."""
+    store = lambda s: verdict_for_dimse_status(s, side="target", operation="C-STORE")  # noqa: E731
+    assert store(0x0000) is None
+    assert store(0xB000) is None
+    for refused in (0xA700, 0xA900, 0xC000, 0xC123):
+        assert store(refused).kind is Kind.PERMANENT
+    assert store(None).kind is Kind.RETRYABLE
+    move = verdict_for_dimse_status(0xA801, side="source", operation="C-MOVE")
+    assert move.kind is Kind.FATAL
+    assoc = lambda r: verdict_for_association(r, side="target", peer="p", connected=True)  # noqa: E731
+    assert assoc((1, 1, 7)).kind is Kind.FATAL
+    assert assoc((2, 3, 2)).kind is Kind.RETRYABLE
+    assert assoc(None).kind is Kind.RETRYABLE
+    refused = verdict_for_association(None, side="target", peer="p", connected=False)
+    assert refused.kind is Kind.RETRYABLE
