@@ -18,8 +18,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator.config import Settings
 from migrator.endpoints import redact
 from migrator.ends.base import Source, Target
-from migrator.ends.factory import end_kind, endpoint_from, open_source, open_target
+from migrator.ends.factory import (
+    end_kind,
+    endpoint_from,
+    open_source,
+    open_target,
+    orthanc_client,
+)
 from migrator.ends.orthanc.identity import same_orthanc
+from migrator.engine.deletions import DeletionPolicy
+from migrator.engine.diff import Diff, diff_servers, open_delta_source
 from migrator.engine.progress import NullProgress, make_progress
 from migrator.engine.scheduler import RunResult, Scheduler
 from migrator.errors import (
@@ -32,6 +40,7 @@ from migrator.errors import (
     UsageError,
 )
 from migrator.ledger.store import Job, Ledger, make_owner
+from migrator.selection import Selection
 from migrator.units import human_bytes
 from migrator.views.reports import job_counts
 
@@ -161,17 +170,33 @@ async def run_job(
     dry_run: bool = False,
     show_progress: bool = True,
     follow: float | None = None,
+    deletions: DeletionPolicy | None = None,
 ) -> JobReport:
     """Preflight both ends, then create or resume the job and run it to the end (with
-    `follow`, keep listing new source data every `follow` seconds until stopped)."""
+    `follow`, keep listing new source data every `follow` seconds until stopped, and look
+    for deletions on the source as `deletions` says)."""
     log.info(await source.preflight())
     log.info(await target.preflight())
     job = await asyncio.to_thread(
         ledger.ensure_job, job_name, source.kind, source.display, target.display, options
     )
+    if bool(job.options.get("only_missing")) != bool(options.get("only_missing")):
+        # A job's rows are either everything or the delta: mixing them would tell neither.
+        with_flag = "with" if job.options.get("only_missing") else "without"
+        raise UsageError(
+            f"job {job.name!r} was created {with_flag} --only-missing; choose another --job name"
+        )
     progress = make_progress(settings.progress) if show_progress else NullProgress()
     scheduler = Scheduler(
-        ledger, job, source, target, settings, owner=make_owner(), progress=progress, follow=follow
+        ledger,
+        job,
+        source,
+        target,
+        settings,
+        owner=make_owner(),
+        progress=progress,
+        follow=follow,
+        deletions=deletions,
     )
     try:
         result = await (scheduler.list_only() if dry_run else scheduler.run())
@@ -196,23 +221,68 @@ def replicate(
     job_name: str | None = None,
     dry_run: bool = False,
     show_progress: bool = True,
+    only_missing: bool = False,
 ) -> JobReport:
     """Copy every instance of a server (Orthanc REST, DICOMweb, DIMSE) into a target
-    through the ledger (`migrator replicate`)."""
+    through the ledger (`migrator replicate`); with `only_missing`, only the source's
+    instances the target lacks (two Orthancs' inventories compared, `migrator diff`)."""
     source_url = _require(source_url, "source", settings)
     target_url = _require(target_url, "target", settings)
     if end_kind(source_url) in ("folder", "database"):
         raise UsageError(f"{source_url} is not a server: use `migrator import` for it")
-    name = _checked_job_name("replicate", source_url, target_url, settings, job_name)
+    options: dict[str, Any] = {"concurrency": settings.concurrency}
+    source = None
+    if only_missing:
+        _both_orthanc(source_url, target_url, "--only-missing")
+        options["only_missing"] = True
+    kind = "missing" if only_missing else "replicate"
+    name = _checked_job_name(kind, source_url, target_url, settings, job_name)
+    if only_missing:
+        source = open_delta_source(source_url, target_url, settings)
     return _run_with_ledger(
         settings,
         source_url,
         target_url,
         name=name,
-        options={"concurrency": settings.concurrency},
+        options=options,
         dry_run=dry_run,
         show_progress=show_progress,
+        source=source,
     )
+
+
+def _both_orthanc(source_url: str, target_url: str, what: str) -> None:
+    """Refuse `what` unless both ends are Orthanc REST APIs (inventories are read there)."""
+    if end_kind(source_url) != "orthanc" or end_kind(target_url) != "orthanc":
+        raise UsageError(f"{what} compares two Orthancs' inventories: give two http(s):// URLs")
+
+
+def diff(
+    source_url: str | None,
+    target_url: str | None,
+    settings: Settings,
+    *,
+    selection: Selection | None = None,
+    max_list: int = 1000,
+) -> Diff:
+    """Compare two Orthancs' inventories (`migrator diff`): what the target lacks, what
+    only the target holds, per study; nothing is written anywhere."""
+    source_url = _require(source_url, "source", settings)
+    target_url = _require(target_url, "target", settings)
+    _both_orthanc(source_url, target_url, "diff")
+
+    async def main() -> Diff:
+        source = orthanc_client(endpoint_from(source_url, "source", settings), "source", settings)
+        target = orthanc_client(endpoint_from(target_url, "target", settings), "target", settings)
+        try:
+            return await diff_servers(
+                source, target, settings.retry, selection=selection, max_list=max_list
+            )
+        finally:
+            await source.aclose()
+            await target.aclose()
+
+    return asyncio.run(main())
 
 
 def _require(url: str | None, role: str, settings: Settings) -> str:
@@ -246,6 +316,7 @@ def _run_with_ledger(
     show_progress: bool = True,
     follow: float | None = None,
     source: Source | None = None,
+    deletions: DeletionPolicy | None = None,
 ) -> JobReport:
     ledger = Ledger.open(settings.ledger, create=True)
     try:
@@ -260,6 +331,7 @@ def _run_with_ledger(
             show_progress=show_progress,
             follow=follow,
             source=source,
+            deletions=deletions,
         )
     finally:
         ledger.close()
@@ -277,6 +349,7 @@ def _run(
     show_progress: bool = True,
     follow: float | None = None,
     source: Source | None = None,
+    deletions: DeletionPolicy | None = None,
 ) -> JobReport:
     async def main() -> JobReport:
         src = source or open_source(source_url, settings, options=options)
@@ -296,6 +369,7 @@ def _run(
                 dry_run=dry_run,
                 show_progress=show_progress,
                 follow=follow,
+                deletions=deletions,
             )
         finally:
             await src.aclose()
@@ -312,14 +386,22 @@ def mirror(
     job_name: str | None = None,
     poll: float = 2.0,
     show_progress: bool = True,
+    deletions: DeletionPolicy | None = None,
 ) -> JobReport:
     """Copy everything, then keep following the source's change log (`migrator mirror`).
 
     Runs until stopped (Ctrl-C, SIGTERM) or a fatal error; the change position lives in
-    the ledger, so a restart continues where it stopped.
+    the ledger, so a restart continues where it stopped. `deletions` says how often the
+    source's inventory is compared with what was sent, and whether instances deleted on
+    the source are deleted on the target (`migrator.engine.deletions`).
     """
     if poll <= 0:
         raise UsageError("--poll must be positive")
+    deletions = deletions or DeletionPolicy()
+    if deletions.every <= 0:
+        raise UsageError("--reconcile-every must be positive")
+    if deletions.max_deletes < 0:
+        raise UsageError("--max-deletes must be 0 or more")
     source_url = _require(source_url, "source", settings)
     target_url = _require(target_url, "target", settings)
     if end_kind(source_url) != "orthanc":
@@ -333,6 +415,7 @@ def mirror(
         options={"concurrency": settings.concurrency},
         show_progress=show_progress,
         follow=poll,
+        deletions=deletions,
     )
 
 
@@ -353,6 +436,10 @@ def work(
         if job is None:
             known = ", ".join(j.name for j in ledger.list_jobs()) or "none"
             raise UsageError(f"no job named {job_name!r} in the ledger (jobs: {known})")
+        source = None
+        if job.options.get("only_missing"):
+            # Should the listing still be under way, this worker lists the delta too.
+            source = open_delta_source(job.source, job.target, settings)
         return _run(
             ledger,
             settings,
@@ -361,6 +448,7 @@ def work(
             name=job.name,
             options=job.options,
             show_progress=show_progress,
+            source=source,
         )
     finally:
         ledger.close()
@@ -421,4 +509,13 @@ def import_path(
     return report
 
 
-__all__ = ["FatalError", "JobReport", "import_path", "mirror", "replicate", "run_job", "work"]
+__all__ = [
+    "FatalError",
+    "JobReport",
+    "diff",
+    "import_path",
+    "mirror",
+    "replicate",
+    "run_job",
+    "work",
+]

@@ -248,13 +248,23 @@ def replicate(
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
     aet: AetOpt = None,
+    only_missing: Annotated[
+        bool,
+        typer.Option(
+            "--only-missing",
+            help="Send only the instances the target lacks (the two Orthancs' inventories "
+            "compared, as `migrator diff` does); a job of its own.",
+        ),
+    ] = False,
 ) -> None:
     """Replicate every instance of SOURCE_URL into TARGET_URL; rerun to resume.
 
     Example: migrator replicate http://orthanc:orthanc@old:8042/ http://new:8042/ -c 16
     """
     _job_command(
-        lambda s: api.replicate(source_url, target_url, s, job_name=job, dry_run=dry_run),
+        lambda s: api.replicate(
+            source_url, target_url, s, job_name=job, dry_run=dry_run, only_missing=only_missing
+        ),
         verbose=verbose,
         config=config,
         throttle=(max_rate, max_bandwidth, window),
@@ -320,16 +330,56 @@ def mirror(
     max_bandwidth: MaxBandwidthOpt = None,
     window: WindowOpt = None,
     verbose: VerboseOpt = False,
+    reconcile_every: Annotated[
+        str,
+        typer.Option(
+            "--reconcile-every",
+            help="How often to compare the source's inventory with what was sent, to find "
+            "instances deleted on the source (90s, 30m, 1h).",
+        ),
+    ] = "1h",
+    propagate_deletes: Annotated[
+        bool,
+        typer.Option(
+            "--propagate-deletes",
+            help="Delete on the target the instances deleted on the source (default: "
+            "only record and report them).",
+        ),
+    ] = False,
+    max_deletes: Annotated[
+        int,
+        typer.Option(
+            "--max-deletes",
+            help="Most deletions on the target per comparison: with more waiting, none is "
+            "made and the mirror stops (exit 3).",
+        ),
+    ] = 100,
 ) -> None:
     """Copy everything, then keep the target in step with the source's change log.
 
     New studies the source receives are copied as they arrive.
+    Instances deleted on the source are found every --reconcile-every and reported.
+    With --propagate-deletes they are deleted on the target too, at most --max-deletes at a time.
     The command runs until stopped (SIGTERM or Ctrl-C).
 
     Example: migrator mirror http://main:8042/ http://mirror:8042/ --poll 1
     """
+    from migrator.engine.deletions import DeletionPolicy
+    from migrator.views.verify_report import parse_age
+
     _job_command(
-        lambda s: api.mirror(source_url, target_url, s, job_name=job, poll=poll),
+        lambda s: api.mirror(
+            source_url,
+            target_url,
+            s,
+            job_name=job,
+            poll=poll,
+            deletions=DeletionPolicy(
+                every=parse_age(reconcile_every, "--reconcile-every"),
+                propagate=propagate_deletes,
+                max_deletes=max_deletes,
+            ),
+        ),
         verbose=verbose,
         config=config,
         throttle=(max_rate, max_bandwidth, window),
@@ -339,6 +389,59 @@ def mirror(
         batch=batch,
         progress="plain",
     )
+
+
+@cli.command()
+def diff(
+    source_url: Annotated[str | None, typer.Argument(help="Source Orthanc URL.")] = None,
+    target_url: Annotated[str | None, typer.Argument(help="Target Orthanc URL.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only studies of this StudyDate or later (20240101, 2y)."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Only studies of this StudyDate or earlier."),
+    ] = None,
+    include_undated: Annotated[
+        bool,
+        typer.Option("--include-undated", help="With --since/--until, undated studies too."),
+    ] = False,
+    max_list: Annotated[
+        int, typer.Option("--max-list", help="List at most this many studies and instances.")
+    ] = 1000,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Compare two Orthancs: what the target lacks (missing), holds alone (extra), per study.
+
+    No file is read: both inventories are read at once, two requests per server.
+    Exit 0 when the target holds every instance of the source, 1 otherwise.
+
+    Example: migrator diff http://old:8042/ http://new:8042/ --since 2y --json
+    """
+    from migrator.engine.diff import parse_study_date
+    from migrator.selection import Selection
+
+    _setup_logging(verbose)
+
+    def body() -> int:
+        selection = Selection(
+            since=parse_study_date(since, "--since") if since else None,
+            until=parse_study_date(until, "--until") if until else None,
+            include_undated=include_undated,
+        )
+        result = api.diff(
+            source_url, target_url, _settings(config), selection=selection, max_list=max_list
+        )
+        limit = max(max_list, 0)
+        typer.echo(
+            json.dumps(result.as_json(limit), indent=2) if as_json else result.render_text(limit)
+        )
+        return result.exit_code
+
+    raise typer.Exit(_guard(body))
 
 
 @cli.command("import")

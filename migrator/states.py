@@ -26,7 +26,8 @@ class State(enum.StrEnum):
     # Deliberately not sent (JSON summary, header-only copy, duplicate...): `last_error`
     # holds the reason. Never counted as a failure.
     SKIPPED = "skipped"
-    # The source no longer has it (deleted after it was listed).
+    # The source no longer has it (deleted after it was listed, or, for a mirror, after
+    # it was sent: `last_error` then starts with "deleted on source").
     VANISHED = "vanished"
 
 
@@ -56,7 +57,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
             State.SKIPPED,
         }
     ),
-    State.SENT: frozenset({State.PENDING}),
+    # Vanished: a mirror found the instance deleted on its source (`last_error` says
+    # so, and whether it was deleted on the target too).
+    State.SENT: frozenset({State.PENDING, State.VANISHED}),
     # A refused, failed or vanished copy ends skipped (superseded) once another copy of
     # its instance is sent: the instance is on the target, nothing is left to do.
     State.REJECTED: frozenset({State.PENDING, State.SKIPPED}),

@@ -30,6 +30,7 @@ from migrator.ends.folder.fileclass import HELD_REASONS
 from migrator.ends.orthanc.client import md5_hex
 from migrator.ends.streams import Body, Chunks, memory_need, streamable
 from migrator.engine.batching import Batcher, BatchPolicy
+from migrator.engine.deletions import DeletionPolicy, DeletionWatch
 from migrator.engine.health import Breaker
 from migrator.engine.progress import Progress
 from migrator.engine.throttle import Gate, Legs
@@ -115,6 +116,7 @@ class Scheduler:
         owner: str,
         progress: Progress,
         follow: float | None = None,
+        deletions: DeletionPolicy | None = None,
     ) -> None:
         self.ledger = ledger
         self.job = job
@@ -126,6 +128,10 @@ class Scheduler:
         # Seconds between listings of new source data (mirror); None: stop when done.
         self.follow = follow
         self.result = RunResult()
+        # Mirror mode: passes over what the source deleted (`engine.deletions`).
+        self.deletions = (
+            DeletionWatch(self, deletions) if deletions is not None and follow else None
+        )
         self.rng = random.Random()
         self.queue: asyncio.Queue[Lease] = asyncio.Queue()
         self.held: set[int] = set()
@@ -303,6 +309,8 @@ class Scheduler:
             await self.db(self.ledger.reopen_listing, self.job.id)
             self.listing_done = False
             await self._listing()
+            if self.deletions is not None and not self.stopping.is_set():
+                await self.deletions.tick()
 
     async def _skip_copies(self) -> None:
         # Only a send makes another copy superseded: after the first pass, the (whole-job)

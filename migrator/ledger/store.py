@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator.errors import LedgerError, UsageError
 from migrator.ledger import db
 from migrator.ledger.copies import CopiesMixin
+from migrator.ledger.deletions import DeletionsMixin
 from migrator.ledger.runs import RunsMixin
 from migrator.ledger.schema import instances, jobs, pending_again, runs
 from migrator.ledger.supersede import (
@@ -136,7 +137,7 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin):
+class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:

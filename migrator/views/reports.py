@@ -139,6 +139,9 @@ def job_status(ledger: Ledger, job: Job, now: float | None = None) -> dict[str, 
         "top_errors": [
             {"state": state, "reason": reason, "count": n} for state, reason, n in errors
         ],
+        # Instances a mirror sent and then found deleted on its source: in all, and of
+        # those, deleted on the target too (`engine.deletions`).
+        "deleted": ledger.deletion_counts(job.id),
         "workers": workers,
         # Runs that never finished and whose process is gone (killed, crashed, host down).
         "gone_workers": [
@@ -253,6 +256,11 @@ def render_status(doc: dict[str, Any]) -> str:
             lines += [
                 f"    {e['count']:>7}  {e['state']}: {e['reason']}" for e in job["top_errors"]
             ]
+        if job["deleted"]["on_source"]:
+            lines.append(
+                f"  deleted on the source after they were sent: {job['deleted']['on_source']}"
+                f" ({job['deleted']['on_target']} deleted on the target too)"
+            )
         for w in job["workers"]:
             allowed = f", concurrency {w['concurrency']}" if w["concurrency"] else ""
             lines.append(

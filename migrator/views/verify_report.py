@@ -149,14 +149,15 @@ _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_age(text: str) -> float:
-    """A duration such as 3600, 90s, 30m, 12h, 7d or 2w, in seconds."""
+def parse_age(text: str, option: str = "--max-age") -> float:
+    """A duration such as 3600, 90s, 30m, 12h, 7d or 2w, in seconds (`option` names it
+    in the error)."""
     match = _AGE.fullmatch(text)
     if match is None:
-        raise UsageError(f"--max-age {text!r}: give a duration such as 30m, 12h or 7d")
+        raise UsageError(f"{option} {text!r}: give a duration such as 30m, 12h or 7d")
     value = float(match.group(1)) * _AGE_UNITS[match.group(2).lower()]
     if not math.isfinite(value):
-        raise UsageError(f"--max-age {text!r}: give a duration such as 30m, 12h or 7d")
+        raise UsageError(f"{option} {text!r}: give a duration such as 30m, 12h or 7d")
     return value
 
 

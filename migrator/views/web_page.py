@@ -189,6 +189,12 @@ function card(job, hist, verified) {
     }
     c.append(t);
   } else c.append(el("p", "none", "none"));
+  if (job.deleted && job.deleted.on_source) {
+    // A mirror's instances deleted on its source after they were sent.
+    c.append(el("p", "", "Deleted on the source after they were sent: " +
+      fmt(job.deleted.on_source) + " (" + fmt(job.deleted.on_target) +
+      " deleted on the target too)"));
+  }
   if (job.workers.length) {
     c.append(el("h3", "", "Workers"));
     const t = el("table");

@@ -426,17 +426,28 @@ class OrthancClient:
             Stored(status=str(entry.get("Status")), orthanc_id=entry.get("ID")) for entry in body
         ]
 
+    async def delete_instance(self, orthanc_id: str) -> bool:
+        """``DELETE /instances/{id}``: True when deleted, False when it was not there."""
+        return await self._unless_unknown("DELETE", f"instances/{orthanc_id}") is not None
+
     async def attachment_md5(self, orthanc_id: str) -> str | None:
         """MD5 of the stored DICOM attachment, or None if the instance is not there."""
+        path = f"instances/{orthanc_id}/attachments/dicom/md5"
+        response = await self._unless_unknown("GET", path)
+        return None if response is None else response.text.strip().strip('"')
+
+    async def _unless_unknown(self, method: str, path: str) -> httpx.Response | None:
+        """The successful answer to one request about a resource, None when the server
+        does not know it (404); any other failure raised as a TransferError."""
         try:
-            response = await self.http.get(f"instances/{orthanc_id}/attachments/dicom/md5")
+            response = await self.http.request(method, path)
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
         if response.status_code == 404:
             return None
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
-        return response.text.strip().strip('"')
+        return response
 
 
 class HttpChunks:

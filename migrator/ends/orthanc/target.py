@@ -124,6 +124,11 @@ class OrthancTarget:
                 total += int(stats["CountInstances"])
         return total
 
+    async def delete(self, orthanc_id: str) -> bool:
+        """Delete one instance (a mirror following a deletion on its source): True when
+        deleted, False when the target did not hold it. Raise TransferError."""
+        return await self.client.delete_instance(orthanc_id)
+
     async def aclose(self) -> None:
         """Close the connection pools."""
         await self.client.aclose()
