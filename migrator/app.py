@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.config import Settings
-from migrator.endpoints import redact
+from migrator.endpoints import redact, shown_url
 from migrator.ends.base import Source, Target
 from migrator.ends.factory import (
     end_kind,
@@ -116,7 +116,7 @@ def end_name(url: str | None, role: str, settings: Settings) -> str:
     """How an end appears in a default job name: ``host:port/path`` for an Orthanc (as
     job names always were), the URL without credentials or the path otherwise."""
     url = url or getattr(settings, f"{role}_url") or ""
-    kind = end_kind(url) if url else "orthanc"
+    kind = end_kind(url, role) if url else "orthanc"
     if kind == "orthanc":
         endpoint = endpoint_from(url, role, settings)
         return endpoint.host_port + urlpath(endpoint.url)
@@ -228,8 +228,13 @@ def replicate(
     instances the target lacks (two Orthancs' inventories compared, `migrator diff`)."""
     source_url = _require(source_url, "source", settings)
     target_url = _require(target_url, "target", settings)
-    if end_kind(source_url) in ("folder", "database"):
-        raise UsageError(f"{source_url} is not a server: use `migrator import` for it")
+    if end_kind(source_url) == "folder":
+        raise UsageError(
+            f"source URL {shown_url(source_url)!r} has no scheme: use http://host:port/ "
+            f"(a folder is imported with `migrator import`)"
+        )
+    if end_kind(source_url) == "database":
+        raise UsageError("an index database is imported with `migrator import`")
     options: dict[str, Any] = {"concurrency": settings.concurrency}
     source = None
     if only_missing:
@@ -470,7 +475,7 @@ def import_path(
     ``storage`` is the folder holding the attachment files of an Orthanc index (``path``)
     when it is not the index's own folder.
     """
-    kind = end_kind(path)
+    kind = end_kind(path, "source")
     if kind not in ("folder", "database"):
         raise UsageError(f"{redact(path)} is a server: use `migrator replicate` for it")
     options: dict[str, Any] = {"concurrency": settings.concurrency}

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from migrator.config import Settings
-from migrator.endpoints import Endpoint, parse_endpoint
+from migrator.endpoints import Endpoint, parse_endpoint, shown_url
 from migrator.ends.base import Source, Target
 from migrator.errors import UsageError
 
@@ -29,7 +29,7 @@ SCHEMES = {
 }
 
 
-def end_kind(text: str) -> str:
+def end_kind(text: str, role: str = "source") -> str:
     """The kind of end `text` names: a URL's scheme decides; no scheme is a folder."""
     if "://" not in text:
         return "folder"
@@ -37,7 +37,7 @@ def end_kind(text: str) -> str:
     kind = SCHEMES.get(scheme)
     if kind is None:
         known = ", ".join(sorted({s + "://" for s in SCHEMES}))
-        raise UsageError(f"unknown URL scheme {scheme + '://'!r} (known: {known})")
+        raise UsageError(f"{role} URL {shown_url(text)!r}: unknown scheme (known: {known})")
     return kind
 
 
@@ -77,7 +77,7 @@ def _url(url: str | None, role: str, settings: Settings) -> str:
 def open_target(url: str | None, settings: Settings) -> Target:
     """The target named by `url` (or `[target] url`), not yet preflighted."""
     url = _url(url, "target", settings)
-    kind = end_kind(url)
+    kind = end_kind(url, "target")
     if kind == "orthanc":
         from migrator.ends.orthanc.target import OrthancTarget
 
