@@ -121,6 +121,9 @@ def end_name(url: str | None, role: str, settings: Settings) -> str:
         endpoint = endpoint_from(url, role, settings)
         return endpoint.host_port + urlpath(endpoint.url)
     if kind == "folder":
+        if role == "target":
+            # Checked before any end is reached: a bad target URL is a usage error.
+            raise UsageError(f"target URL {shown_url(url)!r} has no scheme: use http://host:port/")
         return url
     return redact(url).replace(":***@", "@")
 
