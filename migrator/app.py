@@ -471,12 +471,14 @@ def import_path(
     dry_run: bool = False,
     show_progress: bool = True,
     storage: str | None = None,
+    force: bool = False,
 ) -> JobReport:
     """Import an Orthanc storage folder, any folder of DICOM files, or a stopped
     Orthanc's index database (`migrator import`).
 
     ``storage`` is the folder holding the attachment files of an Orthanc index (``path``)
-    when it is not the index's own folder.
+    when it is not the index's own folder. ``force`` reads an index database that an
+    Orthanc still holds (not kept with the job: each run says it again).
     """
     kind = end_kind(path, "source")
     if kind not in ("folder", "database"):
@@ -485,7 +487,7 @@ def import_path(
     if storage:
         # A worker joining the job reads the files from the same place.
         options["storage"] = storage
-    source = open_source(path, settings, options=options)
+    source = open_source(path, settings, options={**options, "force": force})
     target_url = _require(target_url, "target", settings)
     name = job_name or default_job_name(
         "import", source.display, end_name(target_url, "target", settings)

@@ -456,6 +456,13 @@ def import_(
             "elsewhere (Orthanc's StorageDirectory apart from its IndexDirectory).",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Read an Orthanc index database although an Orthanc still holds its lock.",
+        ),
+    ] = False,
     job: JobOpt = None,
     ledger: LedgerOpt = None,
     concurrency: ConcurrencyOpt = None,
@@ -478,7 +485,7 @@ def import_(
     """
     _job_command(
         lambda s: api.import_path(
-            path, target_url, s, job_name=job, dry_run=dry_run, storage=storage
+            path, target_url, s, job_name=job, dry_run=dry_run, storage=storage, force=force
         ),
         verbose=verbose,
         config=config,
@@ -496,16 +503,28 @@ def import_(
 def inspect(
     path: Annotated[str, typer.Argument(help="Folder to assess.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option("--storage", help="Folder of an index database's files (xx/yy/<uuid>)."),
+    ] = None,
+    config: ConfigOpt = None,
 ) -> None:
-    """Assess a folder before an import, sending nothing.
+    """Assess a folder, or a stopped Orthanc's index database, before an import, sending nothing.
 
     It tells the kind of folder, its counts, missing and orphan files, and the command to run.
 
     Example: migrator inspect /var/lib/orthanc/db-v5
     """
+    from migrator.ends.factory import end_kind
     from migrator.ends.folder.inspect import inspect_path, render_text
 
     def body() -> None:
+        if end_kind(path) == "database":
+            from migrator.ends.database import inspect as database
+
+            found = database.inspect_database(path, _settings(config), storage)
+            typer.echo(json.dumps(found, indent=2) if as_json else database.render_text(found))
+            return
         try:
             report = inspect_path(path)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
