@@ -414,6 +414,10 @@ def mirror(
     target_url = _require(target_url, "target", settings)
     if end_kind(source_url) != "orthanc":
         raise UsageError("mirror follows an Orthanc's change log: the source must be http(s)://")
+    if deletions.propagate and end_kind(target_url) != "orthanc":
+        raise UsageError(
+            "--propagate-deletes deletes through Orthanc's REST API: the target must be http(s)://"
+        )
     name = _checked_job_name("replicate", source_url, target_url, settings, job_name)
     return _run_with_ledger(
         settings,

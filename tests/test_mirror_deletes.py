@@ -126,3 +126,15 @@ def test_without_propagation_deletions_are_recorded_and_kept_on_the_target(
     assert "kept on the target: see --propagate-deletes" in err
     assert target.count() == 20
     assert set(_vanished(ledger_path).values()) == {DELETED_ON_SOURCE}
+
+
+def test_deletion_options_are_checked_before_anything_runs(ledger_url):
+    orthanc, dicomweb = "http://127.0.0.1:8/", "dicomweb+http://127.0.0.1:9/dicom-web"
+    for target, option, message in (
+        (dicomweb, ("--propagate-deletes",), "the target must be http(s)://"),
+        (orthanc, ("--reconcile-every", "soon"), "--reconcile-every 'soon': give a duration"),
+        (orthanc, ("--max-deletes", "-1"), "--max-deletes must be 0 or more"),
+    ):
+        result = run_cli("mirror", "http://127.0.0.1:9/", target, *option, "--ledger", ledger_url)
+        assert result.code == 2 and message in result.stderr, result.stderr
+        result.assert_one_line_error()
