@@ -3,6 +3,8 @@ PostgreSQL or MariaDB, written by Debian's orthanc-postgresql / orthanc-mysql pl
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -12,6 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import ledger_rows, run_cli, start_cli, state_counts, wait_for_sent
 
+from migrator.config import Settings
+from migrator.ends.database import open_database_source
+from migrator.ends.streams import CHUNK, STREAM_ABOVE, FileChunks
 from migrator.testkit import OrthancProcess, make_dataset, upload_all
 from migrator.testkit.dbplugins import (
     PLUGINS,
@@ -39,6 +44,17 @@ def _server_up(dialect: str) -> None:
 
 
 @dataclass
+class Row:
+    """What a source is handed for one listed instance (the lease's fields)."""
+
+    source_key: str
+    path: str | None
+    size: int | None
+    md5: str | None
+    orthanc_id: str | None
+
+
+@dataclass
 class OldServer:
     """A stopped Orthanc's database: its URL, name, and the MD5 of each instance."""
 
@@ -56,14 +72,19 @@ def old_server(tmp_path: Path) -> Iterator[Callable[..., OldServer]]:
     made: list = []
 
     def make(
-        dialect: str, *, storage: bool = True, n: int = 12, compressed: str = "half"
+        dialect: str,
+        *,
+        storage: bool = True,
+        n: int = 12,
+        compressed: str = "half",
+        extra_bytes: int = 0,
     ) -> OldServer:
         _server_up(dialect)
         ctx = fresh_database(dialect)
         database = ctx.__enter__()
         made.append(ctx)
         server = plugin_orthanc(tmp_path / f"old-{dialect}", dialect, database, storage=storage)
-        data = make_dataset(n, seed=len(made))
+        data = make_dataset(n, seed=len(made), extra_bytes=extra_bytes)
         plain = n // 2 if compressed == "half" else (n if compressed == "none" else 0)
         try:
             if plain:
@@ -169,6 +190,41 @@ def test_index_in_database_files_on_disk(old_server, orthanc_factory, tmp_path):
     result = _import(old, target, ledger, "--storage", storage)
     assert result.code == 0, result.stderr
     assert state_counts(ledger) == {"sent": 12}
+    _assert_identical(old, target)
+
+
+def test_large_instances_stream_from_large_objects(old_server, orthanc_factory, tmp_path):
+    """Instances over the streaming threshold (one plain, one compressed) are read from
+    their large objects a piece at a time, inflated on the way, and arrive identical."""
+    old = old_server("postgresql", n=2, extra_bytes=STREAM_ABOVE + 1024)
+    assert _compressed_count(old) == 1
+    source = open_database_source(old.url, Settings(), {})
+
+    async def read_streamed() -> dict[str, str]:
+        digests = {}
+        try:
+            await source.preflight()
+            for key in old.md5s:
+                # Listed over the streaming threshold (the index gives the exact size).
+                item = Row(key, None, STREAM_ABOVE + 2048, old.md5s[key], key)
+                chunks = await source.open(item)
+                assert isinstance(chunks, FileChunks), key  # not read whole
+                digest = hashlib.md5()
+                async for chunk in chunks:
+                    assert len(chunk) <= CHUNK
+                    digest.update(chunk)
+                await chunks.aclose()
+                digests[key] = digest.hexdigest()
+        finally:
+            await source.aclose()
+        return digests
+
+    assert asyncio.run(read_streamed()) == old.md5s
+    target = orthanc_factory("target")
+    ledger = tmp_path / "ledger.db"
+    result = _import(old, target, ledger)
+    assert result.code == 0, result.stderr
+    assert state_counts(ledger) == {"sent": 2}
     _assert_identical(old, target)
 
 

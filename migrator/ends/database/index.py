@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ __all__ = [
     "Content",
     "DbUrl",
     "IndexDatabase",
+    "LargeObjectReader",
     "parse_db_url",
 ]
 
@@ -169,9 +169,7 @@ class IndexDatabase:
         self.url = url
         self.dialect = url.dialect
         self._pool: queue.LifoQueue[Any] = queue.LifoQueue()
-        self._made = 0
-        self._max = max(1, connections)
-        self._lock = threading.Lock()
+        self._max = max(1, connections)  # idle connections kept for the next transfers
         self._main = self._connect()
 
     # -- connections -------------------------------------------------------------------
@@ -206,28 +204,17 @@ class IndexDatabase:
             raise FatalError(f"cannot open {u.display}: {_first_line(exc)}") from None
 
     def _borrow(self) -> Any:
+        # Never waits for a connection: a transfer holds one at most (a streamed large
+        # object for its whole upload), and waiting in a worker thread could hold up
+        # the very reads that would give one back.
         try:
             return self._pool.get_nowait()
         except queue.Empty:
-            pass
-        with self._lock:
-            make = self._made < self._max
-            if make:
-                self._made += 1
-        if not make:
-            return self._pool.get()
-        try:
             return self._connect()
-        except BaseException:
-            with self._lock:
-                self._made -= 1
-            raise
 
     def _give_back(self, conn: Any, broken: bool) -> None:
-        if broken:
+        if broken or self._pool.qsize() >= self._max:
             _close(conn)
-            with self._lock:
-                self._made -= 1
         else:
             self._pool.put(conn)
 
@@ -427,6 +414,29 @@ class IndexDatabase:
         finally:
             self._give_back(conn, broken)
 
+    def open_large_object(self, public_id: str) -> tuple[LargeObjectReader, int] | None:
+        """A reader of an instance's large object and its compression type (PostgreSQL),
+        or None when the index or the storage area lacks it (`content` says which)."""
+        conn = self._borrow()
+        broken = True
+        try:
+            found = self._rows(_ATTACHMENT_SQL, (public_id,), conn)
+            oids = found and self._rows(
+                "SELECT s.content FROM StorageArea s JOIN pg_largeobject_metadata m "
+                "ON m.oid = s.content WHERE s.uuid = %s",
+                (found[0][0],),
+                conn,
+            )
+            broken = False
+        finally:
+            if broken:
+                self._give_back(conn, broken)
+        if not oids:
+            self._give_back(conn, False)
+            return None
+        ctype = int(found[0][1]) if found[0][1] is not None else 1
+        return LargeObjectReader(self, conn, oids[0][0]), ctype
+
     def _read_large_object(self, conn: Any, uuid: str, stored: int | None) -> bytes | None:
         rows = self._rows(
             "SELECT s.content FROM StorageArea s JOIN pg_largeobject_metadata m "
@@ -447,6 +457,42 @@ class IndexDatabase:
             offset += len(chunk)
             if len(chunk) < _READ_CHUNK:
                 return b"".join(parts)
+
+
+class LargeObjectReader:
+    """A PostgreSQL large object read like a file (``read(n)``, ``close()``), a piece per
+    ``lo_get``, on a connection of the pool held until closed. The driver's errors come
+    out as `OSError`, as a file's would (retryable for the transfer)."""
+
+    def __init__(self, db: IndexDatabase, conn: Any, oid: int) -> None:
+        self._db = db
+        self._conn: Any = conn
+        self._oid = oid
+        self._offset = 0
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes from where the last read ended (b"" at the end)."""
+        if self._conn is None:
+            raise OSError("large object reader closed")
+        try:
+            rows = self._db._rows(
+                "SELECT lo_get(%s, %s, %s)", (self._oid, self._offset, size), self._conn
+            )
+        except Exception as exc:
+            self._release(broken=True)
+            raise OSError(f"large object {self._oid}: {_first_line(exc)}") from None
+        data = bytes(rows[0][0])
+        self._offset += len(data)
+        return data
+
+    def close(self) -> None:
+        """Give the connection back to the pool."""
+        self._release(broken=False)
+
+    def _release(self, broken: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._db._give_back(conn, broken)
 
 
 def storage_file(storage: str, uuid: str) -> str:

@@ -13,14 +13,20 @@ import asyncio
 import json
 import logging
 import os
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.database.index import Attachment, DbUrl, IndexDatabase, storage_file
-from migrator.ends.folder.fileclass import CorruptFile, decompress_zlib_with_size, read_dicom_bytes
+from migrator.ends.folder.fileclass import (
+    CorruptFile,
+    decompress_zlib_with_size,
+    is_zlib_with_size,
+    read_dicom_bytes,
+)
 from migrator.ends.folder.source import STORAGE_HINT
-from migrator.ends.streams import Chunks, open_file_chunks, streamable
+from migrator.ends.streams import Chunks, FileChunks, open_file_chunks, streamable
 from migrator.errors import FatalError, Kind, TransferError, UsageError, Verdict
 
 __all__ = ["HELD_ADVICE", "DatabaseSource"]
@@ -36,6 +42,8 @@ HELD_ADVICE = (
     "(instances it receives meanwhile may be missed)"
 )
 _COMPRESSION = {1: False, 2: True}
+# The first bytes of a large object read to tell its layout (as a file's are sniffed).
+_HEAD = 132
 
 
 class DatabaseSource:
@@ -173,15 +181,42 @@ class DatabaseSource:
             raise TransferError(Verdict(Kind.PERMANENT, f"permission denied ({path})")) from None
 
     async def open(self, item: Item) -> bytes | Chunks:
-        """A large file of a storage folder comes in chunks (inflated on the way); the
-        storage area's content is read whole, in chunks of the database's own."""
-        if self.storage is None or not item.path or not streamable(item.size):
+        """A large attachment comes in chunks (inflated on the way): from a file of the
+        storage folder, or a PostgreSQL large object read a piece at a time. A MySQL
+        ``LONGBLOB`` is one value for the driver: it is read whole."""
+        if not streamable(item.size):
             return await self.fetch(item)
+        chunks: Chunks | None = None
         try:
-            chunks = await asyncio.to_thread(open_file_chunks, item.path)
+            if self.storage is not None and item.path:
+                chunks = await asyncio.to_thread(open_file_chunks, item.path)
+            elif self.storage is None and self.url.dialect == "postgresql":
+                chunks = await asyncio.to_thread(self._open_large_object, item)
         except OSError:
             chunks = None  # fetch meets the same error and says what it means
         return chunks if chunks is not None else await self.fetch(item)
+
+    def _open_large_object(self, item: Item) -> FileChunks | None:
+        """Chunks of a large object, or None (then `fetch` says what is missing)."""
+        found = self.db.open_large_object(item.source_key)
+        if found is None:
+            return None
+        reader, ctype = found
+        try:
+            if ctype not in _COMPRESSION:
+                reader.close()
+                return None
+            head = reader.read(_HEAD)
+            if not _COMPRESSION[ctype]:
+                return FileChunks(reader, item.size or 0, False, head)
+            if not is_zlib_with_size(head[:10]):
+                reader.close()
+                return None  # fetch reads it whole and tells what is wrong with it
+            (declared,) = struct.unpack_from("<Q", head)
+            return FileChunks(reader, declared, True, head[8:])
+        except BaseException:
+            reader.close()
+            raise
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.db.close)
