@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,8 +40,9 @@ from migrator.errors import (
     LedgerError,
     UsageError,
 )
+from migrator.ledger.order import ORDER_LISTING, ORDER_NEWEST
 from migrator.ledger.store import Job, Ledger, make_owner
-from migrator.selection import Selection
+from migrator.selection import ORDERS, Selection, SelectionFlags
 from migrator.units import human_bytes
 from migrator.views.reports import job_counts
 
@@ -178,11 +180,15 @@ async def run_job(
     """Preflight both ends, then create or resume the job and run it to the end (with
     `follow`, keep listing new source data every `follow` seconds until stopped, and look
     for deletions on the source as `deletions` says)."""
+    if options.get("selection") and getattr(source, "selection", None) is None:
+        # A source that would list everything must not fill a job that says otherwise.
+        raise UsageError(f"{source.display} cannot select studies: give no selection for it")
     log.info(await source.preflight())
     log.info(await target.preflight())
     job = await asyncio.to_thread(
         ledger.ensure_job, job_name, source.kind, source.display, target.display, options
     )
+    _same_selection(job, options)
     if bool(job.options.get("only_missing")) != bool(options.get("only_missing")):
         # A job's rows are either everything or the delta: mixing them would tell neither.
         with_flag = "with" if job.options.get("only_missing") else "without"
@@ -225,6 +231,8 @@ def replicate(
     dry_run: bool = False,
     show_progress: bool = True,
     only_missing: bool = False,
+    selection: SelectionFlags | None = None,
+    order: str | None = None,
 ) -> JobReport:
     """Copy every instance of a server (Orthanc REST, DICOMweb, DIMSE) into a target
     through the ledger (`migrator replicate`); with `only_missing`, only the source's
@@ -244,7 +252,10 @@ def replicate(
         _both_orthanc(source_url, target_url, "--only-missing")
         options["only_missing"] = True
     kind = "missing" if only_missing else "replicate"
+    if only_missing and selection is not None and selection != SelectionFlags():
+        raise UsageError("--only-missing sends the whole delta: give no selection with it")
     name = _checked_job_name(kind, source_url, target_url, settings, job_name)
+    choose_selection(settings, name, options, selection, order)
     if only_missing:
         source = open_delta_source(source_url, target_url, settings)
     return _run_with_ledger(
@@ -257,6 +268,68 @@ def replicate(
         show_progress=show_progress,
         source=source,
     )
+
+
+def choose_selection(
+    settings: Settings,
+    name: str,
+    options: dict[str, Any],
+    flags: SelectionFlags | None,
+    order: str | None,
+) -> None:
+    """Put the job's selection and lease order in `options`. A new job takes the
+    selection `flags` make today and `order` (default newest first); an existing job
+    keeps its own, and refuses other flags: its rows would mix two selections. Relative
+    dates (``--since 2y``) count from the day the job was created, so that the same
+    command, rerun later, names the same job."""
+    if order is not None and order not in ORDERS:
+        raise UsageError(f"--order {order!r}: give one of {', '.join(ORDERS)}")
+    existing = _existing_job(settings, name)
+    today = date.fromtimestamp(existing.created_at) if existing else date.today()
+    selection = (flags or SelectionFlags()).resolve(today)
+    if existing is None:
+        if not selection.empty:
+            options["selection"] = selection.to_options()
+        options["order"] = order or ORDER_NEWEST
+        return
+    stored = Selection.from_options(existing.options.get("selection"))
+    if stored != selection:
+        raise UsageError(
+            f"job {name!r} selects {stored.describe()}, this command {selection.describe()}: "
+            "give the job's selection again, or choose another --job name"
+        )
+    stored_order = existing.options.get("order") or ORDER_LISTING
+    if order is not None and order != stored_order:
+        raise UsageError(
+            f"job {name!r} takes its rows in {stored_order} order, not {order}: "
+            "give no --order, or choose another --job name"
+        )
+    for key in ("selection", "order"):
+        if key in existing.options:
+            options[key] = existing.options[key]
+
+
+def _existing_job(settings: Settings, name: str) -> Job | None:
+    """The job called `name` in the settings' ledger, if both exist (nothing is created)."""
+    try:
+        ledger = Ledger.open(settings.ledger)
+    except UsageError:  # no ledger yet: a new job
+        return None
+    try:
+        return ledger.get_job(name)
+    finally:
+        ledger.close()
+
+
+def _same_selection(job: Job, options: dict[str, Any]) -> None:
+    """Refuse to run a job with another selection than its own (see `choose_selection`)."""
+    stored = Selection.from_options(job.options.get("selection"))
+    given = Selection.from_options(options.get("selection"))
+    if stored != given:
+        raise UsageError(
+            f"job {job.name!r} selects {stored.describe()}, this command {given.describe()}: "
+            "choose another --job name"
+        )
 
 
 def _both_orthanc(source_url: str, target_url: str, what: str) -> None:
@@ -395,6 +468,8 @@ def mirror(
     poll: float = 2.0,
     show_progress: bool = True,
     deletions: DeletionPolicy | None = None,
+    selection: SelectionFlags | None = None,
+    order: str | None = None,
 ) -> JobReport:
     """Copy everything, then keep following the source's change log (`migrator mirror`).
 
@@ -419,12 +494,14 @@ def mirror(
             "--propagate-deletes deletes through Orthanc's REST API: the target must be http(s)://"
         )
     name = _checked_job_name("replicate", source_url, target_url, settings, job_name)
+    options: dict[str, Any] = {"concurrency": settings.concurrency}
+    choose_selection(settings, name, options, selection, order)
     return _run_with_ledger(
         settings,
         source_url,
         target_url,
         name=name,
-        options={"concurrency": settings.concurrency},
+        options=options,
         show_progress=show_progress,
         follow=poll,
         deletions=deletions,
@@ -476,6 +553,8 @@ def import_path(
     show_progress: bool = True,
     storage: str | None = None,
     force: bool = False,
+    selection: SelectionFlags | None = None,
+    order: str | None = None,
 ) -> JobReport:
     """Import an Orthanc storage folder, any folder of DICOM files, or a stopped
     Orthanc's index database (`migrator import`).
@@ -496,6 +575,10 @@ def import_path(
     name = job_name or default_job_name(
         "import", source.display, end_name(target_url, "target", settings)
     )
+    choose_selection(settings, name, options, selection, order)
+    if options.get("selection"):
+        # Opened again to list only the selected studies.
+        source = open_source(path, settings, options={**options, "force": force})
     asyncio.run(source.preflight())
     folder_kind = getattr(getattr(source, "info", None), "kind", None)
     if folder_kind is not None:
@@ -523,12 +606,58 @@ def import_path(
     return report
 
 
+def prioritize(
+    ledger: Ledger,
+    job: Job,
+    settings: Settings,
+    *,
+    study: str | None = None,
+    patient: str | None = None,
+    since: str | None = None,
+) -> int:
+    """`migrator prioritize`: move the job's pending rows of a study, of a patient's
+    studies (asked of an Orthanc source: the ledger knows studies, not patients) or of
+    the studies since a date ahead of the others; returns how many rows moved."""
+    if sum(x is not None for x in (study, patient, since)) != 1:
+        raise UsageError("give one of --study, --patient or --since")
+    if since is not None:
+        bound = SelectionFlags(since=since).resolve(date.today()).since
+        return ledger.prioritize(job.id, since=bound)
+    if study is not None:
+        return ledger.prioritize(job.id, study_uids={study})
+    assert patient is not None
+    if end_kind(job.source) != "orthanc":
+        raise UsageError(
+            f"--patient asks an Orthanc source for the patient's studies; {job.source} is "
+            "not one: give --study UID"
+        )
+    uids = asyncio.run(_patient_studies(job.source, settings, patient))
+    if not uids:
+        raise UsageError(f"the source {job.source} holds no study of patient {patient!r}")
+    return ledger.prioritize(job.id, study_uids=uids)
+
+
+async def _patient_studies(source_url: str, settings: Settings, patient: str) -> set[str]:
+    """The StudyInstanceUIDs of one patient's studies on an Orthanc."""
+    from migrator.ends.orthanc.uids import UidLookup
+
+    client = orthanc_client(endpoint_from(source_url, "source", settings), "source", settings)
+    try:
+        ids = await client.find_study_ids({"PatientID": patient})
+        studies = await UidLookup(client, settings.retry).describe(ids, "studies")
+    finally:
+        await client.aclose()
+    found = ((s.get("MainDicomTags") or {}).get("StudyInstanceUID") for s in studies)
+    return {uid for uid in found if uid}
+
+
 __all__ = [
     "FatalError",
     "JobReport",
     "diff",
     "import_path",
     "mirror",
+    "prioritize",
     "replicate",
     "run_job",
     "work",

@@ -102,6 +102,73 @@ AetOpt = Annotated[
 ]
 
 
+# What a job moves and in which order (`migrator.selection`, `migrator.ledger.order`).
+SinceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        help="Only studies of this StudyDate or later: 20240101, 2024-01-01, or an age "
+        "(30d, 6m, 2y) counted from the day the job was created.",
+    ),
+]
+UntilOpt = Annotated[
+    str | None,
+    typer.Option("--until", help="Only studies of this StudyDate or earlier (as --since)."),
+]
+ModalityOpt = Annotated[
+    list[str] | None,
+    typer.Option("--modality", help="Only studies with this modality (repeatable: CT, MR...)."),
+]
+StudiesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--studies",
+        help="Only the studies a file lists: a CSV whose header names a StudyInstanceUID, "
+        "AccessionNumber or PatientID column, or one StudyInstanceUID per line.",
+    ),
+]
+ExcludePatientOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude-patient", help="Leave this PatientID out (repeatable)."),
+]
+IncludeUndatedOpt = Annotated[
+    bool,
+    typer.Option("--include-undated", help="With --since/--until: studies without StudyDate too."),
+]
+OrderOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--order",
+        help="Whole studies, newest StudyDate first (newest, the default for a new job), "
+        "oldest first, or as listed (listing).",
+    ),
+]
+
+
+def _selection(
+    since: str | None,
+    until: str | None,
+    modality: list[str] | None,
+    studies: str | None,
+    exclude_patient: list[str] | None,
+    include_undated: bool,
+    order: str | None,
+) -> dict[str, Any]:
+    """The selection and order options of a job command, as `migrator.app` takes them
+    (and checks them)."""
+    from migrator.selection import SelectionFlags
+
+    flags = SelectionFlags(
+        since=since,
+        until=until,
+        modalities=tuple(modality or ()),
+        studies_file=studies,
+        exclude_patients=tuple(exclude_patient or ()),
+        include_undated=include_undated,
+    )
+    return {"selection": flags, "order": order}
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to the current sys.stderr, which rich swaps while a progress bar is live."""
 
@@ -256,14 +323,28 @@ def replicate(
             "compared, as `migrator diff` does); a job of its own.",
         ),
     ] = False,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    modality: ModalityOpt = None,
+    studies: StudiesOpt = None,
+    exclude_patient: ExcludePatientOpt = None,
+    include_undated: IncludeUndatedOpt = False,
+    order: OrderOpt = None,
 ) -> None:
     """Replicate every instance of SOURCE_URL into TARGET_URL; rerun to resume.
 
     Example: migrator replicate http://orthanc:orthanc@old:8042/ http://new:8042/ -c 16
     """
+    chosen = _selection(since, until, modality, studies, exclude_patient, include_undated, order)
     _job_command(
         lambda s: api.replicate(
-            source_url, target_url, s, job_name=job, dry_run=dry_run, only_missing=only_missing
+            source_url,
+            target_url,
+            s,
+            job_name=job,
+            dry_run=dry_run,
+            only_missing=only_missing,
+            **chosen,
         ),
         verbose=verbose,
         config=config,
@@ -354,6 +435,13 @@ def mirror(
             "made and the mirror stops (exit 3).",
         ),
     ] = 100,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    modality: ModalityOpt = None,
+    studies: StudiesOpt = None,
+    exclude_patient: ExcludePatientOpt = None,
+    include_undated: IncludeUndatedOpt = False,
+    order: OrderOpt = None,
 ) -> None:
     """Copy everything, then keep the target in step with the source's change log.
 
@@ -367,6 +455,7 @@ def mirror(
     from migrator.engine.deletions import DeletionPolicy
     from migrator.views.verify_report import parse_age
 
+    chosen = _selection(since, until, modality, studies, exclude_patient, include_undated, order)
     _job_command(
         lambda s: api.mirror(
             source_url,
@@ -374,6 +463,7 @@ def mirror(
             s,
             job_name=job,
             poll=poll,
+            **chosen,
             deletions=DeletionPolicy(
                 every=parse_age(reconcile_every, "--reconcile-every"),
                 propagate=propagate_deletes,
@@ -476,6 +566,13 @@ def import_(
     progress: ProgressOpt = None,
     verbose: VerboseOpt = False,
     aet: AetOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    modality: ModalityOpt = None,
+    studies: StudiesOpt = None,
+    exclude_patient: ExcludePatientOpt = None,
+    include_undated: IncludeUndatedOpt = False,
+    order: OrderOpt = None,
 ) -> None:
     """Send the DICOM instances of a folder to TARGET_URL; rerun to resume.
 
@@ -483,9 +580,17 @@ def import_(
 
     Example: migrator import /var/lib/orthanc/db-v5 http://orthanc:orthanc@localhost:8042/
     """
+    chosen = _selection(since, until, modality, studies, exclude_patient, include_undated, order)
     _job_command(
         lambda s: api.import_path(
-            path, target_url, s, job_name=job, dry_run=dry_run, storage=storage, force=force
+            path,
+            target_url,
+            s,
+            job_name=job,
+            dry_run=dry_run,
+            storage=storage,
+            force=force,
+            **chosen,
         ),
         verbose=verbose,
         config=config,
@@ -540,10 +645,19 @@ def status(
     ledger: LedgerOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    studies: Annotated[
+        bool,
+        typer.Option(
+            "--studies",
+            help="Count studies too: complete, partial, pending, failed (with --json: under "
+            "'studies'); reads every row.",
+        ),
+    ] = False,
 ) -> None:
     """Show each job's counts by state, bytes, rate, ETA and most common errors.
 
     Rows in flight are told apart: transferring now, or queued in a worker.
+    With --studies, how many studies are complete and since when everything is sent.
 
     Example: migrator status --json
     """
@@ -554,10 +668,47 @@ def status(
         try:
             if job is not None:
                 _pick_job(led, job)
-            doc = status_document(led, job)
+            doc = status_document(led, job, studies=0.0 if studies else None)
         finally:
             led.close()
         typer.echo(json.dumps(doc, indent=2) if as_json else render_status(doc))
+
+    _guard(body)
+
+
+@cli.command()
+def prioritize(
+    job: JobOpt = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="This StudyInstanceUID first.")
+    ] = None,
+    patient: Annotated[
+        str | None,
+        typer.Option("--patient", help="This PatientID's studies first (an Orthanc source)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Studies of this StudyDate or later first (20250301, 30d)."),
+    ] = None,
+    ledger: LedgerOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Move a study, a patient or recent studies ahead of the rest of a job's pending rows.
+
+    Running workers take them at their next lease; nothing else changes.
+
+    Example: migrator prioritize --study 1.2.840.113619.2.55.3.604688
+    """
+
+    def body() -> None:
+        settings = _settings(config, ledger=ledger)
+        led = _open(settings)
+        try:
+            picked = _pick_job(led, job)
+            moved = api.prioritize(led, picked, settings, study=study, patient=patient, since=since)
+        finally:
+            led.close()
+        typer.echo(f"job {picked.name}: {moved} pending instances moved to the front")
 
     _guard(body)
 

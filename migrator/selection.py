@@ -9,10 +9,23 @@ selects the same studies.
 
 from __future__ import annotations
 
+import csv
+import re
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from typing import Any
 
-__all__ = ["Selection", "StudyFields", "study_date_key"]
+from migrator.errors import UsageError
+
+__all__ = [
+    "ORDERS",
+    "Selection",
+    "SelectionFlags",
+    "StudyFields",
+    "parse_date",
+    "read_studies_file",
+    "study_date_key",
+]
 
 
 def study_date_key(value: object) -> str:
@@ -157,3 +170,100 @@ class Selection:
         if self.exclude_patients:
             parts.append(f"{len(self.exclude_patients)} patients excluded")
         return ", ".join(parts)
+
+
+# A relative date bound: a number of days, weeks, months (30 days) or years (365 days).
+_RELATIVE = re.compile(r"\s*(\d+)\s*([dwmy])\s*", re.IGNORECASE)
+_RELATIVE_DAYS = {"d": 1, "w": 7, "m": 30, "y": 365}
+# The header of a --studies file's column, by what it lists.
+_COLUMNS = {
+    "studyinstanceuid": "study_uids",
+    "accessionnumber": "accessions",
+    "patientid": "patient_ids",
+}
+ORDERS = ("newest", "oldest", "listing")
+
+
+def parse_date(text: str, option: str, today: date) -> str:
+    """A StudyDate bound as ``YYYYMMDD``: given so (or ``YYYY-MM-DD``), or relative to
+    `today` (``30d``, ``6w``, ``6m``, ``2y``: months of 30 days, years of 365)."""
+    relative = _RELATIVE.fullmatch(text)
+    if relative is not None:
+        days = int(relative.group(1)) * _RELATIVE_DAYS[relative.group(2).lower()]
+        try:
+            return (today - timedelta(days=days)).strftime("%Y%m%d")
+        except OverflowError:
+            raise UsageError(f"{option} {text!r}: too far back") from None
+    try:
+        return datetime.strptime(text.strip().replace("-", ""), "%Y%m%d").strftime("%Y%m%d")
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r}: give a date (YYYYMMDD or YYYY-MM-DD) or an age (30d, 6m, 2y)"
+        ) from None
+
+
+def read_studies_file(path: str) -> dict[str, frozenset[str]]:
+    """The studies a ``--studies`` file names, by kind (``study_uids``, ``accessions``,
+    ``patient_ids``). A CSV's columns are chosen by their header (StudyInstanceUID,
+    AccessionNumber, PatientID; others are ignored); a file whose first line names none
+    of them holds one StudyInstanceUID per line."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            lines = [line for line in handle.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--studies {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    found: dict[str, set[str]] = {kind: set() for kind in _COLUMNS.values()}
+    if not lines:
+        raise UsageError(f"--studies {path}: the file is empty")
+    dialect = csv.excel_tab if "\t" in lines[0] and "," not in lines[0] else csv.excel
+    header = [_norm(cell) for cell in next(csv.reader([lines[0]], dialect))]
+    columns = {i: _COLUMNS[name] for i, name in enumerate(header) if name in _COLUMNS}
+    if not columns:
+        found["study_uids"] = {line.strip() for line in lines}
+    else:
+        for cells in csv.reader(lines[1:], dialect):
+            for i, kind in columns.items():
+                if i < len(cells) and cells[i].strip():
+                    found[kind].add(cells[i].strip())
+    if not any(found.values()):
+        raise UsageError(f"--studies {path}: no study, accession or patient listed")
+    return {kind: frozenset(values) for kind, values in found.items()}
+
+
+def _norm(cell: str) -> str:
+    """A header cell as compared with the known column names."""
+    return re.sub(r"[^a-z]", "", cell.lower())
+
+
+@dataclass(frozen=True)
+class SelectionFlags:
+    """The selection as given on the command line: relative dates are resolved against
+    the day the job was created (`resolve`), so that the same command, rerun days later,
+    selects what it selected at first."""
+
+    since: str | None = None
+    until: str | None = None
+    modalities: tuple[str, ...] = ()
+    studies_file: str | None = None
+    exclude_patients: tuple[str, ...] = ()
+    include_undated: bool = False
+
+    def resolve(self, today: date) -> Selection:
+        """The selection these flags make on `today`; raises UsageError on bad input."""
+        since = parse_date(self.since, "--since", today) if self.since else None
+        until = parse_date(self.until, "--until", today) if self.until else None
+        if since and until and since > until:
+            raise UsageError(f"--since {self.since} is after --until {self.until}")
+        if self.include_undated and not (since or until):
+            raise UsageError("--include-undated goes with --since or --until")
+        listed = read_studies_file(self.studies_file) if self.studies_file else {}
+        return Selection(
+            since=since,
+            until=until,
+            modalities=frozenset(m.strip().upper() for m in self.modalities if m.strip()),
+            study_uids=listed.get("study_uids", frozenset()),
+            accessions=listed.get("accessions", frozenset()),
+            patient_ids=listed.get("patient_ids", frozenset()),
+            exclude_patients=frozenset(p for p in self.exclude_patients if p),
+            include_undated=self.include_undated,
+        )

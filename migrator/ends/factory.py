@@ -104,13 +104,17 @@ def open_source(
     kind = end_kind(url)
     if kind == "orthanc":
         from migrator.ends.orthanc.source import RestSource
+        from migrator.selection import Selection
 
         client = orthanc_client(endpoint_from(url, "source", settings), "source", settings)
-        return RestSource(client, settings.retry, settings.page_size)
+        selection = Selection.from_options(options.get("selection"))
+        return RestSource(client, settings.retry, settings.page_size, selection=selection)
     if kind == "folder":
         from migrator.ends.folder.source import FolderSource
+        from migrator.selection import Selection
 
-        return FolderSource(url, options.get("storage"))
+        selection = Selection.from_options(options.get("selection"))
+        return FolderSource(url, options.get("storage"), selection)
     if kind == "dicomweb":
         from migrator.ends.dicomweb import open_dicomweb_source
 

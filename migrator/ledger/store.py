@@ -25,6 +25,7 @@ from migrator.errors import LedgerError, UsageError
 from migrator.ledger import db
 from migrator.ledger.copies import CopiesMixin
 from migrator.ledger.deletions import DeletionsMixin
+from migrator.ledger.order import OrderMixin
 from migrator.ledger.runs import RunsMixin
 from migrator.ledger.schema import instances, jobs, pending_again, runs
 from migrator.ledger.supersede import (
@@ -137,7 +138,7 @@ def make_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin):
+class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin, OrderMixin):
     """A ledger database. Open with `Ledger.open`; all methods are synchronous."""
 
     def __init__(self, url: str, *, create: bool) -> None:
@@ -341,17 +342,6 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin
         columns = [instances.c.id, instances.c.orthanc_id]
         if one_per_instance:
             columns += [instances.c.has_pixels, instances.c.size, TWIN_STATE]
-        due = (
-            select(*columns)
-            .where(
-                instances.c.job_id == job_id,
-                instances.c.state == State.PENDING.value,
-                instances.c.next_attempt_at <= now,
-            )
-            .order_by(instances.c.next_attempt_at, instances.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
         take = (
             update(instances)
             .where(instances.c.id.in_(bindparam("ids", expanding=True)))
@@ -390,7 +380,8 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin
                 # BEGIN IMMEDIATE already serialises leases.
                 conn.execute(COPIES_LEASE_LOCK, {"job_id": job_id})
             for _ in range(_BLOCKED_ROUNDS):
-                candidates = conn.execute(due).all()
+                # In the job's order (migrator.ledger.order): whole studies, by date.
+                candidates = self._due_rows(conn, job_id, columns, limit, now)
                 ids: list[int] = []
                 superseded: list[int] = []
                 postponed: list[int] = []
@@ -419,7 +410,9 @@ class Ledger(RunsMixin, VerifyMixin, CopiesMixin, SupersedeMixin, DeletionsMixin
                 if ids or len(candidates) < limit:
                     break
             rows = conn.execute(take, {"ids": ids}).all() if ids else []
-        result.extend(sorted((Lease(*row) for row in rows), key=lambda lease: lease.id))
+        # Handed over in the lease order (RETURNING follows none).
+        place = {row[0]: i for i, row in enumerate(candidates)} if rows else {}
+        result.extend(sorted((Lease(*row) for row in rows), key=lambda lease: place[lease.id]))
         return result
 
     def next_due(self, job_id: int) -> float | None:

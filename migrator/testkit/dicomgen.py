@@ -123,6 +123,9 @@ def make_instance(
     instance_number: int = 1,
     series_number: int = 1,
     extra_bytes: int = 0,
+    study_date: str = "20240101",
+    modality: str = "OT",
+    accession: str = "",
 ) -> bytes:
     """Return a Part-10 DICOM file (explicit VR little endian) as bytes.
 
@@ -141,12 +144,12 @@ def make_instance(
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = SECONDARY_CAPTURE
     ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = "20240101"
+    ds.StudyDate = study_date
     ds.StudyTime = "120000"
     ds.ContentDate = "20240101"
     ds.ContentTime = "120000"
-    ds.AccessionNumber = ""
-    ds.Modality = "OT"
+    ds.AccessionNumber = accession
+    ds.Modality = modality
     ds.ConversionType = "WSD"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "migrator testkit"

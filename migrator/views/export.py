@@ -53,6 +53,7 @@ COLUMNS: dict[str, Any] = {
     "sent_at": instances.c.sent_at,
     "verified_at": instances.c.verified_at,
     "target_id": instances.c.target_id,
+    "study_date": instances.c.study_date,
 }
 TIMES = frozenset({"created_at", "updated_at", "sent_at", "verified_at"})
 TEXTS = frozenset({"source_key", "verify_detail", "last_error"})

@@ -41,6 +41,8 @@ from migrator.views.web_hosts import HostCheck, hostname
 from migrator.views.web_page import PAGE
 
 log = logging.getLogger("migrator")
+# How old the per-study counts on the page may be, in seconds (see `study_counts`).
+STUDY_COUNTS_AGE = 10.0
 
 __all__ = ["BUCKET", "DashboardServer", "History", "history", "metrics", "serve", "verify_counts"]
 
@@ -334,7 +336,10 @@ class DashboardServer(ThreadingHTTPServer):
     def status(self) -> dict[str, Any]:
         """The `status --json` document (no jobs while there is no ledger yet)."""
         ledger = self.ledgers.get()
-        return status_document(ledger) if ledger is not None else {"jobs": []}
+        if ledger is None:
+            return {"jobs": []}
+        # Per-study counts read every row: a few seconds old is fine for the page.
+        return status_document(ledger, studies=STUDY_COUNTS_AGE)
 
     def rates(self, minutes: int) -> dict[str, Any]:
         """The `/api/history` document."""

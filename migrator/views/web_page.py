@@ -2,7 +2,8 @@
 
 Every 2 s it fetches /api/status, /api/history and /api/verify and redraws one card per
 job: progress bar, counts by state (rows in flight split into transferring and queued),
-rate, ETA, a per-minute rate chart (inline SVG, the per-second rates of /api/history), the
+the selection and the studies complete, partial, pending and failed, rate, ETA, a
+per-minute rate chart (inline SVG, the per-second rates of /api/history), the
 verification results, the top error reasons and the workers. Text from the ledger is
 inserted with textContent only, since error messages come from remote servers.
 """
@@ -165,6 +166,24 @@ function card(job, hist, verified) {
     }
   }
   c.append(counts);
+  if (job.selection && job.selection !== "everything")
+    c.append(el("p", "route", "selection: " + job.selection));
+  if (job.studies && job.studies.total) {
+    // Whole studies on the target, and since when everything is there.
+    const st = job.studies;
+    c.append(el("h3", "", "Studies (" + job.order + " first)"));
+    const v = el("div", "counts");
+    for (const k of ["complete","partial","pending","failed"]) {
+      const chip = el("span", "chip" + (st[k] ? "" : " zero"));
+      const n = el("span", "count", fmt(st[k] || 0)); n.dataset.studies = k;
+      chip.append(k + " ", n); v.append(chip);
+    }
+    c.append(v);
+    if (st.complete_since)
+      c.append(el("p", "route", "everything since " + st.complete_since + " is on the target"));
+    else if (st.latest_complete)
+      c.append(el("p", "route", "most recent complete study: " + st.latest_complete));
+  }
   c.append(el("h3", "", "Rate, instances per second (per minute)"));
   c.append(hist && hist.points.length ? chart(hist.points, hist.rates, hist.peak)
     : el("p", "none", "no history"));

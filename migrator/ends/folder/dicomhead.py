@@ -42,12 +42,20 @@ _MAX_DEPTH = 32
 _SOP_CLASS = 0x00020002
 _TRANSFER_SYNTAX = 0x00020010
 _SOP_INSTANCE = 0x00080018
+# Study-level fields a selection looks at (`migrator.selection`).
+_STUDY_DATE = 0x00080020
+_ACCESSION = 0x00080050
+_MODALITY = 0x00080060
+_MODALITIES = 0x00080061
 _PATIENT_ID = 0x00100020
 _STUDY = 0x0020000D
 _SERIES = 0x0020000E
 _ROWS = 0x00280010
 _COLUMNS = 0x00280011
-_WANTED = frozenset({_SOP_INSTANCE, _PATIENT_ID, _STUDY, _SERIES, _ROWS, _COLUMNS})
+_WANTED = frozenset(
+    {_SOP_INSTANCE, _PATIENT_ID, _STUDY, _SERIES, _ROWS, _COLUMNS}
+    | {_STUDY_DATE, _ACCESSION, _MODALITY, _MODALITIES}
+)
 
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
@@ -65,7 +73,8 @@ class Header:
     Text values are ASCII with trailing DICOM padding (spaces, NULs) removed and leading
     spaces kept, as Orthanc reads them; absent elements read as "". ``pixel`` is (VR or
     None when implicit, value length, offset of the pixel data element in the file), or
-    None when the file has no pixel data.
+    None when the file has no pixel data. ``study_date``, ``accession``, ``modality`` and
+    ``modalities_in_study`` are what a selection of studies looks at.
     """
 
     sop_class: str
@@ -76,6 +85,10 @@ class Header:
     sop_uid: str
     rows_and_columns: bool
     pixel: tuple[str | None, int, int] | None
+    study_date: str = ""
+    accession: str = ""
+    modality: str = ""
+    modalities_in_study: str = ""
 
 
 def read_header(data: bytes | memoryview, size: int | None = None) -> Header:
@@ -147,6 +160,10 @@ def read_header(data: bytes | memoryview, size: int | None = None) -> Header:
         sop_uid=_text(values.get(_SOP_INSTANCE, b""), uid=True),
         rows_and_columns=_ROWS in values and _COLUMNS in values,
         pixel=pixel,
+        study_date=_text(values.get(_STUDY_DATE, b"")),
+        accession=_text(values.get(_ACCESSION, b"")),
+        modality=_text(values.get(_MODALITY, b"")),
+        modalities_in_study=_text(values.get(_MODALITIES, b"")),
     )
 
 

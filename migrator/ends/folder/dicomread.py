@@ -13,6 +13,7 @@ import io
 import mmap
 import warnings
 import zlib
+from dataclasses import replace
 from typing import Any
 
 from migrator.ends.dicomid import tag_text
@@ -74,16 +75,7 @@ def inflated_header(data: bytes | mmap.mmap) -> Header | None:
         return None
     if not has_uids(header):
         return None
-    return Header(
-        sop_class=header.sop_class,
-        transfer_syntax=DEFLATED_TS,
-        patient_id=header.patient_id,
-        study_uid=header.study_uid,
-        series_uid=header.series_uid,
-        sop_uid=header.sop_uid,
-        rows_and_columns=header.rows_and_columns,
-        pixel=None,
-    )
+    return replace(header, transfer_syntax=DEFLATED_TS, pixel=None)
 
 
 def out_of_order_header(data: bytes | mmap.mmap, first: Header, part10: bool) -> Header:
@@ -160,4 +152,8 @@ def _header(ds: Any, meta: Any, pixel: tuple[str | None, int, int] | None) -> He
         sop_uid=tag_text(ds, "SOPInstanceUID"),
         rows_and_columns="Rows" in ds and "Columns" in ds,
         pixel=pixel,
+        study_date=tag_text(ds, "StudyDate"),
+        accession=tag_text(ds, "AccessionNumber"),
+        modality=tag_text(ds, "Modality"),
+        modalities_in_study=tag_text(ds, "ModalitiesInStudy"),
     )

@@ -125,6 +125,12 @@ class Candidate:
     missing: bool = False
     problem: str | None = None
     undecided: str | None = None
+    # What a selection of studies looks at (`migrator.selection`); modalities as
+    # ModalitiesInStudy says, else the file's own Modality (backslash-separated).
+    patient_id: str | None = None
+    study_date: str | None = None
+    accession: str | None = None
+    modalities: str | None = None
 
 
 class CorruptFile(ValueError):
@@ -324,6 +330,10 @@ def _classify_bytes(
         compressed=compressed,
         skip_reason=skip,
         problem=problem,
+        patient_id=header.patient_id,
+        study_date=header.study_date,
+        accession=header.accession,
+        modalities=header.modalities_in_study or header.modality,
     )
 
 

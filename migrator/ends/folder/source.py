@@ -50,6 +50,7 @@ from migrator.ends.folder.storage import (
 )
 from migrator.ends.streams import Chunks, open_file_chunks, streamable
 from migrator.errors import FatalError, Kind, TransferError, UsageError, Verdict
+from migrator.selection import Selection, StudyFields
 from migrator.states import State
 
 # Rows per ledger transaction: large pages keep commits (and fsyncs) few.
@@ -87,6 +88,7 @@ def _row(cand: Candidate) -> dict[str, Any]:
         "md5": cand.md5,
         "has_pixels": cand.has_pixels,
         "skip_reason": cand.skip_reason,
+        "study_date": cand.study_date,
     }
     if cand.missing:
         row["state"] = State.VANISHED.value
@@ -112,8 +114,12 @@ class FolderSource:
     send_while_listing = True
     copies_possible = True
 
-    def __init__(self, path: str, storage: str | None = None) -> None:
+    def __init__(
+        self, path: str, storage: str | None = None, selection: Selection | None = None
+    ) -> None:
         self.path = os.path.abspath(path)
+        # Files of other studies are left out of the listing (see `_selected`).
+        self.selection = selection or Selection()
         try:
             os.lstat(self.path)
         except PermissionError:
@@ -212,8 +218,13 @@ class FolderSource:
             check = _MissingFiles(self.root)
             listed: list[tuple[int, dict[str, Any]]] = []
             for internal_id, cand in iter_index(
-                self.info.index, state.get("after"), storage=self.info.storage
+                self.info.index,
+                state.get("after"),
+                storage=self.info.storage,
+                study_fields=not self.selection.empty,
             ):
+                if not self._selected(cand):
+                    continue
                 listed.append((internal_id, _row(cand)))
                 check.see(cand)
                 # Rows after the last file found wait: if they begin a mass of missing
@@ -236,6 +247,8 @@ class FolderSource:
                 # An orphan is skipped anyway: one that cannot be read says why.
                 reason = f"cannot read this file: {exc.strerror or exc}"
                 cand = Candidate(rel, os.path.join(self.root, rel), skip_reason=reason)
+            if not self._selected(cand):
+                continue
             row = _row(cand)
             row["source_key"] = f"orphan:{rel}"
             held = cand.skip_reason in HELD_REASONS  # settled for bare folders only
@@ -259,7 +272,8 @@ class FolderSource:
             if item.failure is not None:
                 # A source file that cannot be read is rejected like a corrupt one.
                 row["state"] = State.REJECTED.value
-            rows.append(row)
+            if self._selected(item.cand):
+                rows.append(row)
             # The real name (undecodable bytes as surrogates, which JSON escapes): the
             # walk resumes by comparing names as the file system gives them; inside an
             # archive, after the member's position.
@@ -274,6 +288,27 @@ class FolderSource:
                 started = time.monotonic()
                 seconds = min(2 * seconds, TREE_PAGE_SECONDS)
         yield ListingPage(rows, json.dumps(state), done=True)
+
+    def _selected(self, cand: Candidate) -> bool:
+        """Whether the selection takes this file's study. With a selection, a file whose
+        study is not known (not DICOM, unreadable, without identifiers) is left out: it
+        belongs to no selected study. A folder's modalities are the file's own
+        (ModalitiesInStudy when it has it, else its Modality; an index's: every series of
+        the study)."""
+        if self.selection.empty:
+            return True
+        if not cand.study_uid:
+            return False
+        modalities = tuple(m for m in (cand.modalities or "").split("\\") if m)
+        return self.selection.matches(
+            StudyFields(
+                study_uid=cand.study_uid,
+                study_date=cand.study_date,
+                modalities=modalities,
+                accession=cand.accession,
+                patient_id=cand.patient_id,
+            )
+        )
 
     async def fetch(self, item: Item) -> bytes:
         if not item.path:

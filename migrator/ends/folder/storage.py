@@ -262,6 +262,27 @@ LEFT JOIN MainDicomTags AS stu
 WHERE +r.resourceType = 4 AND r.internalId > ?
 ORDER BY r.internalId
 """
+# With a selection of studies: also the study's StudyDate and AccessionNumber, its
+# patient's PatientID and the modalities of all its series (ModalitiesInStudy is not
+# stored), so that a study is taken or left whole.
+_SELECTION_SQL = _LIST_SQL.replace(
+    "sop.value, ser.value, stu.value",
+    """sop.value, ser.value, stu.value, sda.value, acc.value, pid.value,
+       (SELECT group_concat(m.value, '\\') FROM Resources AS s2
+        JOIN MainDicomTags AS m ON m.id = s2.internalId AND m.tagGroup = 8
+             AND m.tagElement = 96
+        WHERE s2.parentId = se.parentId)""",
+).replace(
+    "WHERE +r.resourceType",
+    """LEFT JOIN MainDicomTags AS sda
+       ON sda.id = se.parentId AND sda.tagGroup = 8 AND sda.tagElement = 32
+LEFT JOIN MainDicomTags AS acc
+       ON acc.id = se.parentId AND acc.tagGroup = 8 AND acc.tagElement = 80
+LEFT JOIN Resources AS st ON st.internalId = se.parentId
+LEFT JOIN MainDicomTags AS pid
+       ON pid.id = st.parentId AND pid.tagGroup = 16 AND pid.tagElement = 32
+WHERE +r.resourceType""",
+)
 
 
 def iter_index(
@@ -271,6 +292,7 @@ def iter_index(
     storage: str | None = None,
     check_files: bool = True,
     batch: int = _BATCH,
+    study_fields: bool = False,
 ) -> Iterator[tuple[int, Candidate]]:
     """Yield ``(internalId, Candidate)`` for every instance of an Orthanc index.
 
@@ -279,7 +301,9 @@ def iter_index(
     passing the last id seen as ``after`` resumes the listing. ``source_key`` and
     ``orthanc_id`` are the instance's public id; ``size``/``md5`` describe the
     uncompressed DICOM file. With ``check_files``, rows whose file is absent have
-    ``missing=True``. Raises :class:`IndexLocked` if Orthanc is running on the index.
+    ``missing=True``. With ``study_fields``, candidates also carry their study's date,
+    accession, patient and modalities (for a selection of studies).
+    Raises :class:`IndexLocked` if Orthanc is running on the index.
     """
     index = _index_file(path)
     storage = os.path.abspath(storage) if storage else os.path.dirname(index)
@@ -287,7 +311,8 @@ def iter_index(
     conn = open_index(index)
     try:
         _schema_version(conn, index)
-        cur = conn.execute(_LIST_SQL, (after if after is not None else -1,))
+        sql = _SELECTION_SQL if study_fields else _LIST_SQL
+        cur = conn.execute(sql, (after if after is not None else -1,))
         while rows := cur.fetchmany(batch):
             for row in rows:
                 yield row[0], _index_candidate(row, prefix, check_files)
@@ -296,11 +321,11 @@ def iter_index(
 
 
 def _index_candidate(row: tuple, prefix: str, check_files: bool) -> Candidate:
-    _, public_id, uuid, ctype, usize, md5, sop, series, study = row
+    _, public_id, uuid, ctype, usize, md5, sop, series, study = row[:9]
     # Same result as storage_path(), without os.path.join's cost on millions of rows.
     path = f"{prefix}{uuid[0:2]}{os.sep}{uuid[2:4]}{os.sep}{uuid}"
     skip = None if ctype in (1, 2) else f"unsupported compression type {ctype}"
-    return Candidate(
+    cand = Candidate(
         source_key=public_id,
         path=path,
         orthanc_id=public_id,
@@ -314,6 +339,9 @@ def _index_candidate(row: tuple, prefix: str, check_files: bool) -> Candidate:
         skip_reason=skip,
         missing=check_files and not os.path.exists(path),
     )
+    if len(row) > 9:
+        cand.study_date, cand.accession, cand.patient_id, cand.modalities = row[9:]
+    return cand
 
 
 def index_summary(path: str) -> dict:

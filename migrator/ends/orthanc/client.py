@@ -254,6 +254,35 @@ class OrthancClient:
             response, _list_of_objects, f"{self.role}: /tools/bulk-content is not a list"
         )
 
+    async def find_study_ids(self, query: dict[str, str]) -> list[str]:
+        """The IDs of the studies matching `query` (DICOM matching: date ranges, lists
+        of modalities), in one answer: ``POST /tools/find`` at study level."""
+        try:
+            response = await self.listing_http.post(
+                "tools/find",
+                json={"Level": "Study", "Query": query, "Expand": False},
+                headers=self.listing_headers,
+            )
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        body = self._json(response, _list, f"{self.role}: /tools/find is not a list")
+        return [i for i in body if isinstance(i, str)]
+
+    async def study_instances(self, study_id: str) -> list[dict[str, Any]]:
+        """The instances of a study as ``/instances?expand`` describes them ([] when the
+        study is gone)."""
+        try:
+            response = await self.listing_http.get(
+                f"studies/{study_id}/instances", headers=self.listing_headers
+            )
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code == 404:
+            return []
+        return self._json(
+            response, _list_of_objects, f"{self.role}: /studies/{{id}}/instances is not a list"
+        )
+
     async def resource(self, level: str, orthanc_id: str) -> dict[str, Any] | None:
         """``GET /{level}/{id}`` (level: instances, series, studies), None if unknown."""
         try:
@@ -490,6 +519,10 @@ class HttpChunks:
 
 def _object(body: Any) -> bool:
     return isinstance(body, dict)
+
+
+def _list(body: Any) -> bool:
+    return isinstance(body, list)
 
 
 def _list_of_objects(body: Any) -> bool:

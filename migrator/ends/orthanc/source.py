@@ -12,6 +12,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from migrator.config import RetryPolicy
@@ -21,6 +22,7 @@ from migrator.ends.orthanc.uids import UidLookup
 from migrator.ends.retrying import with_retries
 from migrator.ends.streams import Chunks
 from migrator.errors import FatalError, TransferError
+from migrator.selection import Selection, StudyFields
 
 __all__ = ["RestSource"]
 
@@ -64,8 +66,17 @@ class RestSource:
     3. ``changes``: instances that arrived while the listing ran come from the change
        log, read from the position recorded before the first page.
 
-    Rows carry the study and series UIDs, looked up once per series and study
-    (`rest_uids.UidLookup`), so that `verify` can compare counts per study.
+    Rows carry the study and series UIDs and the StudyDate, looked up once per series and
+    study (`uids.UidLookup`), so that `verify` can compare counts per study and leases
+    take studies by date.
+
+    With a selection (`migrator.selection`), the listing goes by study instead: one
+    ``POST /tools/find`` at study level (the date range and modalities asked of the
+    server) names the candidate studies, sorted by ID; each is described (accession,
+    patient) and, when selected, its instances listed whole. The cursor keeps the last
+    study listed, so that a resumed listing asks again and carries on after it (a study
+    deleted meanwhile shifts nothing). Then the change log, keeping only instances of
+    selected studies.
     """
 
     kind = "replicate"
@@ -73,9 +84,15 @@ class RestSource:
     copies_possible = False
 
     def __init__(
-        self, client: OrthancClient, retry: RetryPolicy, page_size: int = 1000, ahead: int = AHEAD
+        self,
+        client: OrthancClient,
+        retry: RetryPolicy,
+        page_size: int = 1000,
+        ahead: int = AHEAD,
+        selection: Selection | None = None,
     ) -> None:
         self.client = client
+        self.selection = selection or Selection()
         self.retry = retry
         # A page reaches past the overlap with the one before it, or the listing stalls.
         self.page_size = max(page_size, 2)
@@ -104,7 +121,13 @@ class RestSource:
         if "changes" not in state:
             last = await with_retries(self.client.last_change, self.retry, "GET /changes?last")
             state = {"phase": "offset", "offset": 0, "anchors": [], "changes": last}
+            if not self.selection.empty:
+                state = {"phase": "studies", "after": "", "changes": last}
             yield ListingPage([], json.dumps(state), changes_seq=state["changes"])
+        if state["phase"] == "studies":
+            async for page in self._study_pages(state):
+                yield page
+            state = {"phase": "changes", "changes": state["changes"]}
         if state["phase"] == "offset":
             async for page in self._offset_pages(state):
                 yield page
@@ -123,11 +146,91 @@ class RestSource:
                 if c.get("ChangeType") == "NewInstance" and isinstance(c.get("ID"), str)
             ]
             rows = await self.uids.rows_for_ids(list(dict.fromkeys(ids)))
+            if not self.selection.empty:
+                rows = await self._selected_rows(rows)
             state["changes"] = int(body.get("Last", state["changes"]))
             done = bool(body.get("Done", True))
             yield ListingPage(rows, json.dumps(state), done=done)
             if done:
                 return
+
+    def _study_query(self) -> tuple[dict[str, str], Selection]:
+        """What `/tools/find` is asked, and what is left for `Selection.matches` to
+        check on each study it names."""
+        sel, query = self.selection, {}
+        if sel.date_range() and not sel.include_undated:
+            # A date range leaves out undated studies: with them wanted, every study is
+            # named and the dates are checked here.
+            query["StudyDate"] = sel.date_range() or ""
+        rest = sel
+        if sel.modalities:
+            query["ModalitiesInStudy"] = "\\".join(sorted(sel.modalities))
+            # Not in a study's own tags: the server's match is the one that counts.
+            rest = replace(sel, modalities=frozenset())
+        return query, rest
+
+    async def _study_pages(self, state: dict[str, Any]) -> AsyncIterator[ListingPage]:
+        """The selected studies after ``state["after"]``, whole, a few per page."""
+        query, rest = self._study_query()
+        found = await with_retries(
+            lambda: self.client.find_study_ids(query), self.retry, "POST /tools/find"
+        )
+        todo = sorted(i for i in set(found) if i > state["after"])
+        log.info("source %s: %d candidate studies (%s)", self.display, len(found), query or "all")
+        for at in range(0, len(todo), STUDIES_PER_PAGE):
+            chunk = todo[at : at + STUDIES_PER_PAGE]
+            fields = _study_fields(await self.uids.describe(chunk, "studies"))
+            taken = {i: f for i, f in fields.items() if rest.matches(f)}
+            rows = await self._study_rows(taken)
+            state["after"] = chunk[-1]
+            yield ListingPage(rows, json.dumps(state))
+
+    async def _study_rows(self, studies: dict[str, StudyFields]) -> list[dict[str, Any]]:
+        """Ledger rows of every instance of `studies` (Orthanc ID -> fields)."""
+        gate = asyncio.Semaphore(STUDIES_AT_ONCE)
+
+        async def one(study_id: str) -> list[dict[str, Any]]:
+            async with gate:
+                return await with_retries(
+                    lambda: self.client.study_instances(study_id),
+                    self.retry,
+                    "GET /studies/{id}/instances",
+                )
+
+        ids = sorted(studies)
+        answers = await asyncio.gather(*(one(i) for i in ids))
+        rows: list[dict[str, Any]] = []
+        for study_id, items in zip(ids, answers, strict=True):
+            study = studies[study_id]
+            for row in await self.uids.rows(items):
+                # The study as selected, whatever the series lookup found.
+                row["study_uid"], row["study_date"] = study.study_uid, study.study_date
+                rows.append(row)
+        return rows
+
+    async def _selected_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows (instances from the change log) whose study the selection takes."""
+        if not rows:
+            return rows
+        keys = [r["source_key"] for r in rows]
+        series_of = {
+            i["ID"]: i.get("ParentSeries") for i in await self.uids.describe(keys, "instances")
+        }
+        wanted = sorted({s for s in series_of.values() if isinstance(s, str)})
+        study_of = {
+            s["ID"]: s.get("ParentStudy") for s in await self.uids.describe(wanted, "series")
+        }
+        studies = sorted({s for s in study_of.values() if isinstance(s, str)})
+        fields = _study_fields(await self.uids.describe(studies, "studies"))
+        kept = []
+        for row in rows:
+            series = series_of.get(row["source_key"])
+            study = fields.get(study_of.get(series) or "") if series else None
+            # Gone meanwhile (no study): nothing to send, and nothing the selection took.
+            if study is not None and self.selection.matches(study):
+                row["study_date"] = study.study_date
+                kept.append(row)
+        return kept
 
     async def _offset_pages(self, state: dict[str, Any]) -> AsyncIterator[ListingPage]:
         """The offset phase from `state` (updated page by page); the cursor of its last
@@ -276,6 +379,26 @@ class RestSource:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+# Selected studies described and listed per ledger page, and listed at once.
+STUDIES_PER_PAGE = 50
+STUDIES_AT_ONCE = 8
+
+
+def _study_fields(studies: list[dict[str, Any]]) -> dict[str, StudyFields]:
+    """The fields a selection looks at, by study ID, from studies as the server describes
+    them (their modalities are not among them: the server matched those)."""
+    found = {}
+    for study in studies:
+        tags = study.get("MainDicomTags") or {}
+        found[study["ID"]] = StudyFields(
+            study_uid=tags.get("StudyInstanceUID"),
+            study_date=tags.get("StudyDate"),
+            accession=tags.get("AccessionNumber"),
+            patient_id=(study.get("PatientMainDicomTags") or {}).get("PatientID"),
+        )
+    return found
 
 
 # How many IDs of the pages listed last the cursor keeps as anchors: the end of the last

@@ -39,11 +39,11 @@ class UidLookup:
         self.client = client
         self.retry = retry
         # During a lookup, series ID -> (SeriesInstanceUID, study ID); study ID ->
-        # StudyInstanceUID; series ID -> (SeriesInstanceUID, StudyInstanceUID), what a
-        # row takes.
+        # (StudyInstanceUID, StudyDate); series ID -> (SeriesInstanceUID,
+        # StudyInstanceUID, StudyDate), what a row takes.
         self._series: dict[str, tuple[str | None, str | None]] = {}
-        self._studies: dict[str, str | None] = {}
-        self._uids: dict[str, tuple[str | None, str | None]] = {}
+        self._studies: dict[str, tuple[str | None, str | None]] = {}
+        self._uids: dict[str, tuple[str | None, str | None, str | None]] = {}
         # Whether the server answers bulk content (None: not asked yet).
         self.bulk: bool | None = None
         # Pages are fetched several at once: one lookup at a time, so that a series
@@ -59,11 +59,11 @@ class UidLookup:
             return self._rows(items)
 
     def _rows(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        uids, unknown, empty = self._uids, (None, None), {}
+        uids, unknown, empty = self._uids, (None, None, None), {}
         rows = []
         for item in items:
             key = item["ID"]
-            series_uid, study_uid = uids.get(item.get("ParentSeries"), unknown)
+            series_uid, study_uid, study_date = uids.get(item.get("ParentSeries"), unknown)
             tags = item.get("MainDicomTags") or empty
             rows.append(
                 {
@@ -73,6 +73,7 @@ class UidLookup:
                     "size": item.get("FileSize"),
                     "series_uid": series_uid,
                     "study_uid": study_uid,
+                    "study_date": study_date,
                 }
             )
         return rows
@@ -101,11 +102,19 @@ class UidLookup:
         unknown = sorted(s for s in studies - self._studies.keys() if s)
         for item in await self._describe(unknown, "studies"):
             tags = item.get("MainDicomTags") or {}
-            self._studies[item["ID"]] = tags.get("StudyInstanceUID")
+            self._studies[item["ID"]] = (tags.get("StudyInstanceUID"), tags.get("StudyDate"))
         for series in missing:
             # A series or study deleted meanwhile: its instances are gone too.
             series_uid, study = self._series.pop(series, (None, None))
-            self._uids[series] = (series_uid, self._studies.get(study) if study else None)
+            study_uid, study_date = (
+                self._studies.get(study, (None, None)) if study else (None, None)
+            )
+            self._uids[series] = (series_uid, study_uid, study_date)
+
+    async def describe(self, ids: list[str], level: str) -> list[dict[str, Any]]:
+        """What the server says of each of `ids` at one level (instances, series,
+        studies), in bulk where it can; resources it does not hold are left out."""
+        return await self._describe(ids, level)
 
     async def _describe(self, ids: list[str], level: str) -> list[dict[str, Any]]:
         """What the server says of each of `ids` (one level), leaving out unknown ones."""

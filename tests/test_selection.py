@@ -1,0 +1,298 @@
+"""Selections (dates, modalities, lists, excluded patients), the lease order, `prioritize`
+and per-study progress, against real Orthancs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import ledger_rows, run_cli, start_cli, wait_for_sent
+
+from migrator.ends.dicomid import orthanc_instance_id
+from migrator.ledger.store import Ledger
+from migrator.testkit.dicomgen import UID_ROOT, make_dataset, make_instance, upload_all
+from migrator.testkit.orthanc import OrthancProcess
+from migrator.testkit.proxy import Proxy
+from migrator.views.reports import status_document
+
+
+@dataclass(frozen=True)
+class Study:
+    """One generated study: its fields and the Orthanc IDs of its instances."""
+
+    name: str
+    date: str
+    modalities: tuple[str, ...]  # one per series
+    patient: str
+    accession: str
+
+    @property
+    def uid(self) -> str:
+        return f"{UID_ROOT}77.{self.name[1:]}"
+
+    def files(self) -> list[tuple[str, bytes]]:
+        """(Orthanc ID, file) of its instances: two per series."""
+        out = []
+        for series_no, modality in enumerate(self.modalities, 1):
+            series = f"{self.uid}.{series_no}"
+            for inst in (1, 2):
+                sop = f"{series}.{inst}"
+                data = make_instance(
+                    self.patient,
+                    self.uid,
+                    series,
+                    sop,
+                    rows=4,
+                    cols=4,
+                    study_date=self.date,
+                    modality=modality,
+                    accession=self.accession,
+                    series_number=series_no,
+                    instance_number=inst,
+                )
+                out.append((orthanc_instance_id(self.patient, self.uid, series, sop), data))
+        return out
+
+
+# Studies over ten years and three modalities; S3 holds a CT and an SR series (taken or
+# left whole); S8 has no StudyDate.
+STUDIES = [
+    Study("S1", "20160310", ("CT",), "P1", "ACC1"),
+    Study("S2", "20190605", ("MR",), "P2", "ACC2"),
+    Study("S3", "20210101", ("CT", "SR"), "P3", "ACC3"),
+    Study("S4", "20230815", ("US",), "P1", "ACC4"),
+    Study("S5", "20240220", ("CT",), "P4", "ACC5"),
+    Study("S6", "20250110", ("MR",), "P5", "ACC6"),
+    Study("S7", "20251120", ("CT",), "P6", "ACC7"),
+    Study("S8", "", ("CT",), "P7", "ACC8"),
+]
+BY_NAME = {s.name: s for s in STUDIES}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A source Orthanc holding `STUDIES` (shared by the tests of this module)."""
+    server = OrthancProcess(tmp_path_factory.mktemp("archive"), name="archive").start()
+    try:
+        upload_all(server, [data for study in STUDIES for _, data in study.files()])
+        yield server
+    finally:
+        server.stop(graceful=False)
+
+
+def _ids(*names: str) -> set[str]:
+    return {oid for n in names for oid, _ in BY_NAME[n].files()}
+
+
+def _target_ids(server: OrthancProcess) -> set[str]:
+    with server.client() as http:
+        return set(http.get("/instances").json())
+
+
+def _ledger_studies(path: Path) -> set[str]:
+    return {uid for (uid,) in ledger_rows(path, "SELECT DISTINCT study_uid FROM instances")}
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--since", "20230101"), ("S4", "S5", "S6", "S7")),
+        (("--until", "2019-06-05"), ("S1", "S2")),
+        (("--since", "20230101", "--include-undated"), ("S4", "S5", "S6", "S7", "S8")),
+        (("--modality", "CT"), ("S1", "S3", "S5", "S7", "S8")),
+        (("--modality", "mr", "--modality", "US"), ("S2", "S4", "S6")),
+        (("--since", "20230101", "--exclude-patient", "P1"), ("S5", "S6", "S7")),
+    ],
+    ids=["since", "until", "undated", "ct", "mr-us", "exclude"],
+)
+def test_replicate_sends_exactly_the_selected_studies_whole(
+    archive: OrthancProcess,
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    expected: tuple[str, ...],
+) -> None:
+    target = orthanc_factory("target")
+    ledger = tmp_path / "l.db"
+    args = ("replicate", archive.url, target.url, "--ledger", f"sqlite:///{ledger}", "-c", "4")
+    done = run_cli(*args, *flags)
+    assert done.code == 0, done.stderr
+    assert _target_ids(target) == _ids(*expected)
+    # The ledger holds the selected studies' instances and nothing else.
+    assert _ledger_studies(ledger) == {BY_NAME[n].uid for n in expected}
+    assert ledger_rows(ledger, "SELECT COUNT(*) FROM instances")[0][0] == len(_ids(*expected))
+
+
+def test_studies_file_status_and_another_selection_refused(
+    archive: OrthancProcess, source_target: tuple[OrthancProcess, OrthancProcess], tmp_path: Path
+) -> None:
+    _, target = source_target
+    listed = tmp_path / "studies.csv"
+    listed.write_text("PatientName,AccessionNumber\nX,ACC2\nY,ACC6\n")
+    uids = tmp_path / "uids.txt"
+    uids.write_text(f"{BY_NAME['S3'].uid}\n")
+    ledger = tmp_path / "l.db"
+    base = ("replicate", archive.url, target.url, "--ledger", f"sqlite:///{ledger}")
+    done = run_cli(*base, "--studies", str(listed))
+    assert done.code == 0, done.stderr
+    assert _target_ids(target) == _ids("S2", "S6")
+    assert _ledger_studies(ledger) == {BY_NAME["S2"].uid, BY_NAME["S6"].uid}
+
+    status = run_cli("status", "--ledger", f"sqlite:///{ledger}", "--json", "--studies")
+    job = json.loads(status.stdout)["jobs"][0]
+    assert job["selection"] == "2 listed studies/accessions/patients"
+    assert job["order"] == "newest"
+    assert job["studies"]["complete"] == 2 and job["studies"]["pending"] == 0
+    assert job["studies"]["complete_since"] == "2019-06-05"
+    assert job["studies"]["latest_complete"] == "2025-01-10"
+    text = run_cli("status", "--ledger", f"sqlite:///{ledger}", "--studies").stdout
+    assert "studies: 2 complete, 0 partial, 0 pending, 0 failed" in text
+    assert "everything since 2019-06-05 is on the target" in text
+
+    # The page's /api/status: the studies counted beside it, shown once counted.
+    led = Ledger.open(f"sqlite:///{ledger}")
+    try:
+        deadline = time.monotonic() + 10
+        while (page := status_document(led, studies=10.0)["jobs"][0])["studies"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        led.close()
+    assert page["studies"] == job["studies"] and page["selection"] == job["selection"]
+
+    # The same job with another selection: refused in one line, nothing sent.
+    refused = run_cli(*base, "--studies", str(uids))
+    assert refused.code == 2
+    refused.assert_one_line_error()
+    assert "selects 2 listed studies" in refused.stderr
+    assert run_cli(*base, "--since", "1y").code == 2
+    assert _target_ids(target) == _ids("S2", "S6")
+    # The same selection again resumes (nothing left to send).
+    assert run_cli(*base, "--studies", str(listed)).code == 0
+
+
+def test_import_of_a_folder_with_since(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path
+) -> None:
+    target = orthanc_factory("target")
+    folder = tmp_path / "dicom"
+    for study in STUDIES:
+        for oid, data in study.files():
+            (folder / study.name).mkdir(parents=True, exist_ok=True)
+            (folder / study.name / f"{oid}.dcm").write_bytes(data)
+    (folder / "notes.txt").write_text("not DICOM")
+    ledger = tmp_path / "l.db"
+    done = run_cli(
+        "import", str(folder), target.url, "--ledger", f"sqlite:///{ledger}", "--since", "20240101"
+    )
+    assert done.code == 0, done.stderr
+    assert _target_ids(target) == _ids("S5", "S6", "S7")
+    # Nothing else in the ledger: neither the other studies nor the text file.
+    assert _ledger_studies(ledger) == {BY_NAME[n].uid for n in ("S5", "S6", "S7")}
+    assert ledger_rows(ledger, "SELECT COUNT(*) FROM instances")[0][0] == 6
+
+
+def _sent_sequence(ledger: Path) -> list[tuple[str, str]]:
+    """(study_date, study_uid) of the sent rows in the order they were sent, from `report`."""
+    out = run_cli("report", "--ledger", f"sqlite:///{ledger}", "--format", "jsonl")
+    assert out.code == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    # Outcomes recorded in one batch share their time: among those, newest first.
+    rows.sort(key=lambda r: (r["sent_at"], _negated(r["study_date"]), r["study_uid"]))
+    return [(r["study_date"], r["study_uid"]) for r in rows if r["state"] == "sent"]
+
+
+def _sent_times(ledger: Path) -> list[float]:
+    return [t for (t,) in ledger_rows(ledger, "SELECT sent_at FROM instances")]
+
+
+def _negated(day: str) -> str:
+    return "".join(str(9 - int(c)) for c in day)
+
+
+def test_newest_first_study_by_study(
+    archive: OrthancProcess, orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path
+) -> None:
+    target = orthanc_factory("target")
+    ledger = tmp_path / "l.db"
+    # One instance at a time through a slow link: outcomes are recorded in several
+    # batches (every 0.25 s), whose order the report shows.
+    with Proxy("127.0.0.1", archive.http_port, delay=0.1) as slow:
+        done = run_cli(
+            "replicate",
+            slow.url,
+            target.url,
+            "--ledger",
+            f"sqlite:///{ledger}",
+            "--since",
+            "20210101",
+            "-c",
+            "1",
+            "--fixed",
+            "--batch",
+            "1",
+        )
+    assert done.code == 0, done.stderr
+    sequence = _sent_sequence(ledger)
+    assert len(sequence) == len(_ids("S3", "S4", "S5", "S6", "S7"))
+    assert len({_at for _at in _sent_times(ledger)}) > 3  # several batches, not one
+    # Dates never rise, and each study is sent in one stretch.
+    assert [d for d, _ in sequence] == sorted((d for d, _ in sequence), reverse=True)
+    stretches = [uid for i, (_, uid) in enumerate(sequence) if i == 0 or sequence[i - 1][1] != uid]
+    assert len(stretches) == len(set(stretches)) == 5
+
+
+def test_prioritize_moves_a_study_ahead_of_a_running_job(
+    source_target: tuple[OrthancProcess, OrthancProcess], tmp_path: Path
+) -> None:
+    source, target = source_target
+    # More rows than a lease takes ahead (32 or more): the oldest study would come last.
+    upload_all(source, [data for study in STUDIES for _, data in study.files()])
+    upload_all(source, make_dataset(60, seed=5))
+    ledger = tmp_path / "l.db"
+    oldest = BY_NAME["S1"]
+    with Proxy("127.0.0.1", source.http_port, delay=0.03) as slow:
+        proc = start_cli(
+            "replicate",
+            slow.url,
+            target.url,
+            "--ledger",
+            f"sqlite:///{ledger}",
+            "-c",
+            "1",
+            "--fixed",
+            "--batch",
+            "1",
+            env={"MIGRATOR_PROGRESS": "none"},
+        )
+        try:
+            wait_for_sent(ledger, 2)
+            moved = run_cli("prioritize", "--ledger", f"sqlite:///{ledger}", "--study", oldest.uid)
+            asked = time.time()
+            waiting = {
+                key
+                for (key,) in ledger_rows(
+                    ledger, "SELECT source_key FROM instances WHERE state = 'pending'"
+                )
+            }
+            proc.communicate(timeout=60)  # the job runs to its end
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=60)
+    assert moved.code == 0, moved.stderr
+    assert "2 pending instances moved to the front" in moved.stdout
+    assert proc.returncode == 0
+    sent = dict(ledger_rows(ledger, "SELECT source_key, sent_at FROM instances"))
+    own = dict(oldest.files())
+    first = [sent[oid] for oid in own]
+    # Within seconds, and before every row that was still waiting when it was asked for.
+    assert all(t - asked < 5 for t in first)
+    others = [sent[k] for k in waiting if k not in own]
+    # (`<=`: outcomes recorded in one batch share their time.)
+    assert others and max(first) <= min(others)
