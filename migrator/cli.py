@@ -488,16 +488,17 @@ def diff(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
     since: Annotated[
         str | None,
-        typer.Option("--since", help="Only studies of this StudyDate or later (20240101, 2y)."),
+        typer.Option(
+            "--since",
+            help="Only studies of this StudyDate or later: 20240101, 2024-01-01, or an age "
+            "(30d, 6m, 2y) counted from today.",
+        ),
     ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option("--until", help="Only studies of this StudyDate or earlier."),
-    ] = None,
-    include_undated: Annotated[
-        bool,
-        typer.Option("--include-undated", help="With --since/--until, undated studies too."),
-    ] = False,
+    until: UntilOpt = None,
+    modality: ModalityOpt = None,
+    studies: StudiesOpt = None,
+    exclude_patient: ExcludePatientOpt = None,
+    include_undated: IncludeUndatedOpt = False,
     max_list: Annotated[
         int, typer.Option("--max-list", help="List at most this many studies and instances.")
     ] = 1000,
@@ -511,17 +512,21 @@ def diff(
 
     Example: migrator diff http://old:8042/ http://new:8042/ --since 2y --json
     """
-    from migrator.engine.diff import parse_study_date
-    from migrator.selection import Selection
+    from datetime import date
+
+    from migrator.selection import SelectionFlags
 
     _setup_logging(verbose)
 
     def body() -> int:
-        selection = Selection(
-            since=parse_study_date(since, "--since") if since else None,
-            until=parse_study_date(until, "--until") if until else None,
+        selection = SelectionFlags(
+            since=since,
+            until=until,
+            modalities=tuple(modality or ()),
+            studies_file=studies,
+            exclude_patients=tuple(exclude_patient or ()),
             include_undated=include_undated,
-        )
+        ).resolve(date.today())
         result = api.diff(
             source_url, target_url, _settings(config), selection=selection, max_list=max_list
         )

@@ -75,7 +75,9 @@ def test_diff_finds_what_changed_after_a_replicate_and_only_missing_sends_it(
     # A StudyDate bound: these studies are all of 2024-01-01.
     later = _diff(source.url, target.url, "--json", "--since", "20250101")
     assert later.code == 0 and json.loads(later.stdout)["source"]["instances"] == 0
-    text = _diff(source.url, target.url, "--until", "2024-01-01")
+    others = _diff(source.url, target.url, "--json", "--modality", "MR")
+    assert others.code == 0 and json.loads(others.stdout)["source"]["instances"] == 0
+    text = _diff(source.url, target.url, "--until", "2024-01-01", "--modality", "ot")
     assert text.code == 1 and "missing on the target: 9 instances in 3 studies" in text.stdout
 
     # Only the delta is listed and sent, in a job of its own.

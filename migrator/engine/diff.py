@@ -10,17 +10,15 @@ SOPInstanceUID, one bulk request).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
 from typing import Any
 
 from migrator.config import RetryPolicy, Settings
 from migrator.ends.base import Source
 from migrator.ends.orthanc.client import OrthancClient
 from migrator.ends.orthanc.inventory import Inventory, describe_instances, read_inventory
-from migrator.errors import FatalError, Kind, TransferError, UsageError
+from migrator.errors import FatalError, Kind, TransferError
 from migrator.selection import Selection
 
 __all__ = [
@@ -30,7 +28,6 @@ __all__ = [
     "diff_servers",
     "missing_ids",
     "open_delta_source",
-    "parse_study_date",
 ]
 
 
@@ -125,8 +122,8 @@ class Diff:
         ]
         short = sum(1 for s in self.studies if s.missing)
         over = sum(1 for s in self.studies if s.extra)
-        lines.append(f"missing on the target: {len(self.missing)} instances in {short} studies")
-        lines.append(f"on the target only: {len(self.extra)} instances in {over} studies")
+        lines.append(f"missing on the target: {_count(len(self.missing), short)}")
+        lines.append(f"on the target only: {_count(len(self.extra), over)}")
         if self.studies:
             lines.append("studies that differ (instances on source / target):")
             for s in self.studies[:max_list]:
@@ -154,6 +151,14 @@ class Diff:
         else:
             lines.append("the target holds every instance of the source")
         return "\n".join(lines)
+
+
+def _count(instances: int, studies: int) -> str:
+    """``3 instances in 1 study``."""
+    return (
+        f"{instances} instance{'s' * (instances != 1)} in {studies} "
+        f"stud{'ies' if studies != 1 else 'y'}"
+    )
 
 
 def compare(source: Inventory, target: Inventory, source_name: str, target_name: str) -> Diff:
@@ -265,26 +270,3 @@ def open_delta_source(source_url: str, target_url: str, settings: Settings) -> S
         lambda: missing_ids(client, target, settings.retry),
         also_close=target,
     )
-
-
-_RELATIVE = re.compile(r"\s*(\d+)\s*([dwmy])\s*", re.IGNORECASE)
-_RELATIVE_DAYS = {"d": 1, "w": 7, "m": 30, "y": 365}
-
-
-def parse_study_date(text: str, option: str, today: date | None = None) -> str:
-    """A StudyDate bound as ``YYYYMMDD``: given so (or ``YYYY-MM-DD``), or relative to
-    today (``30d``, ``6w``, ``3m``, ``2y``: months of 30 days, years of 365)."""
-    relative = _RELATIVE.fullmatch(text)
-    if relative is not None:
-        days = int(relative.group(1)) * _RELATIVE_DAYS[relative.group(2).lower()]
-        try:
-            return ((today or date.today()) - timedelta(days=days)).strftime("%Y%m%d")
-        except OverflowError:
-            raise UsageError(f"{option} {text!r}: too far back") from None
-    digits = text.strip().replace("-", "")
-    try:
-        return datetime.strptime(digits, "%Y%m%d").strftime("%Y%m%d")
-    except ValueError:
-        raise UsageError(
-            f"{option} {text!r}: give a date (YYYYMMDD or YYYY-MM-DD) or an age (30d, 2y)"
-        ) from None

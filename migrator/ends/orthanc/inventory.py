@@ -20,6 +20,7 @@ from typing import Any
 
 from migrator.config import RetryPolicy
 from migrator.ends.orthanc.client import OrthancClient
+from migrator.ends.orthanc.uids import BULK
 from migrator.ends.retrying import with_retries
 from migrator.errors import Kind, TransferError, Verdict
 from migrator.selection import Selection, StudyFields
@@ -110,13 +111,17 @@ async def _listing(client: OrthancClient, retry: RetryPolicy, level: str) -> lis
 async def describe_instances(
     client: OrthancClient, retry: RetryPolicy, ids: list[str]
 ) -> dict[str, str | None]:
-    """The SOPInstanceUID of each of a few instances (one bulk request, Orthanc 1.9.4+;
-    {} on older servers, which would take a request per instance)."""
-    if not ids:
-        return {}
-    answer = await with_retries(lambda: client.bulk_content(ids), retry, "POST /tools/bulk-content")
-    return {
-        item["ID"]: (item.get("MainDicomTags") or {}).get("SOPInstanceUID")
-        for item in answer or ()
-        if isinstance(item.get("ID"), str)
-    }
+    """The SOPInstanceUID of each of a few instances (bulk requests of `BULK`, Orthanc
+    1.9.4+; {} on older servers, which would take a request per instance)."""
+    found: dict[str, str | None] = {}
+    for at in range(0, len(ids), BULK):
+        chunk = ids[at : at + BULK]
+        answer = await with_retries(
+            lambda c=chunk: client.bulk_content(c), retry, "POST /tools/bulk-content"
+        )
+        if answer is None:
+            return {}
+        for item in answer:
+            if isinstance(item.get("ID"), str):
+                found[item["ID"]] = (item.get("MainDicomTags") or {}).get("SOPInstanceUID")
+    return found
