@@ -228,6 +228,38 @@ def test_large_instances_stream_from_large_objects(old_server, orthanc_factory, 
     _assert_identical(old, target)
 
 
+def test_selection_lists_only_the_selected_studies(old_server):
+    """A job's selection (studies by UID, modality, date) is applied at listing time: the
+    rows are those of the selected studies, no others."""
+    old = old_server("postgresql", n=24, compressed="none")
+    studies = execute(
+        "postgresql",
+        old.database,
+        "SELECT st.publicId, m.value FROM Resources st JOIN MainDicomTags m ON m.id = "
+        "st.internalId AND m.tagGroup = 32 AND m.tagElement = 13 WHERE st.resourceType = 1",
+    )
+    assert len(studies) == 2
+    uid = studies[0][1]
+
+    def listed(selection: dict) -> list[dict]:
+        source = open_database_source(old.url, Settings(), {"selection": selection})
+
+        async def rows() -> list[dict]:
+            try:
+                return [row async for page in source.listing(None) for row in page.rows]
+            finally:
+                await source.aclose()
+
+        return asyncio.run(rows())
+
+    one = listed({"study_uids": [uid]})
+    assert one and {row["study_uid"] for row in one} == {uid}
+    assert len(listed({})) == 24
+    assert len(listed({"modalities": ["OT"]})) == 24
+    assert listed({"modalities": ["CT"]}) == []
+    assert listed({"since": "20990101"}) == []
+
+
 def test_removed_large_object_ends_vanished(old_server, orthanc_factory, tmp_path):
     """An attachment row whose large object was removed: that instance ends vanished
     (inspect counts it missing), every other one arrives."""

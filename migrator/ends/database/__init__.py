@@ -18,14 +18,17 @@ def open_database_source(url: str, settings: Settings, options: dict[str, Any]) 
     The password comes from the URL, else ``[source] password`` or
     ``MIGRATOR_SOURCE_PASSWORD``; ``options["storage"]`` is the old ``StorageDirectory``
     when the attachments are on disk; ``options["force"]`` reads a database that an
-    Orthanc still holds.
+    Orthanc still holds; ``options["selection"]`` the studies to list
+    (`migrator.selection`).
     """
     from migrator.ends.database.index import parse_db_url
     from migrator.ends.database.source import DatabaseSource
+    from migrator.selection import Selection
 
     return DatabaseSource(
         parse_db_url(url, settings),
         storage=options.get("storage"),
         force=bool(options.get("force")),
         connections=min(max(settings.concurrency, 1), 16),
+        selection=Selection.from_options(options.get("selection")),
     )

@@ -59,7 +59,8 @@ _READ_CHUNK = 8 * 1024 * 1024
 
 _LIST_SQL = """
 SELECT r.internalId, r.publicId, a.uuid, a.compressionType, a.uncompressedSize,
-       a.uncompressedHash, sop.value, ser.value, stu.value, dat.value
+       a.uncompressedHash, sop.value, ser.value, stu.value, dat.value, se.parentId,
+       acc.value, pat.value
 FROM Resources r
 JOIN AttachedFiles a ON a.id = r.internalId AND a.fileType = 1
 LEFT JOIN Resources se ON se.internalId = r.parentId
@@ -69,6 +70,9 @@ LEFT JOIN MainDicomTags ser ON ser.id = se.internalId AND ser.tagGroup = 32
 LEFT JOIN MainDicomTags stu ON stu.id = se.parentId AND stu.tagGroup = 32
      AND stu.tagElement = 13
 LEFT JOIN MainDicomTags dat ON dat.id = se.parentId AND dat.tagGroup = 8 AND dat.tagElement = 32
+LEFT JOIN MainDicomTags acc ON acc.id = se.parentId AND acc.tagGroup = 8 AND acc.tagElement = 80
+LEFT JOIN MainDicomTags pat ON pat.id = se.parentId AND pat.tagGroup = 16
+     AND pat.tagElement = 32
 WHERE r.resourceType = 3 AND r.internalId > %s
 ORDER BY r.internalId
 LIMIT %s
@@ -149,6 +153,11 @@ class Attachment:
     series_uid: str | None
     study_uid: str | None
     study_date: str | None
+    # The study's internalId, AccessionNumber and PatientID (the plugins keep the
+    # patient's ID among the study's main tags too): what a selection looks at.
+    study_id: int | None = None
+    accession: str | None = None
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -315,9 +324,29 @@ class IndexDatabase:
                 r[7],
                 r[8],
                 r[9],
+                int(r[10]) if r[10] is not None else None,
+                r[11] or None,
+                r[12],
             )
             for r in self._rows(_LIST_SQL, (after, limit))
         ]
+
+    def modalities(self, study_ids: list[int]) -> dict[int, tuple[str, ...]]:
+        """The Modality of every series of each study (its ModalitiesInStudy)."""
+        if not study_ids:
+            return {}
+        marks = ",".join(["%s"] * len(study_ids))
+        rows = self._rows(
+            "SELECT se.parentId, m.value FROM Resources se JOIN MainDicomTags m "
+            "ON m.id = se.internalId AND m.tagGroup = 8 AND m.tagElement = 96 "
+            f"WHERE se.parentId IN ({marks})",
+            tuple(study_ids),
+        )
+        found: dict[int, set[str]] = {i: set() for i in study_ids}
+        for study, modality in rows:
+            if modality:
+                found[int(study)].add(str(modality).strip())
+        return {i: tuple(sorted(m)) for i, m in found.items()}
 
     def iter_attachments(self, after: int = -1, batch: int = 1000) -> Iterator[Attachment]:
         """Every DICOM attachment after `after`, read a batch at a time."""

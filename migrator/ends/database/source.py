@@ -28,12 +28,15 @@ from migrator.ends.folder.fileclass import (
 from migrator.ends.folder.source import STORAGE_HINT
 from migrator.ends.streams import Chunks, FileChunks, open_file_chunks, streamable
 from migrator.errors import FatalError, Kind, TransferError, UsageError, Verdict
+from migrator.selection import Selection, StudyFields
 
 __all__ = ["HELD_ADVICE", "DatabaseSource"]
 
 log = logging.getLogger(__name__)
 
 PAGE = 2000
+# Studies whose modalities are remembered while a selection by modality is listed.
+MODALITY_CACHE = 10_000
 # The first attachments looked for before the job is made: none found means the content
 # is elsewhere (files on disk, another folder), said at once rather than as vanished rows.
 PROBE = 20
@@ -54,9 +57,18 @@ class DatabaseSource:
     copies_possible = False  # one row per instance: the index lists each once
 
     def __init__(
-        self, url: DbUrl, *, storage: str | None = None, force: bool = False, connections: int = 4
+        self,
+        url: DbUrl,
+        *,
+        storage: str | None = None,
+        force: bool = False,
+        connections: int = 4,
+        selection: Selection | None = None,
     ) -> None:
         self.url = url
+        self.selection = selection or Selection()
+        # ModalitiesInStudy per study internalId, for the selection (bounded, see _take).
+        self._modalities: dict[int, tuple[str, ...]] = {}
         self.display = url.display
         self.force = force
         self.storage = os.path.abspath(storage) if storage else None
@@ -114,9 +126,34 @@ class DatabaseSource:
                 after = rows[-1].internal_id
             state["after"] = after
             done = len(rows) < PAGE
+            if not self.selection.empty:
+                rows = await asyncio.to_thread(self._take, rows)
             yield ListingPage([self._row(a) for a in rows], json.dumps(state), done=done)
             if done:
                 return
+
+    def _take(self, rows: list[Attachment]) -> list[Attachment]:
+        """The rows of the studies the selection takes (the others are not listed)."""
+        if self.selection.modalities:
+            studies = {a.study_id for a in rows if a.study_id is not None}
+            unknown = sorted(studies - self._modalities.keys())
+            if len(self._modalities) + len(unknown) > MODALITY_CACHE:
+                self._modalities.clear()  # index order keeps a study's rows together
+            self._modalities.update(self.db.modalities(unknown))
+        return [
+            a
+            for a in rows
+            if a.study_uid
+            and self.selection.matches(
+                StudyFields(
+                    study_uid=a.study_uid,
+                    study_date=a.study_date,
+                    modalities=self._modalities.get(a.study_id or -1, ()),
+                    accession=a.accession,
+                    patient_id=a.patient_id,
+                )
+            )
+        ]
 
     def _row(self, a: Attachment) -> dict[str, Any]:
         row: dict[str, Any] = {
