@@ -296,3 +296,21 @@ def test_prioritize_moves_a_study_ahead_of_a_running_job(
     others = [sent[k] for k in waiting if k not in own]
     # (`<=`: outcomes recorded in one batch share their time.)
     assert others and max(first) <= min(others)
+
+
+def test_import_of_an_orthanc_index_takes_studies_whole(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path
+) -> None:
+    # An Orthanc's storage with its index: the modalities of every series of a study
+    # decide (S3 has a CT and an SR series: both go).
+    old = orthanc_factory("old")
+    upload_all(old, [data for study in STUDIES for _, data in study.files()])
+    old.stop()
+    target = orthanc_factory("target")
+    ledger = tmp_path / "l.db"
+    args = ("import", str(old.storage_dir), target.url, "--ledger", f"sqlite:///{ledger}")
+    done = run_cli(*args, "--modality", "CT", "--exclude-patient", "P6")
+    assert done.code == 0, done.stderr
+    assert _target_ids(target) == _ids("S1", "S3", "S5", "S8")
+    assert _ledger_studies(ledger) == {BY_NAME[n].uid for n in ("S1", "S3", "S5", "S8")}
+    assert ledger_rows(ledger, "SELECT COUNT(*) FROM instances")[0][0] == 10
