@@ -162,6 +162,56 @@ def verdict_for_store_status(status: str | None) -> Verdict | None:
     return Verdict(Kind.FATAL, f"target answered an unknown store status {status!r}")
 
 
+# STOW-RS FailureReason (0008,1197) values with a meaning of their own (PS3.18 / PS3.7).
+_STOW_PROCESSING_FAILURE = 0x0110
+_STOW_DUPLICATE = 0x0111
+_STOW_RESOURCE_LIMITATION = 0x0213
+
+
+def verdict_for_stow_failure(reason: int | None) -> Verdict | None:
+    """Classify an instance a STOW-RS answer lists in its FailedSOPSequence.
+
+    None: the instance is there all the same (0x0111 duplicate SOP instance: an earlier
+    copy is stored). 0x0110 (processing failure) and 0x0213 (resource limitation) are
+    the server's trouble, not the content's: retryable. 0xA7xx (out of resources),
+    0xA9xx (data set does not match the SOP class), 0xCxxx (cannot understand), 0x0122
+    (SOP class not supported) and any other reason refuse the instance: permanent.
+    """
+    if reason == _STOW_DUPLICATE:
+        return None
+    if reason is None:
+        return Verdict(Kind.PERMANENT, "STOW-RS: refused (no failure reason given)")
+    text = f"STOW-RS failure 0x{reason:04X}"
+    if reason in (_STOW_PROCESSING_FAILURE, _STOW_RESOURCE_LIMITATION):
+        return Verdict(Kind.RETRYABLE, f"{text}: processing failure on the target")
+    if 0xA700 <= reason <= 0xA7FF:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (out of resources)")
+    if 0xA900 <= reason <= 0xA9FF:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (data set does not match SOP class)")
+    if 0xC000 <= reason <= 0xCFFF:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (cannot understand)")
+    if reason == 0x0122:
+        return Verdict(Kind.PERMANENT, f"{text}: refused (SOP class not supported)")
+    return Verdict(Kind.PERMANENT, f"{text}: refused")
+
+
+def verdict_for_stow_silence(http_status: int) -> Verdict:
+    """Classify an instance a STOW-RS answer names neither as stored nor as failed: an
+    error status (400, 409...) refused the request's content; a success status that
+    leaves an instance out is a server not keeping its word, tried again."""
+    if 200 <= http_status < 300:
+        return Verdict(
+            Kind.RETRYABLE,
+            f"STOW-RS answered HTTP {http_status} without naming this instance",
+            http_status,
+        )
+    return Verdict(
+        Kind.PERMANENT,
+        f"HTTP {http_status}: STOW-RS refused the instance (not in the answer)",
+        http_status,
+    )
+
+
 # Orthanc's answers to a body it cannot parse as DICOM (OrthancStatus 15), and to a
 # dataset without one of the identifiers it names instances by (OrthancStatus 21).
 _BAD_FILE_FORMAT = "HTTP 400: Bad file format"

@@ -148,15 +148,8 @@ class OrthancClient:
         where = self.endpoint.display
         try:
             response = await self.http.get("system")
-        except httpx.TimeoutException:
-            raise FatalError(f"{self.role} {where} did not answer in time") from None
         except httpx.TransportError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                raise FatalError(
-                    f"{self.role} {where}: its TLS certificate is not trusted ({exc}); give "
-                    f"the CA that signed it as [{self.role}] ca_file in the config"
-                ) from None
-            raise FatalError(f"{self.role} {where} is unreachable: {_reason(exc)}") from None
+            raise unreachable(exc, self.role, where) from None
         if response.status_code in (401, 403):
             raise FatalError(
                 f"{self.role} {where} refused the credentials (HTTP {response.status_code}); "
@@ -592,6 +585,18 @@ def _basic_auth_header(auth: tuple[str, str] | None) -> dict[str, str]:
 def md5_hex(data: bytes) -> str:
     """MD5 of a byte string, as Orthanc prints it."""
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def unreachable(exc: httpx.TransportError, role: str, where: str) -> FatalError:
+    """The one line for an endpoint that a run's first request did not reach."""
+    if isinstance(exc, httpx.TimeoutException):
+        return FatalError(f"{role} {where} did not answer in time")
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return FatalError(
+            f"{role} {where}: its TLS certificate is not trusted ({exc}); give "
+            f"the CA that signed it as [{role}] ca_file in the config"
+        )
+    return FatalError(f"{role} {where} is unreachable: {_reason(exc)}")
 
 
 def _reason(exc: BaseException) -> str:

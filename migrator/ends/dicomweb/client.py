@@ -1,0 +1,236 @@
+"""An async client for the three DICOMweb services migrator uses: QIDO-RS (search),
+WADO-RS (retrieve one instance as stored) and STOW-RS (store).
+
+Every failure leaves here classified (`migrator.errors`): an answer that is not JSON
+where QIDO-RS answers JSON means the URL is not a DICOMweb service root (fatal, one
+line); refused credentials are fatal; network errors and 5xx are retryable; a WADO-RS
+multipart cut short is retryable; 404 on a retrieve means the instance vanished.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from migrator.endpoints import Endpoint
+from migrator.ends.dicomweb.multipart import Truncated, boundary_of, related_body, split_related
+from migrator.ends.orthanc.client import USER_AGENT, _tls_context, _transport, unreachable
+from migrator.errors import (
+    FatalError,
+    Kind,
+    TransferError,
+    Verdict,
+    classify_exception,
+    verdict_for_response,
+)
+
+__all__ = ["PREFIX", "DicomWebClient", "tag_value"]
+
+# The scheme prefix of a DICOMweb URL (`dicomweb+http://host/dicom-web`).
+PREFIX = "dicomweb+"
+# Idle pooled connections are dropped before Orthanc's 1 s keep-alive ends them under us.
+KEEPALIVE_EXPIRY = 0.5
+# The stored bytes, whatever their transfer syntax (no transcoding on the way).
+ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+ACCEPT_JSON = "application/dicom+json, application/json"
+
+
+def tag_value(item: dict[str, Any], tag: str) -> Any:
+    """The first value of `tag` in a DICOM JSON object, or None (a PN gives its
+    Alphabetic form)."""
+    element = item.get(tag)
+    if not isinstance(element, dict):
+        return None
+    values = element.get("Value")
+    if not isinstance(values, list) or not values:
+        return None
+    value = values[0]
+    if isinstance(value, dict) and "Alphabetic" in value:
+        return value["Alphabetic"]
+    return value
+
+
+def tag_values(item: dict[str, Any], tag: str) -> list[Any]:
+    """Every value of `tag` in a DICOM JSON object."""
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return list(values) if isinstance(values, list) else []
+
+
+class DicomWebClient:
+    """One DICOMweb service root, with basic auth (from the URL or the settings) or a
+    bearer token."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        role: str,
+        *,
+        token: str | None = None,
+        connections: int = 16,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.role = role
+        self.display = PREFIX + endpoint.display
+        self.token = token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+        self.http = httpx.AsyncClient(
+            base_url=endpoint.url,
+            auth=None if token else endpoint.auth,
+            headers={"User-Agent": USER_AGENT, **headers},
+            # Straight to the endpoint, as the Orthanc client goes: no HTTP(S)_PROXY.
+            trust_env=False,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=_transport(_tls_context(endpoint, role), limits),
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.http.aclose()
+
+    # -- run-level ----------------------------------------------------------------------
+
+    async def check(self) -> int:
+        """Make sure the root answers QIDO-RS and accepts us: the number of studies in
+        a one-study search (0 or 1). Raises FatalError, in one line."""
+        where = self.display
+        try:
+            response = await self.http.get(
+                "studies", params={"limit": "1"}, headers={"Accept": ACCEPT_JSON}
+            )
+        except httpx.TransportError as exc:
+            raise unreachable(exc, self.role, where) from None
+        if response.status_code in (401, 403, 407):
+            raise FatalError(
+                f"{self.role} {where} refused the credentials (HTTP {response.status_code}); "
+                f"give user:password in the URL or the config, or a token "
+                f"([{self.role}] token, MIGRATOR_{self.role.upper()}_TOKEN)"
+            )
+        if response.status_code == 204:
+            return 0
+        if response.status_code != 200:
+            raise FatalError(
+                f"{self.role} {where} is not a DICOMweb service root "
+                f"(QIDO-RS GET studies answered HTTP {response.status_code})"
+            )
+        return len(self._json_list(response, "studies"))
+
+    # -- QIDO-RS ------------------------------------------------------------------------
+
+    async def search(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """A QIDO-RS search (`studies`, `studies/{uid}/series`...): the matches.
+
+        A 404 is no match (the study or series went away meanwhile). Raises
+        TransferError (retryable failures) or FatalError (credentials, not JSON).
+        """
+        try:
+            response = await self.http.get(path, params=params, headers={"Accept": ACCEPT_JSON})
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code in (204, 404):
+            return []
+        if response.status_code != 200:
+            verdict = verdict_for_response(response, side=self.role)
+            if verdict.kind is Kind.RETRYABLE:
+                raise TransferError(verdict)
+            raise FatalError(f"{self.role} {self.display}: QIDO-RS {path}: {verdict.reason}")
+        return self._json_list(response, path)
+
+    def _json_list(self, response: httpx.Response, path: str) -> list[dict[str, Any]]:
+        """The QIDO-RS answer as a list of DICOM JSON objects, or one clear fatal line."""
+        kind = response.headers.get("Content-Type", "no Content-Type").split(";")[0]
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            body = None
+        if not isinstance(body, list) or not all(isinstance(i, dict) for i in body):
+            raise FatalError(
+                f"{self.role} {self.display}: the QIDO-RS answer to {path} is not DICOM JSON "
+                f"({kind}, {len(response.content)} bytes): is this a DICOMweb service root?"
+            )
+        return body
+
+    # -- WADO-RS ------------------------------------------------------------------------
+
+    async def retrieve(self, study: str, series: str, sop: str) -> bytes:
+        """The stored file of one instance, unchanged. Raises TransferError: vanished on
+        404, retryable when the answer was cut short."""
+        path = f"studies/{study}/series/{series}/instances/{sop}"
+        try:
+            # No gzip: DICOM pixel data rarely compresses, and the bytes are hashed as is.
+            response = await self.http.get(
+                path, headers={"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"}
+            )
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        if response.status_code != 200:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        content_type = response.headers.get("Content-Type", "")
+        boundary = boundary_of(content_type)
+        if boundary is None:
+            if content_type.split(";")[0].strip().lower() == "application/dicom":
+                return response.content  # a server answering the single part bare
+            raise TransferError(
+                Verdict(
+                    Kind.FATAL,
+                    f"{self.role} {self.display}: WADO-RS answered {content_type or 'no type'}, "
+                    f"not multipart/related DICOM",
+                )
+            )
+        try:
+            parts = split_related(response.content, boundary)
+        except Truncated as exc:
+            raise TransferError(
+                Verdict(Kind.RETRYABLE, f"{self.role} WADO-RS answer cut short: {exc}")
+            ) from None
+        if len(parts) != 1:
+            raise TransferError(
+                Verdict(Kind.RETRYABLE, f"{self.role} WADO-RS answered {len(parts)} parts, not 1")
+            )
+        return parts[0]
+
+    # -- STOW-RS ------------------------------------------------------------------------
+
+    async def store(self, datas: list[bytes]) -> tuple[int, dict[str, Any]]:
+        """POST instances in one STOW-RS request: the HTTP status and the answer's DICOM
+        JSON (empty when it has none). Raises TransferError for statuses that say nothing
+        per instance (network errors, 5xx, 401...)."""
+        body, content_type = related_body(datas)
+        try:
+            response = await self.http.post(
+                "studies",
+                content=body,
+                headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+            )
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        answer: Any = None
+        if response.content:
+            try:
+                answer = response.json()
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                answer = None
+        if isinstance(answer, list) and len(answer) == 1:
+            answer = answer[0]  # some servers wrap the one object in a list
+        if not isinstance(answer, dict) or not answer:
+            if response.status_code in (200, 202):
+                raise TransferError(
+                    Verdict(
+                        Kind.FATAL,
+                        f"{self.role} {self.display}: STOW-RS answered HTTP "
+                        f"{response.status_code} without a DICOM JSON store result",
+                    )
+                )
+            raise TransferError(verdict_for_response(response, side=self.role))
+        if response.status_code in (401, 403, 407) or response.status_code >= 500:
+            raise TransferError(verdict_for_response(response, side=self.role))
+        return response.status_code, answer
