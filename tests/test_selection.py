@@ -8,17 +8,22 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import ledger_rows, run_cli, start_cli, wait_for_sent
 
+from migrator.app import choose_selection
+from migrator.config import load_settings
 from migrator.ends.dicomid import orthanc_instance_id
+from migrator.errors import UsageError
 from migrator.ledger.store import Ledger
+from migrator.selection import SelectionFlags
 from migrator.testkit.dicomgen import UID_ROOT, make_dataset, make_instance, upload_all
 from migrator.testkit.orthanc import OrthancProcess
 from migrator.testkit.proxy import Proxy
-from migrator.views.reports import status_document
+from migrator.views.web import DashboardServer
 
 
 @dataclass(frozen=True)
@@ -154,16 +159,17 @@ def test_studies_file_status_and_another_selection_refused(
     assert "studies: 2 complete, 0 partial, 0 pending, 0 failed" in text
     assert "everything since 2019-06-05 is on the target" in text
 
-    # The page's /api/status: the studies counted beside it, shown once counted.
-    led = Ledger.open(f"sqlite:///{ledger}")
+    # The page's /api/studies: counted beside it, shown once counted.
+    server = DashboardServer(("127.0.0.1", 0), Ledger.open(f"sqlite:///{ledger}"))
     try:
         deadline = time.monotonic() + 10
-        while (page := status_document(led, studies=10.0)["jobs"][0])["studies"] is None:
+        while (page := server.studies()["jobs"])[job["name"]] is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        assert page[job["name"]] == job["studies"]
+        assert server.status()["jobs"][0]["selection"] == job["selection"]
     finally:
-        led.close()
-    assert page["studies"] == job["studies"] and page["selection"] == job["selection"]
+        server.server_close()
 
     # The same job with another selection: refused in one line, nothing sent.
     refused = run_cli(*base, "--studies", str(uids))
@@ -314,3 +320,95 @@ def test_import_of_an_orthanc_index_takes_studies_whole(
     assert _target_ids(target) == _ids("S1", "S3", "S5", "S8")
     assert _ledger_studies(ledger) == {BY_NAME[n].uid for n in ("S1", "S3", "S5", "S8")}
     assert ledger_rows(ledger, "SELECT COUNT(*) FROM instances")[0][0] == 10
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_lease_order_and_priority_on_both_databases(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'l.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    ledger = Ledger.open(url, create=True)
+    try:
+        dates = {"a": "20200101", "b": "20240101", "c": "", "d": "20220101"}
+        rows = [
+            {"source_key": f"{s}{i}", "study_uid": s, "study_date": d, "orthanc_id": f"{s}{i}"}
+            for s, d in dates.items()
+            for i in range(3)
+        ]
+        leased = {}
+        for order in ("newest", "oldest", "listing"):
+            job = ledger.ensure_job(order, "replicate", "a", f"b-{order}", {"order": order})
+            ledger.save_listing(job.id, rows, None, done=True)
+            # A retry waiting out its backoff is passed over, not leased early.
+            with ledger.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "UPDATE instances SET next_attempt_at = 1e12 "
+                    f"WHERE job_id = {job.id} AND source_key = 'b1'"
+                )
+            assert ledger.prioritize(job.id, study_uids={"d"}) == 3
+            leased[order] = [lease.source_key for lease in ledger.lease(job.id, "w", 20, 60)]
+        # Prioritized first, then whole studies by date (undated last when newest first,
+        # first when oldest first); within a study, one way or the other.
+        assert [k[0] for k in leased["newest"]] == list("dddbbaaaccc")
+        assert [k[0] for k in leased["oldest"]] == list("dddcccaaabb")
+        assert leased["listing"] == [
+            "d0",
+            "d1",
+            "d2",
+            "a0",
+            "a1",
+            "a2",
+            "b0",
+            "b2",
+            "c0",
+            "c1",
+            "c2",
+        ]
+        # A later prioritization goes ahead of an earlier one.
+        job = ledger.get_job("newest")
+        assert job is not None
+        with ledger.engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE instances SET state = 'pending' WHERE job_id = {job.id}")
+        ledger.prioritize(job.id, since="20240101")
+        assert [x.source_key[0] for x in ledger.lease(job.id, "w", 2, 60)] == ["b", "b"]
+        progress = ledger.study_progress(job.id)
+        assert (progress.pending, progress.total) == (4, 4)
+    finally:
+        ledger.close()
+
+
+def test_relative_dates_count_from_the_day_the_job_was_made(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    settings = load_settings(None, env={}, ledger=url)
+    made = date.today() - timedelta(days=100)
+    stored = SelectionFlags(since="30d").resolve(made).to_options()
+    assert stored == {"since": (made - timedelta(days=30)).strftime("%Y%m%d")}
+    ledger = Ledger.open(url, create=True)
+    try:
+        job = ledger.ensure_job(
+            "j", "replicate", "a", "b", {"selection": stored, "order": "oldest"}
+        )
+        with ledger.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE jobs SET created_at = {time.time() - 100 * 86400} WHERE id = {job.id}"
+            )
+    finally:
+        ledger.close()
+    # The same command a hundred days later names the same job, in its own order.
+    options: dict[str, object] = {}
+    choose_selection(settings, "j", options, SelectionFlags(since="30d"), None)
+    assert options == {"selection": stored, "order": "oldest"}
+    for flags, order in ((SelectionFlags(since="31d"), None), (SelectionFlags(), None)):
+        with pytest.raises(UsageError, match="selects StudyDate"):
+            choose_selection(settings, "j", {}, flags, order)
+    with pytest.raises(UsageError, match="oldest order"):
+        choose_selection(settings, "j", {}, SelectionFlags(since="30d"), "newest")
+    # A new job: resolved today, newest first by default.
+    fresh: dict[str, object] = {}
+    choose_selection(settings, "k", fresh, SelectionFlags(until="2y"), None)
+    until = (date.today() - timedelta(days=730)).strftime("%Y%m%d")
+    assert fresh == {"selection": {"until": until}, "order": "newest"}

@@ -107,6 +107,10 @@ def test_page_shows_the_ledger_and_updates_live(served, tmp_path):
         assert browser.evaluate(count.format("pending")) == "0"
         text = browser.evaluate("document.body.innerText")
         assert "FilteredOut" in text and f"{N} of {N} done" in text
+        # Studies by how far they got: the refused patient's two are failed.
+        studies = 'document.querySelector(\'[data-job="demo"] [data-studies="{}"]\')?.textContent'
+        assert browser.wait_for(studies.format("failed")) == "2"
+        assert browser.evaluate(studies.format("complete")) == "2"
         browser.evaluate("window.marker = 'same page'")
 
         # Change the ledger under the page: it follows without a reload.

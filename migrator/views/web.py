@@ -7,6 +7,8 @@ Routes (GET only; the server never writes the ledger, so it can run beside the w
     /api/history   instances sent per minute and per second, from ``sent_at``
                    (``?minutes=60``; `migrator.views.web_history`)
     /api/verify    verification results per job, as `migrator verify` counts them
+    /api/studies   each job's studies complete, partial, pending, failed (counted beside
+                   the page, at most 10 s old; null until first counted)
     /metrics       Prometheus text format
 
 It may start before the first job: until a job has made the ledger it answers "no jobs"
@@ -34,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator.errors import LedgerError, MigratorError, UsageError
 from migrator.ledger import db
 from migrator.ledger.store import Ledger
-from migrator.views.reports import status_document
+from migrator.views.reports import status_document, study_counts
 from migrator.views.verify_report import verification_totals
 from migrator.views.web_history import BUCKET, History, history
 from migrator.views.web_hosts import HostCheck, hostname
@@ -219,6 +221,9 @@ class Handler(BaseHTTPRequestHandler):
                 minutes = _minutes(query)
                 body = _json(cache.get(f"history{minutes}", lambda: server.rates(minutes)))
                 ctype = "application/json"
+            elif url.path == "/api/studies":
+                body = _json(cache.get("studies", server.studies))
+                ctype = "application/json"
             elif url.path == "/api/verify":
                 body = _json(cache.get("verify", server.verified))
                 ctype = "application/json"
@@ -336,10 +341,17 @@ class DashboardServer(ThreadingHTTPServer):
     def status(self) -> dict[str, Any]:
         """The `status --json` document (no jobs while there is no ledger yet)."""
         ledger = self.ledgers.get()
+        return status_document(ledger) if ledger is not None else {"jobs": []}
+
+    def studies(self) -> dict[str, Any]:
+        """The `/api/studies` document: each job's studies by how far they got (null
+        until first counted). Counting reads every row, so it runs beside the page and
+        the counts shown may be a few seconds old."""
+        ledger = self.ledgers.get()
         if ledger is None:
-            return {"jobs": []}
-        # Per-study counts read every row: a few seconds old is fine for the page.
-        return status_document(ledger, studies=STUDY_COUNTS_AGE)
+            return {"jobs": {}}
+        jobs = ledger.list_jobs()
+        return {"jobs": {job.name: study_counts(ledger, job, STUDY_COUNTS_AGE) for job in jobs}}
 
     def rates(self, minutes: int) -> dict[str, Any]:
         """The `/api/history` document."""

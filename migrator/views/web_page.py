@@ -1,9 +1,9 @@
 """The HTML page of `migrator serve`: one self-contained document, no external assets.
 
-Every 2 s it fetches /api/status, /api/history and /api/verify and redraws one card per
-job: progress bar, counts by state (rows in flight split into transferring and queued),
-the selection and the studies complete, partial, pending and failed, rate, ETA, a
-per-minute rate chart (inline SVG, the per-second rates of /api/history), the
+Every 2 s it fetches /api/status, /api/history, /api/verify and /api/studies and redraws
+one card per job: progress bar, counts by state (rows in flight split into transferring
+and queued), the selection and the studies complete, partial, pending and failed, rate,
+ETA, a per-minute rate chart (inline SVG, the per-second rates of /api/history), the
 verification results, the top error reasons and the workers. Text from the ledger is
 inserted with textContent only, since error messages come from remote servers.
 """
@@ -126,7 +126,7 @@ function chart(points, rates, peak) {
   wrap.append(svg, axis);
   return wrap;
 }
-function card(job, hist, verified) {
+function card(job, hist, verified, st) {
   const c = el("section", "card"); c.dataset.job = job.name;
   const title = el("div", "title");
   title.append(el("h2", "", job.name), el("span", "route", job.kind + ": " + job.source +
@@ -168,9 +168,8 @@ function card(job, hist, verified) {
   c.append(counts);
   if (job.selection && job.selection !== "everything")
     c.append(el("p", "route", "selection: " + job.selection));
-  if (job.studies && job.studies.total) {
+  if (st && st.total) {
     // Whole studies on the target, and since when everything is there.
-    const st = job.studies;
     c.append(el("h3", "", "Studies (" + job.order + " first)"));
     const v = el("div", "counts");
     for (const k of ["complete","partial","pending","failed"]) {
@@ -235,14 +234,16 @@ async function refresh() {
   try {
     const get = u => fetch(u, {cache: "no-store"}).then(r => {
       if (!r.ok) throw new Error(u + ": HTTP " + r.status); return r.json(); });
-    const [status, hist, ver] = await Promise.all(
-      [get("/api/status"), get("/api/history?minutes=60"), get("/api/verify")]);
+    const [status, hist, ver, studies] = await Promise.all(
+      [get("/api/status"), get("/api/history?minutes=60"), get("/api/verify"),
+       get("/api/studies")]);
     const histories = Object.fromEntries(hist.jobs.map(j => [j.name, j]));
     // Shown once a job was verified (rows sent since then count as unverified).
     const verified = Object.fromEntries(ver.jobs.filter(j => j.pass_started !== null)
       .map(j => [j.name, j.results]));
     const main = document.getElementById("jobs");
-    const cards = status.jobs.map(j => card(j, histories[j.name], verified[j.name]));
+    const cards = status.jobs.map(
+      j => card(j, histories[j.name], verified[j.name], studies.jobs[j.name]));
     const none = el("p", "", "No jobs yet: this page fills in when the first job starts.");
     none.id = "empty";
     main.replaceChildren(...(cards.length ? cards : [none]));
