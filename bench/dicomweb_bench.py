@@ -15,14 +15,17 @@ way:
    ``POST /instances``, one per STOW-RS request, and k per STOW-RS request
    (`DicomWebTarget.store_many`), to show what multi-instance STOW would bring.
 
+Rounds of the same copy alternate with the others (`--repeats`); medians are shown.
+
     .venv/bin/python bench/dicomweb_bench.py [--instances 2000] [--rtts 0,0.02]
-        [--stow-batch 20] [--keep]
+        [--stow-batch 20] [--repeats 3] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import subprocess
 import sys
 import time
@@ -97,70 +100,82 @@ async def _bare_stores(files: list[bytes], url: str, mode: str, k: int) -> float
     return time.monotonic() - began
 
 
+def copy_round(work: Path, source: OrthancProcess, name: str, rtt: float) -> tuple[float, bool]:
+    """One `migrator replicate` of the whole source into a fresh target: seconds, and
+    whether the target then holds the source's files exactly."""
+    label = f"{name.replace('->', '-').replace(' ', '')}-{int(rtt * 1000)}-{time.time_ns()}"
+    target = _orthanc(work, label)
+    # The far end is behind the link: the source for a DICOMweb source, else the target.
+    far = source if name.startswith("dicomweb") else target
+    proxy = Proxy("127.0.0.1", far.http_port, delay=rtt / 2).start()
+    src = proxy.url if far is source else source.url
+    tgt = proxy.url if far is target else target.url
+    try:
+        if name == "dicomweb->orthanc":
+            seconds = _replicate("dicomweb+" + src + "dicom-web", tgt, work / f"{label}.db")
+        elif name == "orthanc->dicomweb":
+            seconds = _replicate(src, "dicomweb+" + tgt + "dicom-web", work / f"{label}.db")
+        else:
+            seconds = _replicate(src, tgt, work / f"{label}.db", "--batch", "1")
+        return seconds, _same_files(source, target)
+    finally:
+        proxy.stop()
+        target.stop(graceful=False)
+
+
+def bare_round(work: Path, files: list[bytes], mode: str, k: int, rtt: float) -> tuple[float, bool]:
+    """The stores alone into a fresh target: seconds, and whether all arrived."""
+    target = _orthanc(work, f"bare-{mode}-{k}-{int(rtt * 1000)}-{time.time_ns()}")
+    proxy = Proxy("127.0.0.1", target.http_port, delay=rtt / 2).start()
+    try:
+        seconds = asyncio.run(_bare_stores(files, proxy.url, mode, k))
+        return seconds, target.count() == len(files)
+    finally:
+        proxy.stop()
+        target.stop(graceful=False)
+
+
+COPIES = ("dicomweb->orthanc", "orthanc->dicomweb", "orthanc->orthanc --batch 1")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=2000)
     parser.add_argument("--rtts", default="0,0.02")
     parser.add_argument("--stow-batch", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     rtts = [float(r) for r in args.rtts.split(",")]
-    data = fast_dataset(args.instances, seed=7)
-    files = [d.data for d in data]
-    rows: list[list[Any]] = []
+    files = [d.data for d in fast_dataset(args.instances, seed=7)]
+    bares = (("rest", 1), ("stow", 1), ("stow", args.stow_batch))
+    times: dict[tuple[str, float], list[float]] = {}
     doc: dict[str, Any] = {"machine": machine_facts(), "instances": args.instances, "rounds": []}
     with work_folder("dicomweb-bench-", keep=args.keep) as work:
         source = _orthanc(work, "source")
         try:
             upload_all(source, files)
-            for rtt in rtts:
-                for name in ("dicomweb->orthanc", "orthanc->dicomweb", "orthanc->orthanc"):
-                    label = f"{name.replace('->', '-')}-{int(rtt * 1000)}"
-                    target = _orthanc(work, label)
-                    # The far end is behind the link: the source for a DICOMweb source,
-                    # the target otherwise.
-                    far = source if name.startswith("dicomweb") else target
-                    proxy = Proxy("127.0.0.1", far.http_port, delay=rtt / 2).start()
-                    near_src = proxy.url if far is source else source.url
-                    near_tgt = proxy.url if far is target else target.url
-                    try:
-                        if name == "dicomweb->orthanc":
-                            ends = ("dicomweb+" + near_src + "dicom-web", near_tgt)
-                            extra: tuple[str, ...] = ()
-                        elif name == "orthanc->dicomweb":
-                            ends = (near_src, "dicomweb+" + near_tgt + "dicom-web")
-                            extra = ()
-                        else:
-                            ends, extra = (near_src, near_tgt), ("--batch", "1")
-                        seconds = _replicate(*ends, work / f"{label}.db", *extra)
-                        same = _same_files(source, target)
-                    finally:
-                        proxy.stop()
-                        target.stop(graceful=False)
-                    rate = args.instances / seconds
-                    rows.append([name + (" --batch 1" if extra else ""), rtt, seconds, rate, same])
-                    doc["rounds"].append(
-                        {"copy": name, "rtt": rtt, "seconds": seconds, "identical": same}
-                    )
-                # The stores alone, through the same kind of link.
-                for mode, k in (("rest", 1), ("stow", 1), ("stow", args.stow_batch)):
-                    label = f"bare-{mode}-{k}-{int(rtt * 1000)}"
-                    target = _orthanc(work, label)
-                    proxy = Proxy("127.0.0.1", target.http_port, delay=rtt / 2).start()
-                    try:
-                        seconds = asyncio.run(_bare_stores(files, proxy.url, mode, k))
-                        stored = target.count() == args.instances
-                    finally:
-                        proxy.stop()
-                        target.stop(graceful=False)
-                    what = "POST /instances x1" if mode == "rest" else f"STOW-RS x{k}"
-                    rows.append([f"bare {what}", rtt, seconds, args.instances / seconds, stored])
-                    doc["rounds"].append(
-                        {"copy": f"bare {what}", "rtt": rtt, "seconds": seconds, "ok": stored}
-                    )
+            for _ in range(args.repeats):
+                for rtt in rtts:
+                    for name in COPIES:
+                        seconds, ok = copy_round(work, source, name, rtt)
+                        times.setdefault((name, rtt), []).append(seconds)
+                        doc["rounds"].append({"copy": name, "rtt": rtt, "s": seconds, "ok": ok})
+                        assert ok, f"{name} at {rtt}: the target differs from the source"
+                    for mode, k in bares:
+                        name = "bare POST /instances x1" if mode == "rest" else f"bare STOW-RS x{k}"
+                        seconds, ok = bare_round(work, files, mode, k, rtt)
+                        times.setdefault((name, rtt), []).append(seconds)
+                        doc["rounds"].append({"copy": name, "rtt": rtt, "s": seconds, "ok": ok})
+                        assert ok, f"{name} at {rtt}: not every instance arrived"
         finally:
             source.stop(graceful=False)
-    print_table(["copy", "rtt s", "seconds", "instances/s", "identical"], rows)
+    table = [
+        [name, rtt, statistics.median(t), args.instances / statistics.median(t),
+         " ".join(f"{x:.1f}" for x in t)]
+        for (name, rtt), t in times.items()
+    ]  # fmt: skip
+    print_table(["copy", "rtt s", "median s", "instances/s", "rounds s"], table)
     write_results("dicomweb", doc)
 
 

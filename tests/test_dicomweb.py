@@ -9,7 +9,10 @@ import dataclasses
 import datetime
 import os
 import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from conftest import ledger_rows, start_cli
 from faultkit import assert_converged, invoke, md5_of, write_config
@@ -294,6 +297,68 @@ def test_wrong_credentials_exit_3_without_the_password(orthanc_factory, ledger_u
     )  # fmt: skip
     assert result.code == 0, result.stderr[-2000:]
     assert target.count() == 5
+
+
+def token_gate(upstream: str, token: str) -> ThreadingHTTPServer:
+    """A reverse proxy in front of `upstream` that lets through only requests bearing
+    `token` (Orthanc has no bearer tokens of its own): 401 otherwise."""
+
+    class Gate(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                self._answer(401, "application/json", b'{"error": "invalid token"}')
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            keep = ("accept", "content-type")
+            answer = httpx.request(
+                self.command,
+                upstream + self.path.lstrip("/"),
+                content=self.rfile.read(length) if length else None,
+                headers={k: v for k, v in self.headers.items() if k.lower() in keep},
+                timeout=60,
+            )
+            self._answer(answer.status_code, answer.headers.get("Content-Type"), answer.content)
+
+        def _answer(self, status: int, content_type: str | None, body: bytes) -> None:
+            self.send_response(status)
+            if content_type:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_bearer_token_from_the_environment(orthanc_factory, ledger_path, ledger_url):
+    source = dicomweb_orthanc(orthanc_factory, "source")
+    target = orthanc_factory("target")
+    fill(source, fast_dataset(10, seed=39))
+    gate = token_gate(source.url, "tok-7f3a")
+    url = f"dicomweb+http://127.0.0.1:{gate.server_address[1]}/dicom-web"
+    try:
+        refused = invoke("replicate", url, target.url, "--ledger", ledger_url,
+                         env={"MIGRATOR_SOURCE_TOKEN": "tok-wrong"})  # fmt: skip
+        assert refused.code == 3
+        refused.assert_one_line_error()
+        assert "refused the credentials" in refused.stderr and "tok-wrong" not in refused.stderr
+        result = invoke("replicate", url, target.url, "--ledger", ledger_url,
+                        env={"MIGRATOR_SOURCE_TOKEN": "tok-7f3a"})  # fmt: skip
+    finally:
+        gate.shutdown()
+    assert result.code == 0, result.stderr[-2000:]
+    assert target.count() == 10
+    for path in ledger_path.parent.glob(ledger_path.name + "*"):  # the WAL too
+        assert b"tok-7f3a" not in path.read_bytes()
 
 
 def test_wado_answer_cut_short_is_never_sent(orthanc_factory, tmp_path, ledger_path, ledger_url):
