@@ -45,29 +45,32 @@ def test_mirror_deletes_on_the_target_what_the_source_deleted(
     proc = _mirror(source, target, ledger_url, "--reconcile-every", "5s", "--propagate-deletes")
     try:
         _wait(lambda: target.count() == 30)
-        gone = data[3:7]
-        for inst in gone:
-            source.delete_instance(inst.orthanc_id)
-        _wait(lambda: target.count() == 26)
+        # A series of ten instances, deleted at once (one by one, a pass could come
+        # between two of them and count them in two messages).
+        gone = data[10:20]
+        with source.client() as http:
+            series = http.get(f"instances/{gone[0].orthanc_id}").json()["ParentSeries"]
+            http.delete(f"series/{series}").raise_for_status()
+        _wait(lambda: target.count() == 20)
         assert set(target.instance_ids()) == {d.orthanc_id for d in data} - {
             g.orthanc_id for g in gone
         }
-        _wait(lambda: len(_vanished(ledger_path)) == 4)
+        _wait(lambda: len(_vanished(ledger_path)) == 10)
         assert _vanished(ledger_path) == {g.orthanc_id: DELETED_ON_TARGET for g in gone}
         # Stored again on the source: listed from its change log and sent again.
         upload_all(source, [gone[0]])
-        _wait(lambda: target.count() == 27)
+        _wait(lambda: target.count() == 21)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    assert "4 instances sent earlier were deleted on the source" in err
-    assert "4 instances deleted on the source were deleted on the target" in err
+    assert "10 instances sent earlier were deleted on the source" in err
+    assert "10 instances deleted on the source were deleted on the target" in err
     status = json.loads(run_cli("status", "--ledger", ledger_url, "--json").stdout)
     reasons = {(e["state"], e["reason"]): e["count"] for e in status["jobs"][0]["top_errors"]}
-    assert reasons[("vanished", DELETED_ON_TARGET)] == 3
-    assert status["jobs"][0]["deleted"] == {"on_source": 3, "on_target": 3}
+    assert reasons[("vanished", DELETED_ON_TARGET)] == 9
+    assert status["jobs"][0]["deleted"] == {"on_source": 9, "on_target": 9}
     text = run_cli("status", "--ledger", ledger_url).stdout
-    assert "deleted on the source after they were sent: 3 (3 deleted on the target too)" in text
+    assert "deleted on the source after they were sent: 9 (9 deleted on the target too)" in text
     report = run_cli("report", "--ledger", ledger_url, "--state", "vanished", "-f", "jsonl")
     lines = [json.loads(line) for line in report.stdout.splitlines()]
     assert {r["orthanc_id"] for r in lines} == {g.orthanc_id for g in gone[1:]}
