@@ -111,6 +111,36 @@ def test_dicomweb_to_orthanc_byte_identical_under_a_search_limit(
     assert jobs == [("dicomweb", dw(source.url) + "/")]
 
 
+def test_listing_resumes_from_every_cursor_under_a_search_limit(orthanc_factory):
+    source = dicomweb_orthanc(orthanc_factory, "source", extra={"LimitFindResults": 2})
+    data = dated_dataset(140, seed=40)
+    fill(source, data)
+    expected = {f"{d.study_uid}/{d.series_uid}/{d.sop_uid}": d.orthanc_id for d in data}
+
+    async def pages(cursor: str | None) -> list[tuple[dict[str, str], str | None, bool]]:
+        end = open_dicomweb_source(dw(source.url), Settings(page_size=15), {})
+        try:
+            return [
+                ({r["source_key"]: r["orthanc_id"] for r in p.rows}, p.cursor, p.done)
+                async for p in end.listing(cursor)
+            ]
+        finally:
+            await end.aclose()
+
+    def union(listed: list[tuple[dict[str, str], str | None, bool]]) -> dict[str, str]:
+        return {k: v for rows, _, _ in listed for k, v in rows.items()}
+
+    full = asyncio.run(pages(None))
+    assert union(full) == expected and full[-1][2]
+    assert len(full) > 8
+    # A crash after any page: the listing resumed from that page's cursor (in a new
+    # process, which knows nothing but the cursor) lists everything the pages missed.
+    for i, (_, cursor, _) in enumerate(full[:-1]):
+        resumed = asyncio.run(pages(cursor))
+        assert union(full[: i + 1]) | union(resumed) == expected, i
+        assert resumed[-1][2]
+
+
 def test_selection_by_date_and_modality(orthanc_factory, ledger_url):
     from migrator.selection import Selection
 

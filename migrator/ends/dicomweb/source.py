@@ -135,9 +135,11 @@ class DicomWebSource:
                 if rows or notes:
                     yield ListingPage(rows, json.dumps(state), notes=notes)
             notes = []
-            if resumed_at and state.get("cap") is None and not state.get("tested"):
+            whole = not resumed_at  # whether `uids` and `dates` cover the whole window
+            if not whole and state.get("cap") is None and not state.get("tested"):
                 # Resumed mid-window before the test: the test needs all its studies.
                 uids, dates = await self._window_studies(window)
+                whole = True
             if state.get("cap") is None and not state.get("tested") and uids:
                 state["tested"] = True
                 if await self._capped(window, set(uids), dates):
@@ -150,6 +152,9 @@ class DicomWebSource:
             cap = state.get("cap")
             state["windows"].pop(0)
             if cap is not None and offset >= cap:
+                if not whole:
+                    # Resumed mid-window: split around the dates of all its studies.
+                    uids, dates = await self._window_studies(window)
                 parts = _split(window, dates)
                 if parts:
                     state["windows"][:0] = parts
