@@ -75,6 +75,10 @@ def test_mirror_deletes_on_the_target_what_the_source_deleted(
     lines = [json.loads(line) for line in report.stdout.splitlines()]
     assert {r["orthanc_id"] for r in lines} == {g.orthanc_id for g in gone[1:]}
     assert {r["last_error"] for r in lines} == {DELETED_ON_TARGET}
+    # The stopped mirror's job is complete once its deletions are accepted as wanted.
+    assert run_cli("verify", "--ledger", ledger_url).code == 1
+    accepted = run_cli("verify", "--ledger", ledger_url, "--accept-vanished")
+    assert accepted.code == 0, accepted.stdout
 
 
 def test_max_deletes_stops_a_mass_deletion_and_deletes_nothing(

@@ -306,6 +306,9 @@ class Scheduler:
         while self.follow is not None and not self.stopping.is_set():
             # Mirror mode: keep listing what the source receives, every `follow` seconds.
             await self._sleep(self.follow)
+            if self.stopping.is_set():
+                # Reopened now, the listing would be left unfinished in the ledger.
+                break
             await self.db(self.ledger.reopen_listing, self.job.id)
             self.listing_done = False
             await self._listing()
