@@ -8,7 +8,9 @@ fifteen years, one in forty undated), then per order:
 2. the lease time, median of LEASES leases of 128 rows each (the scheduler's batch at
    -c 64), plain and with one copy per instance (folders);
 3. `prioritize` of one study, and the lease that follows (it must return that study);
-4. `study_progress` (what `status --studies` and the page count).
+4. `study_progress` (what `status --studies` and the page count);
+5. the plan of each query of a lease (SQLite: no temporary B-tree, i.e. no sort of the
+   pending rows; PostgreSQL: the index scans and the time of the query alone).
 
 On PostgreSQL the table is analyzed after the listing, as autovacuum does shortly after
 a listing of that size (before, its planner sorts every pending row for any order).
@@ -27,6 +29,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,6 +77,7 @@ def _measure(url: str, order: str, rows: list[dict], leases: int) -> list[object
             # PostgreSQL takes a (job, state) index and sorts, whatever the order.
             with ledger.engine.begin() as conn:
                 conn.exec_driver_sql("ANALYZE instances")
+        plans = _plans(ledger, job.id)
         plain, copies = [], []
         for i in range(leases):
             started = time.perf_counter()
@@ -102,7 +108,37 @@ def _measure(url: str, order: str, rows: list[dict], leases: int) -> list[object
         f"{statistics.median(copies) * ms:.1f} ms",
         f"{prio * ms:.0f} ms",
         f"{studies * ms:.0f} ms",
+        plans,
     ]
+
+
+def _plans(ledger: Ledger, job_id: int) -> str:
+    """How each query of one lease reads the table: SQLite's plan, or PostgreSQL's
+    plan nodes with the time of the query alone (independent of the load of the host)."""
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("SELECT") and "ORDER BY" in statement:
+            seen.append((statement, parameters))
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
+    try:
+        ledger.lease(job_id, "plan", LEASE, 600)
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
+    out = []
+    with ledger.engine.connect() as conn:
+        for statement, parameters in seen:
+            if ledger.dialect == "sqlite":
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+                out.append("; ".join(r[-1] for r in rows))
+            else:
+                rows = conn.exec_driver_sql("EXPLAIN ANALYZE " + statement, parameters).all()
+                nodes = [r[0].strip() for r in rows if "Scan" in r[0] or "Sort" in r[0]]
+                took = next(r[0] for r in rows if r[0].startswith("Execution Time"))
+                out.append("; ".join(n.split("  (")[0] for n in nodes) + f" ({took})")
+        conn.rollback()
+    return " | ".join(out)
 
 
 def main() -> None:
@@ -113,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     print_facts(machine_facts())
     rows = _rows(args.rows)
-    head = ["order", "listing", "lease", "lease (copies)", "prioritize", "study counts"]
+    head = ["order", "listing", "lease", "lease (copies)", "prioritize", "study counts", "plan"]
     with work_folder("order-bench-") as folder:
         table = [
             _measure(f"sqlite:///{folder / f'{o}.db'}", o, rows, args.leases)
