@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import fill, run_cli, start_cli, state_counts, wait_for_sent
+from conftest import fill, ledger_rows, run_cli, start_cli, state_counts, wait_for_sent
 
 from migrator.errors import Kind, verdict_for_association, verdict_for_dimse_status
-from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset
+from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
 from migrator.testkit.orthanc import free_port
 
 N = 24
@@ -202,6 +202,34 @@ def test_kill_mid_run_then_rerun(orthanc_factory, tmp_path, ledger_path, ledger_
     _same_instances(target, instances)
 
 
+def _dated(instances: list[SyntheticInstance]) -> list[bytes]:
+    """The files with one StudyDate per study, a year apart (2019, 2020...)."""
+    years = {uid: 2019 + i for i, uid in enumerate(dict.fromkeys(i.study_uid for i in instances))}
+    out = []
+    for inst in instances:
+        ds = pydicom.dcmread(io.BytesIO(inst.data))
+        ds.StudyDate = f"{years[inst.study_uid]}0615"
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_capped_study_search_is_split_by_date(orthanc_factory, ledger_path, ledger_url):
+    """A peer answering at most 2 studies per C-FIND: the listing halves StudyDate ranges
+    until every study is listed."""
+    pacs = _pacs(orthanc_factory, LimitFindResults=2)
+    target = orthanc_factory("target")
+    instances = make_dataset(30, studies=6, series_per_study=1, seed=69)
+    upload_all(pacs, _dated(instances))
+    result = run_cli("replicate", _dicom_url(pacs), target.url, "--ledger", ledger_url)
+    assert result.code == 0, result.stderr
+    assert "capped" in result.stderr
+    assert sorted(target.instance_ids()) == sorted(i.orthanc_id for i in instances)
+    dates = ledger_rows(ledger_path, "SELECT DISTINCT study_date FROM instances")
+    assert sorted(d for (d,) in dates) == [f"{y}0615" for y in range(2019, 2025)]
+
+
 def test_unknown_called_ae_is_one_line_exit_3(orthanc_factory, ledger_path, ledger_url):
     pacs = _pacs(orthanc_factory, DicomCheckCalledAet=True)
     target = orthanc_factory("target")
@@ -224,7 +252,9 @@ def test_refused_association_marks_nothing(tmp_path, ledger_path, ledger_url):
     )
     try:
         _wait_port(port)
-        result = run_cli("import", str(folder), f"dicom://ANY@127.0.0.1:{port}", "--ledger", ledger_url)
+        result = run_cli(
+            "import", str(folder), f"dicom://ANY@127.0.0.1:{port}", "--ledger", ledger_url
+        )
     finally:
         proc.terminate()
         proc.wait(10)

@@ -204,7 +204,10 @@ class AssociationPool:
         self.size = size
         self.open = 0
         self.idle: list[Association] = []
+        # Associations reserved (open or being opened), and those open.
+        self.live = 0
         self.changed = asyncio.Condition()
+        self.opening = asyncio.Lock()
 
     @asynccontextmanager
     async def take(self) -> Any:
@@ -227,6 +230,7 @@ class AssociationPool:
             async with self.changed:
                 if assoc is None:
                     self.open -= 1
+                    self.live -= 1
                 else:
                     self.idle.append(assoc)
                 self.changed.notify()
@@ -240,33 +244,49 @@ class AssociationPool:
                         if assoc.is_established:
                             return assoc
                         self.open -= 1
+                        self.live -= 1
                     if self.open < self.size:
                         self.open += 1
-                        extra = self.open > 1
                         break
                     await self.changed.wait()
             try:
-                return await self.connector.run(self.opener, extra)
+                # One opening at a time: the first one a peer leaves unanswered sets the
+                # number kept before any other waits for its answer.
+                async with self.opening:
+                    extra = self.live > 0
+                    if self.live >= self.size:
+                        raise _Surplus
+                    assoc = await self.connector.run(self.opener, extra)
+                    self.live += 1
+                    return assoc
+            except _Surplus:
+                async with self.changed:
+                    self.open -= 1
+                    self.changed.notify()
             except TransferError as exc:
                 async with self.changed:
                     self.open -= 1
                     self.changed.notify()
-                    if not (extra and exc.verdict.kind is Kind.RETRYABLE and self.open > 0):
+                    if not (extra and exc.verdict.kind is Kind.RETRYABLE and self.live > 0):
                         raise
-                    self.size = max(self.open, 1)
-                    log.info(
-                        "%s %s: %s; keeping %d association(s)",
-                        self.connector.role,
-                        self.connector.peer.display,
-                        exc.verdict.reason,
-                        self.size,
-                    )
+                    self.size = self.live
+                log.info(
+                    "%s %s: one more association failed (%s): %d kept",
+                    self.connector.role,
+                    self.connector.peer.display,
+                    exc.verdict.reason,
+                    self.size,
+                )
 
     async def aclose(self) -> None:
         """Release every idle association."""
         idle, self.idle = self.idle, []
         for assoc in idle:
             await self.connector.run(_release, assoc)
+
+
+class _Surplus(Exception):
+    """An association no longer wanted: the pool shrank while it waited to open it."""
 
 
 def no_delay(event: Any) -> None:

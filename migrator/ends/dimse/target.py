@@ -97,12 +97,15 @@ class DimseTarget:
                 assoc.release()
 
     async def probe(self) -> bool:
-        """Whether the peer answers a C-ECHO again."""
+        """Whether the peer answers a C-ECHO again, over a pooled association (a peer that
+        serves one association at a time would leave a new one unanswered)."""
         try:
-            await self.connector.run(self._echo)
+            async with self.stores.take() as assoc:
+                status = await self.connector.run(assoc.send_c_echo)
+                check_association(assoc, "target", "C-ECHO")
         except (TransferError, FatalError):
             return False
-        return True
+        return "Status" in status and int(status.Status) == 0
 
     async def store(self, data: bytes) -> Stored:
         """C-STORE one instance over a pooled association."""
@@ -140,9 +143,8 @@ class DimseTarget:
 
     def _open_store(self, extra: bool = False) -> Association:
         keys = list(self.wanted)[-MAX_CONTEXTS:]
-        contexts: list[PresentationContext] = [context_for(k, self.wanted[k]) for k in keys]
-        if not contexts:
-            contexts = [build_context(Verification)]
+        contexts: list[PresentationContext] = [build_context(Verification)]
+        contexts += [context_for(k, self.wanted[k]) for k in keys]
         assoc = self.connector.associate(contexts, extra=extra)
         assoc.proposed = set(keys)  # type: ignore[attr-defined]
         rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}

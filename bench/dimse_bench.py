@@ -1,0 +1,235 @@
+"""Benchmark: the DIMSE ends against DCMTK and a PacsMigrator-style retrieval.
+
+N small synthetic instances (2,000 by default):
+
+1. C-STORE: the N files of a folder sent to one local DCMTK ``storescp`` (``--fork``:
+   one process per association, and again without it: one association at a time), by
+   ``migrator import FOLDER dicom://STORESCP@...`` and by DCMTK's ``storescu +sd`` (one
+   association), same folder, same run. storescu runs with Debian's default (Nagle on)
+   and with ``TCP_NODELAY=1``; storescp always with ``TCP_NODELAY=1``.
+2. Retrieval from an Orthanc's DICOM port holding the N instances: migrator's DIMSE
+   source (C-FIND listing, then C-GET per instance, ``-c`` at once) against the way
+   orthanc-tools' PacsMigrator works (C-FIND of the studies, then one C-MOVE per study
+   to a storage SCP, study after study), written here with pynetdicom. Both keep every
+   received instance in memory and check that all N arrived.
+
+    .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 8] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import machine_facts, migrator_cmd, print_table, work_folder, write_results
+
+from migrator.config import Settings
+from migrator.ends.dimse.peer import parse_dicom_url
+from migrator.ends.dimse.source import DimseSource
+from migrator.testkit import OrthancProcess, upload_all
+from migrator.testkit.fastgen import fast_dataset
+from migrator.testkit.orthanc import free_port
+
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _wait_port(port: int) -> None:
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def _storescp(folder: Path, fork: bool) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = ["storescp", "-aet", "STORESCP", "+xa", "--ignore", str(port)]
+    if fork:
+        cmd.insert(1, "--fork")
+    proc = subprocess.Popen(cmd, cwd=folder, env=NODELAY, stdout=subprocess.DEVNULL)
+    _wait_port(port)
+    return proc, port
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    began = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    seconds = time.monotonic() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def bench_store(work: Path, files: Path, n: int, concurrency: int) -> list[dict[str, Any]]:
+    """C-STORE of the folder by migrator and by storescu, to one storescp."""
+    rounds = []
+    for fork in (True, False):
+        proc, port = _storescp(work / f"scp-{fork}", fork)
+        try:
+            ledger = work / f"store-{fork}.db"
+            url = f"dicom://STORESCP@127.0.0.1:{port}"
+            cmd = [*migrator_cmd(), "import", str(files), url, "--ledger", f"sqlite:///{ledger}",
+                   "--progress", "none", "-c", str(concurrency)]  # fmt: skip
+            ours = _timed(cmd)
+            scu = ["storescu", "-aec", "STORESCP", "+sd", "127.0.0.1", str(port), str(files)]
+            theirs = _timed(scu)
+            theirs_nd = _timed(scu, NODELAY)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        label = "storescp --fork" if fork else "storescp (one association at a time)"
+        rounds += [
+            {"copy": f"migrator import -> {label}", "seconds": ours, "per_s": n / ours},
+            {"copy": f"storescu -> {label}", "seconds": theirs, "per_s": n / theirs},
+            {
+                "copy": f"storescu TCP_NODELAY=1 -> {label}",
+                "seconds": theirs_nd,
+                "per_s": n / theirs_nd,
+            },  # fmt: skip
+        ]
+    return rounds
+
+
+async def ours_get(pacs: OrthancProcess, n: int, concurrency: int) -> float:
+    """migrator's DIMSE source: listing, then C-GET of every row, `concurrency` at once."""
+    settings = Settings(concurrency=concurrency)
+    peer = parse_dicom_url(f"dicom://PACS@127.0.0.1:{pacs.dicom_port}", "source", "MIGRATOR")
+    source = DimseSource(peer, settings)
+    began = time.monotonic()
+    await source.preflight()
+    rows: list[dict[str, Any]] = []
+    async for page in source.listing(None):
+        rows.extend(page.rows)
+    gate = asyncio.Semaphore(concurrency)
+
+    class Row:
+        def __init__(self, key: str) -> None:
+            self.source_key, self.path, self.size, self.md5, self.orthanc_id = (
+                key, None, None, None, None,
+            )  # fmt: skip
+
+    async def one(key: str) -> int:
+        async with gate:
+            return len(await source.fetch(Row(key)))
+
+    sizes = await asyncio.gather(*(one(r["source_key"]) for r in rows))
+    seconds = time.monotonic() - began
+    await source.aclose()
+    assert len(rows) == n and all(sizes), (len(rows), n)
+    return seconds
+
+
+def pacs_migrator_move(pacs: OrthancProcess, n: int) -> float:
+    """PacsMigrator's way: C-FIND the studies, then C-MOVE each study to a storage SCP."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    received: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def on_store(event: Any) -> int:
+        with lock:
+            received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset()
+        return 0
+
+    scp = AE("MOVESCP")
+    scp.supported_contexts = AllStoragePresentationContexts
+    server = scp.start_server(
+        ("127.0.0.1", pacs.extra["DicomModalities"]["bench"][2]),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    try:
+        began = time.monotonic()
+        ae = AE("MOVESCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", pacs.dicom_port, ae_title="PACS")
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = ""
+        studies = [
+            str(ident.StudyInstanceUID)
+            for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)
+            if status and status.Status in (0xFF00, 0xFF01) and ident is not None
+        ]
+        for uid in studies:
+            m = Dataset()
+            m.QueryRetrieveLevel = "STUDY"
+            m.StudyInstanceUID = uid
+            for _ in assoc.send_c_move(m, "MOVESCP", StudyRootQueryRetrieveInformationModelMove):
+                pass
+        assoc.release()
+        seconds = time.monotonic() - began
+    finally:
+        server.shutdown()
+    assert len(received) == n, (len(received), n)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("-c", "--concurrency", type=int, default=8)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    n = args.instances
+    os.environ["TCP_NODELAY"] = "1"  # the Orthanc started below: Nagle off on its side
+    doc: dict[str, Any] = {"machine": machine_facts(), "instances": n, "rounds": []}
+    with work_folder("dimse-bench-", keep=args.keep) as work:
+        data = fast_dataset(n, seed=12)
+        files = work / "files"
+        files.mkdir()
+        for i, inst in enumerate(data):
+            (files / f"{i:05d}.dcm").write_bytes(inst.data)
+        doc["rounds"] += bench_store(work, files, n, args.concurrency)
+        move_port = free_port()
+        pacs = OrthancProcess(
+            work / "pacs",
+            name="pacs",
+            extra={
+                "DicomAet": "PACS",
+                "DicomAlwaysAllowFind": True,
+                "DicomAlwaysAllowGet": True,
+                "DicomAlwaysAllowMove": True,
+                "DicomModalities": {"bench": ["MOVESCP", "127.0.0.1", move_port]},
+            },
+        ).start()
+        try:
+            upload_all(pacs, data)
+            ours = asyncio.run(ours_get(pacs, n, args.concurrency))
+            theirs = pacs_migrator_move(pacs, n)
+        finally:
+            pacs.stop()
+        doc["rounds"] += [
+            {"copy": f"migrator C-FIND + C-GET per instance (-c {args.concurrency})",
+             "seconds": ours, "per_s": n / ours},
+            {"copy": "PacsMigrator-style C-FIND + C-MOVE per study", "seconds": theirs,
+             "per_s": n / theirs},
+        ]  # fmt: skip
+    print_table(
+        ["copy", "seconds", "instances/s"],
+        [[r["copy"], r["seconds"], r["per_s"]] for r in doc["rounds"]],
+    )
+    write_results("dimse", doc)
+
+
+if __name__ == "__main__":
+    main()
