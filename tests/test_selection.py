@@ -3,6 +3,7 @@ and per-study progress, against real Orthancs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -412,3 +413,36 @@ def test_relative_dates_count_from_the_day_the_job_was_made(tmp_path: Path) -> N
     choose_selection(settings, "k", fresh, SelectionFlags(until="2y"), None)
     until = (date.today() - timedelta(days=730)).strftime("%Y%m%d")
     assert fresh == {"selection": {"until": until}, "order": "newest"}
+
+
+def test_a_selected_listing_resumes_after_its_last_study(
+    archive: OrthancProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from migrator.config import RetryPolicy
+    from migrator.endpoints import parse_endpoint
+    from migrator.ends.orthanc import source as rest
+    from migrator.ends.orthanc.client import OrthancClient
+    from migrator.selection import Selection
+
+    monkeypatch.setattr(rest, "STUDIES_PER_PAGE", 2)  # several pages of studies
+    selection = Selection(modalities=frozenset({"CT", "MR"}))
+
+    async def pages(cursor: str | None) -> list[tuple[list[str], str | None]]:
+        client = OrthancClient(parse_endpoint(archive.url, role="source"), "source")
+        source = rest.RestSource(client, RetryPolicy(), selection=selection)
+        try:
+            return [
+                (sorted(r["source_key"] for r in page.rows), page.cursor)
+                async for page in source.listing(cursor)
+            ]
+        finally:
+            await source.aclose()
+
+    whole = asyncio.run(pages(None))
+    listed = [key for keys, _ in whole for key in keys]
+    assert sorted(listed) == sorted(_ids("S1", "S2", "S3", "S5", "S6", "S7", "S8"))
+    assert len(listed) == len(set(listed))
+    # Resumed from the cursor saved with each page: exactly the rows of the pages after.
+    for at in range(1, len(whole) - 1):
+        rest_of = asyncio.run(pages(whole[at][1]))
+        assert [keys for keys, _ in rest_of] == [keys for keys, _ in whole[at + 1 :]]
