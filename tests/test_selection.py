@@ -454,3 +454,34 @@ def test_a_selected_listing_resumes_after_its_last_study(
     for at in range(1, len(whole) - 1):
         rest_of = asyncio.run(pages(whole[at][1]))
         assert [keys for keys, _ in rest_of] == [keys for keys, _ in whole[at + 1 :]]
+
+
+def test_the_change_log_keeps_only_instances_of_selected_studies(
+    orthanc_factory: Callable[..., OrthancProcess],
+) -> None:
+    from migrator.config import RetryPolicy
+    from migrator.endpoints import parse_endpoint
+    from migrator.ends.orthanc.client import OrthancClient
+    from migrator.ends.orthanc.source import RestSource
+    from migrator.selection import Selection
+
+    server = orthanc_factory("source")
+    with server.client() as http:
+        last = http.get("/changes", params={"last": ""}).json()["Last"]
+    # Arrive after the listing began (as a mirror sees them): S3 (CT and SR), S4 (US),
+    # S7 (CT, 2025), S1 (CT, 2016).
+    upload_all(server, [d for n in ("S3", "S4", "S7", "S1") for _, d in BY_NAME[n].files()])
+    cursor = json.dumps({"phase": "changes", "changes": last})
+
+    async def listed(selection: Selection) -> set[str]:
+        client = OrthancClient(parse_endpoint(server.url, role="source"), "source")
+        source = RestSource(client, RetryPolicy(), selection=selection)
+        try:
+            return {r["source_key"] async for page in source.listing(cursor) for r in page.rows}
+        finally:
+            await source.aclose()
+
+    ct = asyncio.run(listed(Selection(modalities=frozenset({"CT"}))))
+    assert ct == _ids("S3", "S7", "S1")  # S3 whole: its SR series too
+    recent_ct = Selection(since="20200101", modalities=frozenset({"CT"}))
+    assert asyncio.run(listed(recent_ct)) == _ids("S3", "S7")

@@ -220,8 +220,10 @@ class RestSource:
         study_of = {
             s["ID"]: s.get("ParentStudy") for s in await self.uids.describe(wanted, "series")
         }
-        studies = sorted({s for s in study_of.values() if isinstance(s, str)})
-        fields = _study_fields(await self.uids.describe(studies, "studies"))
+        studies = await self.uids.describe(
+            sorted({s for s in study_of.values() if isinstance(s, str)}), "studies"
+        )
+        fields = _study_fields(studies, await self._modalities(studies))
         kept = []
         for row in rows:
             series = series_of.get(row["source_key"])
@@ -231,6 +233,19 @@ class RestSource:
                 row["study_date"] = study.study_date
                 kept.append(row)
         return kept
+
+    async def _modalities(self, studies: list[dict[str, Any]]) -> dict[str, set[str]]:
+        """The modalities of each study (by ID) from its series, when the selection asks
+        for modalities (a study as the server describes it does not list them)."""
+        if not self.selection.modalities:
+            return {}
+        series = sorted({i for s in studies for i in s.get("Series") or () if isinstance(i, str)})
+        found: dict[str, set[str]] = {}
+        for item in await self.uids.describe(series, "series"):
+            modality = (item.get("MainDicomTags") or {}).get("Modality")
+            if modality and isinstance(item.get("ParentStudy"), str):
+                found.setdefault(item["ParentStudy"], set()).add(str(modality))
+        return found
 
     async def _offset_pages(self, state: dict[str, Any]) -> AsyncIterator[ListingPage]:
         """The offset phase from `state` (updated page by page); the cursor of its last
@@ -386,15 +401,18 @@ STUDIES_PER_PAGE = 50
 STUDIES_AT_ONCE = 8
 
 
-def _study_fields(studies: list[dict[str, Any]]) -> dict[str, StudyFields]:
+def _study_fields(
+    studies: list[dict[str, Any]], modalities: dict[str, set[str]] | None = None
+) -> dict[str, StudyFields]:
     """The fields a selection looks at, by study ID, from studies as the server describes
-    them (their modalities are not among them: the server matched those)."""
+    them; their modalities, when given, from their series (see `_modalities`)."""
     found = {}
     for study in studies:
         tags = study.get("MainDicomTags") or {}
         found[study["ID"]] = StudyFields(
             study_uid=tags.get("StudyInstanceUID"),
             study_date=tags.get("StudyDate"),
+            modalities=tuple(sorted((modalities or {}).get(study["ID"], ()))),
             accession=tags.get("AccessionNumber"),
             patient_id=(study.get("PatientMainDicomTags") or {}).get("PatientID"),
         )
