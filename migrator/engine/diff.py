@@ -4,7 +4,7 @@ Both inventories (`migrator.ends.orthanc.inventory`) are read at once, two reque
 server and no file read, then compared by Orthanc ID (which hashes the PatientID and the
 study, series and SOP instance UIDs) and counted per StudyInstanceUID. Only the few
 instances listed in the answer (``max_list``) are described further (their
-SOPInstanceUID, one bulk request).
+SOPInstanceUID, in bulk requests).
 """
 
 from __future__ import annotations
