@@ -69,7 +69,9 @@ def test_resume_after_sigkill(source_target, ledger_path, ledger_url):
     source, target = source_target
     data = fill(source, 300)
     with Proxy("127.0.0.1", target.http_port, delay=0.01) as proxy:
-        args = ("replicate", source.url, proxy.url, "--ledger", ledger_url, "-c", "4")
+        # One POST per instance (a 20 ms link would batch them), so that POSTs count rows.
+        args = ("replicate", source.url, proxy.url, "--ledger", ledger_url, "-c", "4",
+                "--batch", "1")  # fmt: skip
         proc = start_cli(*args, "--job", "kill-test")
         wait_for_sent(ledger_path, 60)
         proc.send_signal(signal.SIGKILL)

@@ -40,6 +40,9 @@ from migrator.errors import (
 # closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
 KEEPALIVE_EXPIRY = 0.7
 SHARD_CONNECTIONS = 4
+# Connections of the listing's own pool: its pages requested ahead, and the study and
+# series lookups beside them, each on a connection of its own.
+LISTING_CONNECTIONS = 8
 USER_AGENT = "migrator"
 # Bytes per second an Orthanc surely parses and writes (or reads) a large file at: the
 # wait for its answer to a large transfer is the timeout plus the file's size at this rate.
@@ -83,21 +86,17 @@ class OrthancClient:
         )
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self._transports = [_transport(tls, limits) for _ in range(shards)]
-        self._shards = [
-            httpx.AsyncClient(
-                transport=transport,
-                # Every request goes straight to the endpoint, as store() does: an
-                # HTTP(S)_PROXY variable must not route some requests and not others.
-                trust_env=False,
-                base_url=endpoint.url,
-                auth=endpoint.auth,
-                timeout=self._timeout,
-                headers={"User-Agent": USER_AGENT},
-            )
-            for transport in self._transports
-        ]
+        self._shards = [self._http_client(endpoint, transport) for transport in self._transports]
         self._next = itertools.cycle(self._shards)
-        self._next_transport = itertools.cycle(self._transports)
+        # Requests in flight per pool, for the per-instance requests, which fill the pools
+        # in order instead of taking them in turn: a request never waits in a full pool
+        # while another has a free connection, and the connections in use stay busy
+        # instead of sitting idle past the keep-alive expiry (taken in turn, every
+        # connection of every pool served a request now and then, and idle ones were
+        # closed and opened again: a round trip each on a long link).
+        self._per_shard = per_shard
+        self._busy = [0] * shards
+        self._fill_order = list(range(shards))
         # Parsed once: httpx parses a string URL (and joins it to the base) per request.
         self._instances_url = httpx.URL(endpoint.url).join("instances")
         # Headers of the per-instance requests, which bypass the client layer that adds
@@ -122,8 +121,29 @@ class OrthancClient:
         # The listing's requests (a few at a time) all go through one pool, whose
         # connections then stay busy from page to page: spread over every pool, each
         # connection sat idle past the keep-alive expiry and nearly every page opened one.
-        self.listing_http = self._shards[0]
+        # A pool of its own: in one of 4 connections, the pages requested ahead held them
+        # all, and each page's study and series lookup waited for one of them to end.
+        listing_limits = httpx.Limits(
+            max_connections=LISTING_CONNECTIONS,
+            max_keepalive_connections=LISTING_CONNECTIONS,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
+        self.listing_http = self._http_client(endpoint, _transport(tls, listing_limits))
         self._extensions = {"timeout": self._timeout.as_dict()}
+
+    def _http_client(
+        self, endpoint: Endpoint, transport: httpx.AsyncHTTPTransport
+    ) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=transport,
+            # Every request goes straight to the endpoint, as store() does: an
+            # HTTP(S)_PROXY variable must not route some requests and not others.
+            trust_env=False,
+            base_url=endpoint.url,
+            auth=endpoint.auth,
+            timeout=self._timeout,
+            headers={"User-Agent": USER_AGENT},
+        )
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -132,7 +152,7 @@ class OrthancClient:
 
     async def aclose(self) -> None:
         """Close every connection."""
-        for shard in self._shards:
+        for shard in (*self._shards, self.listing_http):
             await shard.aclose()
 
     async def __aenter__(self) -> OrthancClient:
@@ -304,6 +324,19 @@ class OrthancClient:
 
     # -- per-instance calls -------------------------------------------------------------
 
+    def _take_pool(self) -> int:
+        """The pool for the next per-instance request (counted busy until `_busy` is
+        decremented): the first with a free connection, else the least busy."""
+        busy, free, best = self._busy, self._per_shard, self._fill_order[0]
+        for index in self._fill_order:
+            if busy[index] < free:
+                best = index
+                break
+            if busy[index] < busy[best]:
+                best = index
+        busy[best] += 1
+        return best
+
     async def _per_instance(
         self,
         method: str,
@@ -322,16 +355,32 @@ class OrthancClient:
             headers=headers,
             extensions=self._extensions if extensions is None else extensions,
         )
+        pool = self._take_pool()
         try:
-            response = await next(self._next_transport).handle_async_request(request)
+            response = await self._send(pool, request)
+            await self._read_whole(response)
+        finally:
+            self._busy[pool] -= 1
+        return response
+
+    async def _send(self, pool: int, request: httpx.Request) -> httpx.Response:
+        """The answer to `request` from connection pool `pool`, its body not read yet."""
+        try:
+            response = await self._transports[pool].handle_async_request(request)
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        response.request = request
+        return response
+
+    async def _read_whole(self, response: httpx.Response) -> None:
+        """Read an answer's body to its end and release its connection."""
+        try:
             try:
                 await response.aread()
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
-        response.request = request
-        return response
 
     async def get_file(self, orthanc_id: str) -> bytes:
         """The original DICOM bytes of an instance."""
@@ -350,21 +399,19 @@ class OrthancClient:
         request = httpx.Request(
             "GET", url, headers=self._get_headers, extensions=self._large_extensions(size)
         )
+        pool = self._take_pool()
         try:
-            response = await next(self._next_transport).handle_async_request(request)
-        except httpx.HTTPError as exc:
-            raise TransferError(classify_exception(exc, side=self.role)) from None
-        response.request = request
-        length = _content_length(response)
-        if response.status_code == 200 and length is not None and streamable(length):
-            return HttpChunks(response, length, self.role)
-        try:
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise TransferError(classify_exception(exc, side=self.role)) from None
+            response = await self._send(pool, request)
+            length = _content_length(response)
+            if response.status_code == 200 and length is not None and streamable(length):
+                # The connection stays busy until the chunks are closed.
+                chunks = HttpChunks(response, length, self.role, self._busy, pool)
+                pool = -1
+                return chunks
+            await self._read_whole(response)
+        finally:
+            if pool >= 0:
+                self._busy[pool] -= 1
         if response.status_code != 200:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.content
@@ -476,10 +523,21 @@ class HttpChunks:
     """The body of a file download, in chunks of about `streams.CHUNK` bytes (see
     `streams.Chunks`); `length` is the answer's Content-Length."""
 
-    def __init__(self, response: httpx.Response, length: int, role: str) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        length: int,
+        role: str,
+        busy: list[int] | None = None,
+        pool: int = 0,
+    ) -> None:
         self._response = response
         self.length = length
         self._role = role
+        # The client's count of requests in flight on the connection's pool, released
+        # when the chunks are closed.
+        self._busy = busy
+        self._pool = pool
         self.md5: str | None = None  # see RestSource.open
         self.hashes = False
 
@@ -507,6 +565,9 @@ class HttpChunks:
 
     async def aclose(self) -> None:
         """Release the connection (closed, when the answer was not read to its end)."""
+        if self._busy is not None:
+            self._busy[self._pool] -= 1
+            self._busy = None
         await self._response.aclose()
 
 
