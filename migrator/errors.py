@@ -184,15 +184,20 @@ def verdict_for_stow_failure(reason: int | None) -> Verdict | None:
     text = f"STOW-RS failure 0x{reason:04X}"
     if reason in (_STOW_PROCESSING_FAILURE, _STOW_RESOURCE_LIMITATION):
         return Verdict(Kind.RETRYABLE, f"{text}: processing failure on the target")
-    if 0xA700 <= reason <= 0xA7FF:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (out of resources)")
-    if 0xA900 <= reason <= 0xA9FF:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (data set does not match SOP class)")
-    if 0xC000 <= reason <= 0xCFFF:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (cannot understand)")
-    if reason == 0x0122:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (SOP class not supported)")
-    return Verdict(Kind.PERMANENT, f"{text}: refused")
+    return Verdict(Kind.PERMANENT, f"{text}: {_refusal(reason)}")
+
+
+def _refusal(status: int) -> str:
+    """What a storage failure status (a C-STORE's, a STOW-RS FailureReason) says."""
+    if 0xA700 <= status <= 0xA7FF:
+        return "refused (out of resources)"
+    if 0xA900 <= status <= 0xA9FF:
+        return "refused (data set does not match SOP class)"
+    if 0xC000 <= status <= 0xCFFF:
+        return "refused (cannot understand)"
+    if status == 0x0122:
+        return "refused (SOP class not supported)"
+    return "refused"
 
 
 def verdict_for_stow_silence(http_status: int) -> Verdict:
@@ -316,13 +321,7 @@ def verdict_for_dimse_status(status: int | None, *, side: str, operation: str) -
         if 0xA700 <= status <= 0xA7FF:
             return Verdict(Kind.RETRYABLE, f"{text}: peer out of resources")
         return Verdict(Kind.RETRYABLE, text)
-    if 0xA700 <= status <= 0xA7FF:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (out of resources)")
-    if 0xA900 <= status <= 0xA9FF:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (data set does not match SOP class)")
-    if 0xC000 <= status <= 0xCFFF:
-        return Verdict(Kind.PERMANENT, f"{text}: refused (cannot understand)")
-    return Verdict(Kind.PERMANENT, f"{text}: refused")
+    return Verdict(Kind.PERMANENT, f"{text}: {_refusal(status)}")
 
 
 def dimse_warning(status: int) -> str | None:

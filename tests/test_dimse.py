@@ -8,17 +8,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import fill, ledger_rows, run_cli, start_cli, state_counts, wait_for_sent
+from conftest import CliResult, fill, ledger_rows, run_cli, start_cli, state_counts, wait_for_sent
+from pydicom.uid import RLELossless
 
 from migrator.errors import Kind, verdict_for_association, verdict_for_dimse_status
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
 from migrator.testkit.orthanc import free_port
 
-N = 24
+N = 16
 PACS_AET = "PACS"
 
 
@@ -68,21 +70,43 @@ def _same_instances(target: OrthancProcess, expected: list[SyntheticInstance]) -
         assert got.PixelData == want.PixelData
 
 
+@contextmanager
+def _dcmtk(port: int, *cmd: str) -> Iterator[None]:
+    """A DCMTK server (`cmd`) listening on `port` while the block runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _files(folder: Path, instances: list[SyntheticInstance], first: bytes | None = None) -> Path:
+    """The instances as files in `folder` (the first one's bytes replaced by `first`)."""
+    folder.mkdir()
+    for i, inst in enumerate(instances):
+        (folder / f"{i}.dcm").write_bytes(first if i == 0 and first else inst.data)
+    return folder
+
+
+def _import_to_storescp(folder: Path, ledger_url: str, *options: str) -> CliResult:
+    """`migrator import FOLDER dicom://ANY@...` into a storescp run with `options`."""
+    port = free_port()
+    with _dcmtk(port, "storescp", *options, str(port)):
+        return run_cli(
+            "import", str(folder), f"dicom://ANY@127.0.0.1:{port}", "--ledger", ledger_url
+        )
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """DCMTK's storescp writing what it receives into a folder: (port, folder)."""
     folder = tmp_path / "storescp"
     folder.mkdir()
     port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "STORESCP", "+xa", "-od", str(folder), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_port(port)
-    yield port, folder
-    proc.terminate()
-    proc.wait(10)
+    with _dcmtk(port, "storescp", "-aet", "STORESCP", "+xa", "-od", str(folder), str(port)):
+        yield port, folder
 
 
 def _wait_port(port: int, timeout: float = 10) -> None:
@@ -134,6 +158,43 @@ def test_cmove_to_orthanc_rest(orthanc_factory, tmp_path, ledger_path, ledger_ur
     assert state_counts(ledger_path) == {"sent": N}
 
 
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_dcmqrscp_source(retrieve, orthanc_factory, tmp_path, ledger_path, ledger_url):
+    """DCMTK's dcmqrscp (a Q/R SCP over its own file store) as the source."""
+    port, move_port = free_port(), free_port()
+    store = tmp_path / "qr"
+    store.mkdir()
+    config = tmp_path / "dcmqrscp.cfg"
+    config.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        f"HostTable BEGIN\nmigrator = (MIGRATOR, 127.0.0.1, {move_port})\nHostTable END\n"
+        "VendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nQRSCP {store} RW (200, 1024mb) ANY\nAETable END\n"
+    )
+    instances = make_dataset(N, seed=72)
+    files = _files(tmp_path / "files", instances)
+    with _dcmtk(port, "dcmqrscp", "-c", str(config)):
+        subprocess.run(
+            ["storescu", "-aec", "QRSCP", "+sd", "127.0.0.1", str(port), str(files)],
+            check=True,
+            capture_output=True,
+        )
+        target = orthanc_factory("target")
+        settings = _config(tmp_path, retrieve=retrieve, move_port=move_port)
+        result = run_cli(
+            "replicate",
+            f"dicom://QRSCP@127.0.0.1:{port}",
+            target.url,
+            "--ledger",
+            ledger_url,
+            "--config",
+            settings,
+        )
+    assert result.code == 0, result.stderr
+    _same_instances(target, instances)
+    assert state_counts(ledger_path) == {"sent": N}
+
+
 def test_cmove_destination_unknown_is_fatal(orthanc_factory, tmp_path, ledger_path, ledger_url):
     """A peer that does not know our AE as a move destination stops the run (exit 3):
     nothing is marked, whatever the number of rows."""
@@ -163,12 +224,33 @@ def test_orthanc_rest_to_storescp(orthanc_factory, storescp, ledger_path, ledger
     assert state_counts(ledger_path) == {"sent": N}
 
 
+def _rle(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.compress(RLELossless)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_context_refused_by_the_peer_is_rejected(tmp_path, ledger_path, ledger_url):
+    """storescp accepts uncompressed transfer syntaxes only (no +xa): the RLE file's
+    context is refused (and RLE is not re-encoded), that row ends `rejected`, the others
+    are stored."""
+    instances = make_dataset(4, seed=71)
+    folder = _files(tmp_path / "files", instances, first=_rle(instances[0].data))
+    received = tmp_path / "received"
+    received.mkdir()
+    result = _import_to_storescp(folder, ledger_url, "-od", str(received))
+    assert result.code == 1, result.stderr
+    assert state_counts(ledger_path) == {"sent": 3, "rejected": 1}
+    assert _received_uids(received) == sorted(i.sop_uid for i in instances[1:])
+    (reason,) = ledger_rows(ledger_path, "SELECT last_error FROM instances WHERE state='rejected'")
+    assert "RLE" in reason[0]
+
+
 def test_folder_to_dimse_orthanc_and_verify_present(orthanc_factory, tmp_path, ledger_url):
-    folder = tmp_path / "files"
-    folder.mkdir()
     instances = make_dataset(N, seed=65)
-    for i, inst in enumerate(instances):
-        (folder / f"{i}.dcm").write_bytes(inst.data)
+    folder = _files(tmp_path / "files", instances)
     pacs = _pacs(orthanc_factory)
     result = run_cli("import", str(folder), _dicom_url(pacs), "--ledger", ledger_url)
     assert result.code == 0, result.stderr
@@ -242,22 +324,8 @@ def test_unknown_called_ae_is_one_line_exit_3(orthanc_factory, ledger_path, ledg
 
 
 def test_refused_association_marks_nothing(tmp_path, ledger_path, ledger_url):
-    folder = tmp_path / "files"
-    folder.mkdir()
-    for i, inst in enumerate(make_dataset(4, seed=68)):
-        (folder / f"{i}.dcm").write_bytes(inst.data)
-    port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "--refuse", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        _wait_port(port)
-        result = run_cli(
-            "import", str(folder), f"dicom://ANY@127.0.0.1:{port}", "--ledger", ledger_url
-        )
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    folder = _files(tmp_path / "files", make_dataset(4, seed=68))
+    result = _import_to_storescp(folder, ledger_url, "--refuse")
     assert result.code == 3
     result.assert_one_line_error()
     assert "association rejected" in result.stderr

@@ -225,6 +225,9 @@ class DimseSource:
             state = json.loads(cursor)
         else:
             since, until = self.selection.since or "", self.selection.until or ""
+            if self.selection.include_undated:
+                # A StudyDate range matches no undated study: ask them all, `matches` selects.
+                since = until = ""
             state = {"ranges": [[since, until]], "after": None}
         rows: list[dict[str, Any]] = []
         notes: list[str] = []

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -42,7 +43,13 @@ __all__ = [
 FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
 # Transfer syntaxes a dataset can be re-encoded between without touching its pixel data.
 NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-_UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian}
+# Transfer syntaxes pynetdicom re-encodes between (the pixel data as they are).
+_UNCOMPRESSED = {
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+}
 _message_ids = itertools.count(1)
 
 
@@ -89,24 +96,29 @@ def read_meta(data: bytes) -> FileMeta | None:
 
 
 def context_key(sop_class: str, transfer_syntax: str) -> tuple[str, str]:
-    """Files that one presentation context can carry: an uncompressed file goes in its
-    SOP class's native context (explicit or implicit VR, re-encoded if need be); any other
-    transfer syntax (compressed, deflated) needs a context of its own, sent as it is."""
+    """Files that one presentation context can carry: an uncompressed (or deflated) file
+    goes in its SOP class's native context (its own syntax, else explicit or implicit VR,
+    re-encoded if need be); a compressed one needs a context of its own, sent as it is."""
     if transfer_syntax in _UNCOMPRESSED:
         return (sop_class, "native")
     return (sop_class, transfer_syntax)
 
 
 def context_for(key: tuple[str, str], first: str | None = None) -> PresentationContext:
-    """The presentation context proposed for `key` (from `context_key`): the file's own
-    transfer syntax first, and for uncompressed files the explicit and implicit VR little
-    endian fallbacks."""
+    """The presentation context proposed for `key` (from `context_key`): a compressed
+    file's own transfer syntax; for the others explicit and implicit VR little endian
+    (the first file's own first) and the first file's own syntax."""
     sop_class, group = key
     if group != "native":
         return build_context(sop_class, [group])
     syntaxes = list(NATIVE)
-    if first and first not in syntaxes:
+    if first in syntaxes:
+        syntaxes.remove(first)
         syntaxes.insert(0, first)
+    elif first:
+        # Deflated or big endian last: files of this context in explicit or implicit VR
+        # would otherwise all be re-encoded into it.
+        syntaxes.append(first)
     return build_context(sop_class, syntaxes)
 
 
@@ -158,17 +170,15 @@ def _send_raw(
     assoc: Association, context_id: int, meta: FileMeta, dataset: memoryview
 ) -> int | None:
     """pynetdicom's `send_c_store` with the encoded dataset given as it is (pynetdicom
-    3.0's own steps: pause the reactor, send, wait for the response)."""
+    3.0's own steps: pause the association's reactor, send, wait for the response)."""
     req = C_STORE()
     req.MessageID = next(_message_ids) % 65536
     req.Priority = 2
     req.AffectedSOPClassUID = meta.sop_class
     req.AffectedSOPInstanceUID = meta.sop_uid
     req.DataSet = io.BytesIO(dataset)
-    assoc._reactor_checkpoint.clear()
+    _pause_reactor(assoc)
     try:
-        while not assoc._is_paused:
-            time.sleep(0.0001)
         assoc.dimse.send_msg(req, context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
@@ -178,6 +188,24 @@ def _send_raw(
         return None
     status = assoc._check_received_status(rsp)
     return int(status.Status) if "Status" in status else None
+
+
+def _pause_reactor(assoc: Association) -> None:
+    """Hold the association's reactor thread, so that it does not take our response off
+    the queue. pynetdicom waits for its `_is_paused` flag, which is already True for a
+    moment after the reactor passed its checkpoint: the response could then be taken (and
+    the store wait for it until the DIMSE timeout, seen about once in a thousand stores).
+    Here the wait lasts until the reactor is blocked on the checkpoint itself."""
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
+    deadline = time.monotonic() + 1.0
+    while True:
+        blocked = len(waiters) > 0 if waiters is not None else assoc._is_paused
+        # A reactor that ended (association gone) never blocks: the send then fails.
+        if blocked or not assoc.is_alive() or time.monotonic() > deadline:
+            return
+        time.sleep(0.0001)
 
 
 def find(assoc: Association, query: Dataset, side: str) -> tuple[list[Dataset], Verdict | None]:
