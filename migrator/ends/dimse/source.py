@@ -64,7 +64,7 @@ from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
 from migrator.ends.dimse.scp import Arrivals, StorageSCP
-from migrator.ends.dimse.wire import FIND_MODEL, find, query, text
+from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
 from migrator.ends.streams import Chunks
 from migrator.errors import (
@@ -475,6 +475,7 @@ class DimseSource:
 def _get(assoc: Association, q: Dataset) -> Dataset | None:
     """A C-GET to its end (blocking): the final response (None: none came)."""
     final = None
+    pause_reactor(assoc)
     for status, _ in assoc.send_c_get(q, GET_MODEL):
         if status and "Status" in status:
             final = status
@@ -484,6 +485,7 @@ def _get(assoc: Association, q: Dataset) -> Dataset | None:
 def _move(assoc: Association, q: Dataset, destination: str) -> Dataset | None:
     """A C-MOVE to `destination` to its end (blocking): the final response."""
     final = None
+    pause_reactor(assoc)
     for status, _ in assoc.send_c_move(q, destination, MOVE_MODEL):
         if status and "Status" in status:
             final = status

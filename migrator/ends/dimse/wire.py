@@ -36,6 +36,7 @@ __all__ = [
     "context_for",
     "context_key",
     "find",
+    "pause_reactor",
     "read_meta",
     "store_bytes",
 ]
@@ -177,7 +178,7 @@ def _send_raw(
     req.AffectedSOPClassUID = meta.sop_class
     req.AffectedSOPInstanceUID = meta.sop_uid
     req.DataSet = io.BytesIO(dataset)
-    _pause_reactor(assoc)
+    pause_reactor(assoc)
     try:
         assoc.dimse.send_msg(req, context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
@@ -190,12 +191,14 @@ def _send_raw(
     return int(status.Status) if "Status" in status else None
 
 
-def _pause_reactor(assoc: Association) -> None:
+def pause_reactor(assoc: Association) -> None:
     """Hold the association's reactor thread, so that it does not take our response off
-    the queue. pynetdicom waits for its `_is_paused` flag, which is already True for a
-    moment after the reactor passed its checkpoint: the response could then be taken (and
-    the store wait for it until the DIMSE timeout, seen about once in a thousand stores).
-    Here the wait lasts until the reactor is blocked on the checkpoint itself."""
+    the queue (before a C-STORE here, or pynetdicom's C-FIND, C-GET, C-MOVE, which hold it
+    again and let it go when their answer ends). pynetdicom waits for its `_is_paused`
+    flag, which is already True for a moment after the reactor passed its checkpoint: the
+    response could then be taken (and the store wait for it until the DIMSE timeout, seen
+    about once in a thousand stores). Here the wait lasts until the reactor is blocked on
+    the checkpoint itself."""
     checkpoint = assoc._reactor_checkpoint
     checkpoint.clear()
     waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
@@ -213,6 +216,7 @@ def find(assoc: Association, query: Dataset, side: str) -> tuple[list[Dataset], 
     the answer early, if any (None: complete)."""
     matches: list[Dataset] = []
     final: int | None = None
+    pause_reactor(assoc)
     for status, identifier in assoc.send_c_find(query, FIND_MODEL):
         if not status or "Status" not in status:
             final = None
