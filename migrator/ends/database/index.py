@@ -33,6 +33,7 @@ __all__ = [
     "DbUrl",
     "IndexDatabase",
     "LargeObjectReader",
+    "one_line",
     "parse_db_url",
 ]
 
@@ -210,7 +211,7 @@ class IndexDatabase:
                 cur.execute("SET SESSION TRANSACTION READ ONLY")
             return conn
         except Exception as exc:
-            raise FatalError(f"cannot open {u.display}: {_first_line(exc)}") from None
+            raise FatalError(f"cannot open {u.display}: {one_line(exc)}") from None
 
     def _borrow(self) -> Any:
         # Never waits for a connection: a transfer holds one at most (a streamed large
@@ -254,7 +255,7 @@ class IndexDatabase:
             )
         except Exception as exc:
             raise FatalError(
-                f"{self.url.display} is not an Orthanc index database ({_first_line(exc)})"
+                f"{self.url.display} is not an Orthanc index database ({one_line(exc)})"
             ) from None
         try:
             version, revision = int(props[_VERSION]), int(props.get(_REVISION, 0))
@@ -509,7 +510,7 @@ class LargeObjectReader:
             )
         except Exception as exc:
             self._release(broken=True)
-            raise OSError(f"large object {self._oid}: {_first_line(exc)}") from None
+            raise OSError(f"large object {self._oid}: {one_line(exc)}") from None
         data = bytes(rows[0][0])
         self._offset += len(data)
         return data
@@ -529,7 +530,7 @@ def storage_file(storage: str, uuid: str) -> str:
     return os.path.join(storage, uuid[0:2], uuid[2:4], uuid)
 
 
-def _first_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """A driver's message on one line (psycopg's run over several; PyMySQL's are tuples)."""
     args = getattr(exc, "args", ())
     pymysql_style = len(args) == 2 and isinstance(args[0], int)  # (code, message)

@@ -18,7 +18,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from migrator.ends.base import Item, ListingPage
-from migrator.ends.database.index import Attachment, DbUrl, IndexDatabase, storage_file
+from migrator.ends.database.index import (
+    Attachment,
+    DbUrl,
+    IndexDatabase,
+    one_line,
+    storage_file,
+)
 from migrator.ends.folder.fileclass import (
     CorruptFile,
     decompress_zlib_with_size,
@@ -182,8 +188,7 @@ class DatabaseSource:
             raise TransferError(
                 Verdict(
                     Kind.RETRYABLE,
-                    f"cannot read {item.source_key} from {self.display}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    f"cannot read {item.source_key} from {self.display}: {one_line(exc)}",
                 )
             ) from None
 
@@ -197,7 +202,7 @@ class DatabaseSource:
             raise _vanished(
                 f"attachment {content.uuid} of {public_id} has no content in the StorageArea"
             )
-        return _inflate(content.data, content.compression, public_id)
+        return _inflate(content.data, content.compression)
 
     def _read_file(self, public_id: str) -> bytes:
         assert self.storage is not None
@@ -259,7 +264,7 @@ class DatabaseSource:
         await asyncio.to_thread(self.db.close)
 
 
-def _inflate(data: bytes, compression: int, public_id: str) -> bytes:
+def _inflate(data: bytes, compression: int) -> bytes:
     """The DICOM bytes of stored content (plain, or zlib with an 8-byte size)."""
     if compression == 1:
         return data
