@@ -13,7 +13,7 @@ N small synthetic instances (2,000 by default):
    to a storage SCP, study after study), written here with pynetdicom. Both keep every
    received instance in memory and check that all N arrived.
 
-    .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 8] [--keep]
+    .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 32] [--keep]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def bench_store(work: Path, files: Path, n: int, concurrency: int) -> list[dict[
                 "copy": f"storescu TCP_NODELAY=1 -> {label}",
                 "seconds": theirs_nd,
                 "per_s": n / theirs_nd,
-            },  # fmt: skip
+            },
         ]
     return rounds
 
@@ -187,7 +187,7 @@ def pacs_migrator_move(pacs: OrthancProcess, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=2000)
-    parser.add_argument("-c", "--concurrency", type=int, default=8)
+    parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     n = args.instances

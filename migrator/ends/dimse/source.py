@@ -15,12 +15,15 @@ come only from an unsplit query: when the first query is capped, undated studies
 the cap are not listed (the note says so). A capped SERIES or IMAGE level answer cannot
 be split and stops the listing (FatalError): raise the peer's limit.
 
-Retrieval, per instance (``settings.dimse_retrieve``):
+Retrieval (``settings.dimse_retrieve``):
 
-- ``get`` (default): C-GET at IMAGE level on a pooled association that proposes the
+- ``get`` (default): C-GET on a pooled association that proposes the
   storage SOP classes in the SCP role (the classes the listing saw, with a context per
   common compressed transfer syntax so that the peer need not transcode, then the common
-  storage classes uncompressed, 127 in all).
+  storage classes uncompressed, 127 in all). The first row of a series asks for the
+  whole series (SERIES level), whose instances wait in a bounded cache for their own rows
+  (one request instead of one per instance); an instance it did not bring is then asked
+  alone, at IMAGE level.
 - ``move``: C-MOVE at IMAGE level to our own storage SCP (started by `preflight`, on
   ``settings.dimse_move_port``). The peer must know our AE title (``settings.dimse_aet``)
   with our host and that port (Orthanc: ``DicomModalities``).
@@ -31,6 +34,7 @@ UID) and the final status counts one completed sub-operation and no failed one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -63,7 +67,7 @@ from migrator.config import Settings
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
-from migrator.ends.dimse.scp import Arrivals, StorageSCP
+from migrator.ends.dimse.scp import Arrivals, SeriesCache, StorageSCP
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
 from migrator.ends.streams import Chunks
@@ -97,6 +101,10 @@ COMPRESSED = (
     DeflatedExplicitVRLittleEndian,
 )
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Studies whose series and instances are listed at once (C-FIND associations).
+LIST_AHEAD = 1
+# Series remembered as retrieved whole (not asked whole again in this run).
+SERIES_REMEMBERED = 10_000
 # The widest range a StudyDate split works with (an open bound is taken as this).
 FIRST_DAY = date(1900, 1, 1)
 
@@ -119,8 +127,13 @@ class DimseSource:
         self.arrivals = Arrivals()
         opener = self._open_get if self.retrieve == "get" else self._open_move
         self.pool = AssociationPool(self.connector, opener, size)
-        self.finds = AssociationPool(self.connector, self._open_find, 1)
+        self.finds = AssociationPool(self.connector, self._open_find, LIST_AHEAD)
         self.scp: StorageSCP | None = None
+        # C-GET by series: instances brought and not yet taken, retrievals under way, and
+        # the series retrieved whole already (most recent last).
+        self.cache = SeriesCache()
+        self.series_tasks: dict[str, asyncio.Future[None]] = {}
+        self.series_done: dict[str, None] = {}
         # SOP classes seen by the listing, most recent last (C-GET contexts).
         self.sop_classes: dict[str, None] = {}
         self.page_size = max(1, settings.page_size)
@@ -258,13 +271,20 @@ class DimseSource:
                     "and a day cannot be split: the others are not listed"
                 )
             after = state["after"]
-            for study in sorted(studies, key=lambda s: text(s, "StudyInstanceUID")):
-                uid = text(study, "StudyInstanceUID")
-                if not uid or (after is not None and uid <= after):
-                    continue
-                if self._selected(study):
-                    rows.extend(await self._study_rows(study))
-                state["after"] = uid
+            todo = [
+                s
+                for s in sorted(studies, key=lambda s: text(s, "StudyInstanceUID"))
+                if text(s, "StudyInstanceUID")
+                and (after is None or text(s, "StudyInstanceUID") > after)
+            ]
+            # A few studies' series and instances asked at once (each C-FIND waits for
+            # the peer's answer); the cursor moves past a group once all of it is listed.
+            for at in range(0, len(todo), LIST_AHEAD):
+                group = [s for s in todo[at : at + LIST_AHEAD]]
+                chosen = [s for s in group if self._selected(s)]
+                for study_rows in await asyncio.gather(*(self._study_rows(s) for s in chosen)):
+                    rows.extend(study_rows)
+                state["after"] = text(group[-1], "StudyInstanceUID")
                 if len(rows) >= self.page_size:
                     yield ListingPage(rows, json.dumps(state), notes=notes)
                     rows, notes = [], []
@@ -378,7 +398,11 @@ class DimseSource:
 
     async def fetch(self, item: Item) -> bytes:
         """The instance as a Part-10 file, retrieved by C-GET or C-MOVE."""
-        sop_uid = _uids(item.source_key)[2]
+        study_uid, series_uid, sop_uid = _uids(item.source_key)
+        if self.retrieve == "get":
+            data = await self._from_series(study_uid, series_uid, sop_uid)
+            if data is not None:
+                return data
         q = _image_query(item.source_key)
         self.arrivals.expect([sop_uid])
         try:
@@ -401,6 +425,36 @@ class DimseSource:
                         Verdict(Kind.VANISHED, "no longer on the source (C-FIND finds it no more)")
                     ) from None
             raise
+
+    async def _from_series(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes | None:
+        """The instance from a C-GET of its whole series (one request for the series'
+        instances, which the rows leased after it take from the cache), or None: then it
+        is retrieved alone. A series is retrieved whole once per run; an instance it did
+        not bring (failed, past the budget, stored since) is retrieved alone."""
+        data = self.cache.take(series_uid, sop_uid)
+        if data is not None:
+            return data
+        task = self.series_tasks.get(series_uid)
+        if task is None and series_uid not in self.series_done:
+            self.series_done[series_uid] = None
+            while len(self.series_done) > SERIES_REMEMBERED:
+                self.series_done.pop(next(iter(self.series_done)))
+            task = asyncio.ensure_future(self._get_series(study_uid, series_uid))
+            self.series_tasks[series_uid] = task
+            task.add_done_callback(lambda _t: self.series_tasks.pop(series_uid, None))
+        if task is None:
+            return None
+        try:
+            await asyncio.shield(task)
+        except TransferError:
+            return None  # the instance alone says what is wrong
+        return self.cache.take(series_uid, sop_uid)
+
+    async def _get_series(self, study_uid: str, series_uid: str) -> None:
+        q = query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
+        async with self.pool.take() as assoc:
+            found = await self.connector.run(_get_whole, assoc, q)
+        self.cache.put(series_uid, found)
 
     async def open(self, item: Item) -> bytes | Chunks:
         """Retrieved whole (DIMSE gives no size ahead)."""
@@ -464,6 +518,8 @@ class DimseSource:
 
     async def aclose(self) -> None:
         """Release the associations, stop our SCP and the threads."""
+        for task in list(self.series_tasks.values()):
+            task.cancel()
         await self.pool.aclose()
         await self.finds.aclose()
         if self.scp is not None:
@@ -480,6 +536,18 @@ def _get(assoc: Association, q: Dataset) -> Dataset | None:
         if status and "Status" in status:
             final = status
     return final
+
+
+def _get_whole(assoc: Association, q: Dataset) -> dict[str, bytes]:
+    """A C-GET whose instances are all kept (by SOP Instance UID), whatever its final
+    status: each one kept arrived whole."""
+    bucket: dict[str, bytes] = {}
+    assoc.bucket = bucket  # type: ignore[attr-defined]
+    try:
+        _get(assoc, q)
+    finally:
+        assoc.bucket = None  # type: ignore[attr-defined]
+    return bucket
 
 
 def _move(assoc: Association, q: Dataset, destination: str) -> Dataset | None:
