@@ -56,17 +56,17 @@ MAX_BATCH_BYTES = 16 * 1024 * 1024
 # fastest of PROBES `GET /system`, which the server answers at once, so the time is the
 # network's, not the server's load). When a transfer's round trips (source + target) add
 # up to BATCH_FROM seconds or more, batches of one instance per BATCH_STEP seconds of them.
-# From a 15 ms link on: at 20 ms (2,000 small instances, a shared 2-CPU machine), batches
-# of 16 took 5 s where one instance per request took 12-16 s, fewer requests costing both
-# Orthancs and this process less CPU. (Lower, a busy machine's local link can measure
-# that slow: 5 ms and more per end, hence five probes; they overlap the listing's first
-# requests, which take longer on a long link.) At 100 ms, batches of 64 were slower than
-# of 32 (7.5-8.5 s against 6.1-6.5 s: fewer, larger transfers fill a capped link less
-# evenly).
-PROBES = 5
+# From a 17.5 ms link on: at 20 ms (2,000 small instances, a shared 2-CPU machine),
+# batches of 16 took 5 s where one instance per request took 12-16 s, fewer requests
+# costing both Orthancs and this process less CPU. (Lower, a busy machine's local link
+# can measure that slow: 5 to 15 ms per end. Five probes instead of three cost a 100 ms
+# link more than they brought: the first transfers wait for them.) At 100 ms, batches of
+# 64 were slower than of 32 (7.5-8.5 s against 6.1-6.5 s: fewer, larger transfers fill
+# a capped link less evenly).
+PROBES = 3
 # Seconds the first transfers wait for the measure at most.
 PROBE_WAIT = 5.0
-BATCH_FROM = 0.03
+BATCH_FROM = 0.035
 BATCH_STEP = 0.0025
 AUTO_MIN, AUTO_MAX = 4, 32
 # Credentials refused: the one-instance path reports it the same way, as a fatal error.
