@@ -74,13 +74,24 @@ async def _bare_stores(files: list[bytes], url: str, mode: str, k: int) -> float
     began = time.monotonic()
     gate = asyncio.Semaphore(16)
     if mode == "rest":
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        # Idle connections dropped before Orthanc's 1 s keep-alive closes them under us,
+        # and one retry for the race that remains (POST /instances is idempotent).
+        limits = httpx.Limits(keepalive_expiry=0.5)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
 
             async def one(data: bytes) -> None:
                 async with gate:
-                    answer = await http.post(
-                        "instances", content=data, headers={"Content-Type": "application/dicom"}
-                    )
+                    for attempt in range(2):
+                        try:
+                            answer = await http.post(
+                                "instances",
+                                content=data,
+                                headers={"Content-Type": "application/dicom"},
+                            )
+                            break
+                        except httpx.TransportError:
+                            if attempt:
+                                raise
                     answer.raise_for_status()
 
             await asyncio.gather(*(one(d) for d in files))
@@ -159,12 +170,14 @@ def main() -> None:
                 for rtt in rtts:
                     for name in COPIES:
                         seconds, ok = copy_round(work, source, name, rtt)
+                        print(f"{name} at {rtt} s RTT: {seconds:.1f} s", flush=True)
                         times.setdefault((name, rtt), []).append(seconds)
                         doc["rounds"].append({"copy": name, "rtt": rtt, "s": seconds, "ok": ok})
                         assert ok, f"{name} at {rtt}: the target differs from the source"
                     for mode, k in bares:
                         name = "bare POST /instances x1" if mode == "rest" else f"bare STOW-RS x{k}"
                         seconds, ok = bare_round(work, files, mode, k, rtt)
+                        print(f"{name} at {rtt} s RTT: {seconds:.1f} s", flush=True)
                         times.setdefault((name, rtt), []).append(seconds)
                         doc["rounds"].append({"copy": name, "rtt": rtt, "s": seconds, "ok": ok})
                         assert ok, f"{name} at {rtt}: not every instance arrived"

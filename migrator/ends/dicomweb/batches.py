@@ -35,7 +35,7 @@ class StowBatches:
         self,
         send: Callable[[list[bytes]], Awaitable[list[Outcome]]],
         *,
-        requests: int = 8,
+        requests: int = 4,
         most: int = 32,
         most_bytes: int = 16 << 20,
     ) -> None:

@@ -39,7 +39,7 @@ log = logging.getLogger("migrator")
 
 # STOW-RS requests under way at once: the fewer, the more instances each carries, but
 # the longer a store waits (which the engine's self-tuning reads as a slower target).
-STOW_REQUESTS = 8
+STOW_REQUESTS = 4
 # Per-request retries of retryable failures before a check is `error`.
 REQUEST_ATTEMPTS = 4
 BACKOFF = (0.2, 0.5, 1.0)
