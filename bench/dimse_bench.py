@@ -8,8 +8,8 @@ N small synthetic instances (2,000 by default):
    association), same folder, same run. storescu runs with Debian's default (Nagle on)
    and with ``TCP_NODELAY=1``; storescp always with ``TCP_NODELAY=1``.
 2. Retrieval from an Orthanc's DICOM port holding the N instances: migrator's DIMSE
-   source (C-FIND listing, then C-GET per instance, ``-c`` at once) against the way
-   orthanc-tools' PacsMigrator works (C-FIND of the studies, then one C-MOVE per study
+   source (C-FIND listing, then a fetch per row, ``-c`` at once: C-GET by series)
+   against the way orthanc-tools' PacsMigrator works (C-FIND of the studies, then one C-MOVE per study
    to a storage SCP, study after study), written here with pynetdicom. Both keep every
    received instance in memory and check that all N arrived.
 
@@ -219,7 +219,7 @@ def main() -> None:
         finally:
             pacs.stop()
         doc["rounds"] += [
-            {"copy": f"migrator C-FIND + C-GET per instance (-c {args.concurrency})",
+            {"copy": f"migrator C-FIND + C-GET by series (-c {args.concurrency})",
              "seconds": ours, "per_s": n / ours},
             {"copy": "PacsMigrator-style C-FIND + C-MOVE per study", "seconds": theirs,
              "per_s": n / theirs},

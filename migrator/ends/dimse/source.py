@@ -101,7 +101,9 @@ COMPRESSED = (
     DeflatedExplicitVRLittleEndian,
 )
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-# Studies whose series and instances are listed at once (C-FIND associations).
+# Studies whose series and instances are listed at once, each on a C-FIND association
+# of its own. One: a peer serves few associations at once (Orthanc 4 by default, each
+# held for its whole life), and listing associations held open would starve retrieval.
 LIST_AHEAD = 1
 # Series remembered as retrieved whole (not asked whole again in this run).
 SERIES_REMEMBERED = 10_000
