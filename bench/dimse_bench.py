@@ -9,9 +9,9 @@ N small synthetic instances (2,000 by default):
    and with ``TCP_NODELAY=1``; storescp always with ``TCP_NODELAY=1``.
 2. Retrieval from an Orthanc's DICOM port holding the N instances: migrator's DIMSE
    source (C-FIND listing, then a fetch per row, ``-c`` at once: C-GET by series)
-   against the way orthanc-tools' PacsMigrator works (C-FIND of the studies, then one C-MOVE per study
-   to a storage SCP, study after study), written here with pynetdicom. Both keep every
-   received instance in memory and check that all N arrived.
+   against the way orthanc-tools' PacsMigrator works (C-FIND of the studies, then one
+   C-MOVE per study to a storage SCP, study after study), written here with pynetdicom.
+   Both keep every received instance in memory and check that all N arrived.
 
     .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 32] [--keep]
 """
