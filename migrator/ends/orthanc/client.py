@@ -40,9 +40,6 @@ from migrator.errors import (
 # closes fails with "Server disconnected". Dropping our idle connections sooner avoids it.
 KEEPALIVE_EXPIRY = 0.7
 SHARD_CONNECTIONS = 4
-# Connections of the listing's own pool: its pages requested ahead, and the study and
-# series lookups beside them, each on a connection of its own.
-LISTING_CONNECTIONS = 8
 USER_AGENT = "migrator"
 # Bytes per second an Orthanc surely parses and writes (or reads) a large file at: the
 # wait for its answer to a large transfer is the timeout plus the file's size at this rate.
@@ -89,14 +86,14 @@ class OrthancClient:
         self._shards = [self._http_client(endpoint, transport) for transport in self._transports]
         self._next = itertools.cycle(self._shards)
         # Requests in flight per pool, for the per-instance requests, which fill the pools
-        # in order instead of taking them in turn: a request never waits in a full pool
-        # while another has a free connection, and the connections in use stay busy
-        # instead of sitting idle past the keep-alive expiry (taken in turn, every
-        # connection of every pool served a request now and then, and idle ones were
-        # closed and opened again: a round trip each on a long link).
+        # in order (the listing's last) instead of taking them in turn: a request never
+        # waits in a full pool while another has a free connection, and the connections
+        # in use stay busy instead of sitting idle past the keep-alive expiry (taken in
+        # turn, every connection of every pool served a request now and then, and idle
+        # ones were closed and opened again: a round trip each on a long link).
         self._per_shard = per_shard
         self._busy = [0] * shards
-        self._fill_order = list(range(shards))
+        self._fill_order = [*range(1, shards), 0]
         # Parsed once: httpx parses a string URL (and joins it to the base) per request.
         self._instances_url = httpx.URL(endpoint.url).join("instances")
         # Headers of the per-instance requests, which bypass the client layer that adds
@@ -121,14 +118,7 @@ class OrthancClient:
         # The listing's requests (a few at a time) all go through one pool, whose
         # connections then stay busy from page to page: spread over every pool, each
         # connection sat idle past the keep-alive expiry and nearly every page opened one.
-        # A pool of its own: in one of 4 connections, the pages requested ahead held them
-        # all, and each page's study and series lookup waited for one of them to end.
-        listing_limits = httpx.Limits(
-            max_connections=LISTING_CONNECTIONS,
-            max_keepalive_connections=LISTING_CONNECTIONS,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-        )
-        self.listing_http = self._http_client(endpoint, _transport(tls, listing_limits))
+        self.listing_http = self._shards[0]
         self._extensions = {"timeout": self._timeout.as_dict()}
 
     def _http_client(
@@ -152,7 +142,7 @@ class OrthancClient:
 
     async def aclose(self) -> None:
         """Close every connection."""
-        for shard in (*self._shards, self.listing_http):
+        for shard in self._shards:
             await shard.aclose()
 
     async def __aenter__(self) -> OrthancClient:
