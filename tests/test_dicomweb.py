@@ -400,10 +400,9 @@ def test_wado_answer_cut_short_is_never_sent(orthanc_factory, tmp_path, ledger_p
     config = tmp_path / "c.toml"
     config.write_text("[retry]\nmax_attempts = 2\nbackoff_initial = 0.05\nbackoff_max = 0.1\n")
     with Proxy("127.0.0.1", source.http_port) as proxy:
-        # Every retrieve of one instance stops mid-answer.
-        proxy.set_faults(
-            lambda m, p, i: TruncateResponse(600) if p.endswith(victim.sop_uid) else None
-        )
+        # Every retrieve of one instance, and of its series, stops mid-answer.
+        cut = (victim.sop_uid, victim.series_uid)
+        proxy.set_faults(lambda m, p, i: TruncateResponse(600) if p.endswith(cut) else None)
         result = invoke("replicate", dw(proxy.url), target.url, "--ledger", ledger_url,
                         "--config", str(config))  # fmt: skip
     assert result.code == 1, result.stderr[-2000:]

@@ -198,6 +198,45 @@ class DicomWebClient:
             )
         return parts[0]
 
+    async def retrieve_series(self, study: str, series: str, most: int) -> dict[str, bytes] | None:
+        """The stored files of a whole series by SOPInstanceUID (parts whose UID cannot
+        be read are left out), or None when the answer is larger than `most` bytes.
+        Raises TransferError."""
+        path = f"studies/{study}/series/{series}"
+        headers = {"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"}
+        chunks: list[bytes] = []
+        try:
+            async with self.http.stream("GET", path, headers=headers) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise TransferError(verdict_for_response(response, side=self.role))
+                content_type = response.headers.get("Content-Type", "")
+                if int(response.headers.get("Content-Length") or 0) > most:
+                    return None
+                total = 0
+                async for chunk in response.aiter_raw():
+                    total += len(chunk)
+                    if total > most:
+                        return None
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise TransferError(classify_exception(exc, side=self.role)) from None
+        boundary = boundary_of(content_type)
+        if boundary is None:
+            return None
+        try:
+            parts = split_related(b"".join(chunks), boundary)
+        except Truncated as exc:
+            raise TransferError(
+                Verdict(Kind.RETRYABLE, f"{self.role} WADO-RS answer cut short: {exc}")
+            ) from None
+        found: dict[str, bytes] = {}
+        for part in parts:
+            uid = sop_uid_of(part)
+            if uid:
+                found[uid] = part
+        return found
+
     # -- STOW-RS ------------------------------------------------------------------------
 
     async def store(self, datas: list[bytes]) -> tuple[int, dict[str, Any]]:
@@ -234,3 +273,23 @@ class DicomWebClient:
         if response.status_code in (401, 403, 407) or response.status_code >= 500:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.status_code, answer
+
+
+def sop_uid_of(data: bytes) -> str | None:
+    """The SOPInstanceUID of a Part-10 file (its header read quickly, else by pydicom)."""
+    from migrator.ends.folder.dicomhead import Unsupported, read_header
+
+    try:
+        return read_header(data).sop_uid or None
+    except Unsupported:
+        pass
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:  # any unreadable file simply has no UID here
+        return None
+    uid = getattr(ds, "SOPInstanceUID", None)
+    return str(uid).strip("\0 ") if uid else None

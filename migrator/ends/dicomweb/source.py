@@ -35,6 +35,7 @@ from migrator.config import RetryPolicy
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dicomweb.client import DicomWebClient, tag_value, tag_values
+from migrator.ends.dicomweb.series import SeriesReads
 from migrator.ends.retrying import with_retries
 from migrator.ends.streams import Chunks
 from migrator.errors import FatalError, Kind, TransferError, Verdict
@@ -75,6 +76,7 @@ class DicomWebSource:
     ) -> None:
         # Not `client`: to the engine that names an Orthanc REST client.
         self.web = client
+        self.series = SeriesReads(client)
         self.display = client.display
         self.retry = retry
         self.page_size = max(page_size, OVERLAP + 1)
@@ -290,9 +292,9 @@ class DicomWebSource:
     # -- transfers ------------------------------------------------------------------------
 
     async def fetch(self, item: Item) -> bytes:
-        """The stored file of one listed instance (WADO-RS)."""
+        """The stored file of one listed instance (WADO-RS, by series: `SeriesReads`)."""
         study, series, sop = _uids(item.source_key)
-        return await self.web.retrieve(study, series, sop)
+        return await self.series.fetch(study, series, sop)
 
     async def open(self, item: Item) -> bytes | Chunks:
         """The whole file: QIDO-RS gives no sizes, and a WADO-RS part is read whole."""
@@ -308,6 +310,13 @@ class DicomWebSource:
 
     async def aclose(self) -> None:
         """Close the connection pool."""
+        if self.series.series_reads:
+            log.info(
+                "source %s: %d series read whole, bringing %d instances",
+                self.display,
+                self.series.series_reads,
+                self.series.instances_brought,
+            )
         await self.web.aclose()
 
 

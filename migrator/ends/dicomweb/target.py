@@ -21,7 +21,7 @@ from typing import Any
 
 from migrator.ends.base import Checked, SentRow, Stored
 from migrator.ends.dicomweb.batches import StowBatches
-from migrator.ends.dicomweb.client import DicomWebClient, tag_value, tag_values
+from migrator.ends.dicomweb.client import DicomWebClient, sop_uid_of, tag_value, tag_values
 from migrator.ends.streams import Body
 from migrator.errors import (
     FatalError,
@@ -249,23 +249,3 @@ def _failed(item: dict[str, Any], http_status: int) -> Outcome:
     if verdict is None:
         return Stored("AlreadyStored", None)
     return TransferError(Verdict(verdict.kind, verdict.reason, http_status))
-
-
-def sop_uid_of(data: bytes) -> str | None:
-    """The SOPInstanceUID of a Part-10 file (its header read quickly, else by pydicom)."""
-    from migrator.ends.folder.dicomhead import Unsupported, read_header
-
-    try:
-        return read_header(data).sop_uid or None
-    except Unsupported:
-        pass
-    import io
-
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-    except Exception:  # any unreadable file simply has no UID here
-        return None
-    uid = getattr(ds, "SOPInstanceUID", None)
-    return str(uid).strip("\0 ") if uid else None

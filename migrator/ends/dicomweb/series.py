@@ -1,0 +1,84 @@
+"""Instances fetched by series: the first fetch of a series retrieves the whole series
+in one WADO-RS request, and its other instances wait in a cache for their own fetches.
+
+A WADO-RS retrieve costs a server far more than the bytes it sends (Orthanc's plugin
+looks the instance up by its three UIDs: about 5 ms against 1 ms for a REST download),
+and the engine leases the rows of a study together, so one request per series instead
+of one per instance is most of the source's work saved. Bounded: a series answer over
+64 MiB is abandoned (its instances are retrieved one by one), at most 4 series are read
+at once (a fetch finding them busy retrieves its instance alone), and the cache is
+`migrator.ends.dimse.scp.SeriesCache` (256 MiB, 5 minutes). A series is read whole at
+most once per run; an instance its answer did not bring, or any failure of the series
+read, falls back to the instance's own retrieve, which decides the row's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from migrator.ends.dicomweb.client import DicomWebClient
+from migrator.ends.dimse.scp import SERIES_BUDGET, SeriesCache
+from migrator.errors import TransferError
+
+__all__ = ["SeriesReads"]
+
+# Series read whole at once.
+READS_AT_ONCE = 4
+# Series remembered as read (a series is read whole once per run).
+REMEMBERED = 100_000
+
+
+class SeriesReads:
+    """The fetches of one source, by series."""
+
+    def __init__(self, web: DicomWebClient) -> None:
+        self.web = web
+        self.cache = SeriesCache()
+        self._reading: dict[str, asyncio.Future[None]] = {}
+        self._read: OrderedDict[str, None] = OrderedDict()
+        # Series requests made and instances they brought (for the benchmark).
+        self.series_reads = 0
+        self.instances_brought = 0
+
+    async def fetch(self, study: str, series: str, sop: str) -> bytes:
+        """The stored file of one instance: from its series' answer when one is (being)
+        read, else by its own retrieve."""
+        data = self.cache.take(series, sop)
+        if data is not None:
+            return data
+        pending = self._reading.get(series)
+        if pending is not None:
+            await asyncio.shield(pending)
+            data = self.cache.take(series, sop)
+            if data is not None:
+                return data
+        elif series not in self._read and len(self._reading) < READS_AT_ONCE:
+            data = await self._read_series(study, series, sop)
+            if data is not None:
+                return data
+        return await self.web.retrieve(study, series, sop)
+
+    async def _read_series(self, study: str, series: str, sop: str) -> bytes | None:
+        """Read the series whole: `sop`'s file (None when the answer lacks it, was too
+        large or failed), the others kept in the cache."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reading[series] = done
+        self._read[series] = None
+        if len(self._read) > REMEMBERED:
+            self._read.popitem(last=False)
+        try:
+            found = await self.web.retrieve_series(study, series, SERIES_BUDGET)
+        except TransferError:
+            found = None  # the instance's own retrieve tells what is wrong, if anything
+        finally:
+            del self._reading[series]
+            done.set_result(None)
+        if not found:
+            return None
+        self.series_reads += 1
+        self.instances_brought += len(found)
+        data = found.pop(sop, None)
+        if found:
+            self.cache.put(series, found)
+        return data
