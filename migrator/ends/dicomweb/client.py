@@ -124,6 +124,14 @@ class DicomWebClient:
             )
         return len(self._json_list(response, "studies"))
 
+    async def answers(self) -> bool:
+        """Whether the root answers QIDO-RS again (the circuit breaker's probe)."""
+        try:
+            await self.check()
+        except FatalError:
+            return False
+        return True
+
     # -- QIDO-RS ------------------------------------------------------------------------
 
     async def search(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:

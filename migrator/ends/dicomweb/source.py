@@ -38,7 +38,7 @@ from migrator.ends.dicomweb.client import DicomWebClient, tag_value, tag_values
 from migrator.ends.dicomweb.series import SeriesReads
 from migrator.ends.retrying import with_retries
 from migrator.ends.streams import Chunks
-from migrator.errors import FatalError, Kind, TransferError, Verdict
+from migrator.errors import Kind, TransferError, Verdict
 from migrator.selection import Selection, StudyFields
 
 __all__ = ["DicomWebSource"]
@@ -302,11 +302,7 @@ class DicomWebSource:
 
     async def probe(self) -> bool:
         """Whether QIDO-RS answers again."""
-        try:
-            await self.web.check()
-        except FatalError:
-            return False
-        return True
+        return await self.web.answers()
 
     async def aclose(self) -> None:
         """Close the connection pool."""

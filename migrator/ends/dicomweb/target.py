@@ -150,11 +150,7 @@ class DicomWebTarget:
 
     async def probe(self) -> bool:
         """Whether QIDO-RS answers again."""
-        try:
-            await self.web.check()
-        except FatalError:
-            return False
-        return True
+        return await self.web.answers()
 
     async def check(self, row: SentRow) -> Checked:
         """Whether the target holds `row`: `match`/`differ` by the MD5 of the file
