@@ -46,9 +46,10 @@ def test_store_statuses():
 
 def test_state_machine_table():
     # Final states only leave through a user's retry, or (a copy that did not make it)
-    # end skipped once another copy of the instance is sent.
-    for state in (State.SENT, State.SKIPPED):
-        assert TRANSITIONS[state] == frozenset({State.PENDING})
+    # end skipped once another copy of the instance is sent; a sent instance that the
+    # mirror finds deleted on the source ends vanished.
+    assert TRANSITIONS[State.SKIPPED] == frozenset({State.PENDING})
+    assert TRANSITIONS[State.SENT] == frozenset({State.PENDING, State.VANISHED})
     for state in (State.REJECTED, State.FAILED, State.VANISHED):
         assert TRANSITIONS[state] == frozenset({State.PENDING, State.SKIPPED})
     check_transition(State.PENDING, State.IN_FLIGHT)
