@@ -348,3 +348,51 @@ def test_status_classes():
     assert assoc(None).kind is Kind.RETRYABLE
     refused = verdict_for_association(None, side="target", peer="p", connected=False)
     assert refused.kind is Kind.RETRYABLE
+
+
+def test_instance_deleted_after_listing_is_vanished(orthanc_factory):
+    """A retrieval that brings nothing is `vanished` once C-FIND no longer finds the
+    instance (Orthanc fails a C-GET matching nothing like any other failure); the others
+    of its series still come (by series)."""
+    import asyncio
+
+    from migrator.config import Settings
+    from migrator.ends.dimse.peer import parse_dicom_url
+    from migrator.ends.dimse.source import DimseSource
+    from migrator.errors import TransferError
+
+    pacs = _pacs(orthanc_factory)
+    instances = fill(pacs, 4, seed=73)
+
+    class Row:
+        def __init__(self, key: str) -> None:
+            self.source_key, self.path, self.size, self.md5, self.orthanc_id = (
+                key,
+                None,
+                None,
+                None,
+                None,
+            )
+
+    async def run() -> tuple[Kind, int]:
+        peer = parse_dicom_url(_dicom_url(pacs), "source", "MIGRATOR")
+        source = DimseSource(peer, Settings(concurrency=4))
+        try:
+            await source.preflight()
+            rows = {
+                r["sop_uid"]: r["source_key"] async for p in source.listing(None) for r in p.rows
+            }
+            pacs.delete_instance(instances[0].orthanc_id)
+            try:
+                await source.fetch(Row(rows[instances[0].sop_uid]))
+                kind = None
+            except TransferError as exc:
+                kind = exc.verdict.kind
+            other = await source.fetch(Row(rows[instances[1].sop_uid]))
+            return kind, len(other)
+        finally:
+            await source.aclose()
+
+    kind, size = asyncio.run(run())
+    assert kind is Kind.VANISHED
+    assert size > 0

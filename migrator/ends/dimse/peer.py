@@ -46,8 +46,10 @@ T = TypeVar("T")
 # The DICOM port when a URL gives none.
 DEFAULT_PORT = 104
 # Associations one end keeps open at most: peers serve few at once (Orthanc 4 by
-# default), and each costs a thread here; more transfers than this wait for one.
-MAX_ASSOCIATIONS = 16
+# default, one thread each for as long as it is open: a fifth is accepted but its
+# requests wait for a thread), and each costs a thread here; more transfers than this
+# wait for one.
+MAX_ASSOCIATIONS = 4
 # Seconds an association beyond the first waits for the peer's answer.
 EXTRA_WAIT = 3.0
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
@@ -279,8 +281,12 @@ class AssociationPool:
                 )
 
     async def aclose(self) -> None:
-        """Release every idle association."""
-        idle, self.idle = self.idle, []
+        """Release every idle association (the pool opens new ones if asked again)."""
+        async with self.changed:
+            idle, self.idle = self.idle, []
+            self.open -= len(idle)
+            self.live -= len(idle)
+            self.changed.notify_all()
         for assoc in idle:
             await self.connector.run(_release, assoc)
 

@@ -124,7 +124,8 @@ class DimseSource:
         self.settings = settings
         self.retrieve = settings.dimse_retrieve
         self.selection = selection or Selection()
-        size = max(1, min(settings.concurrency, MAX_ASSOCIATIONS))
+        # One association of the peer's few is the listing's while it runs.
+        size = max(1, min(settings.concurrency, MAX_ASSOCIATIONS - LIST_AHEAD))
         self.connector = Connector(peer, settings, "source", threads=size + 3)
         self.arrivals = Arrivals()
         opener = self._open_get if self.retrieve == "get" else self._open_move
@@ -295,6 +296,8 @@ class DimseSource:
             if state["ranges"]:
                 yield ListingPage(rows, json.dumps(state), notes=notes)
                 rows, notes = [], []
+        # The listing's association goes back to the peer, which serves few at once.
+        await self.finds.aclose()
         yield ListingPage(rows, json.dumps(state), done=True, notes=notes)
 
     def _selected(self, study: Dataset) -> bool:
