@@ -121,7 +121,7 @@ def test_verify_resumes_after_kill_and_all_reasks(source, orthanc_factory, ledge
         assert 10 <= verified < N
         proxy.reset_counts()
         done = run_cli(*args)
-        assert done.code == 0, done.stderr
+        assert done.code == 0, done.stdout + done.stderr
         asked = {p.split("/")[2] for m, p in proxy.requests() if p.endswith("/md5")}
     # The rerun asked exactly the rows the killed pass had not recorded.
     unverified = {
