@@ -115,10 +115,6 @@ class Body:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        if not self.expected_md5 and hasattr(self.source, "hash_apart"):
-            # Nothing to check before the last byte: the source may hash apart, at its
-            # own pace, instead of holding the upload to the speed of MD5.
-            self.source.hash_apart()
         known = None if self.expected_md5 else getattr(self.source, "md5", None)
         hashed = known is not None or getattr(self.source, "hashes", False)
         digest = None if hashed else hashlib.md5(usedforsecurity=False)
@@ -189,14 +185,8 @@ class FileChunks:
     Build it with `open_file_chunks`.
     """
 
-    def __init__(
-        self, fh: object, length: int, compressed: bool, head: bytes, path: str | None = None
-    ) -> None:
+    def __init__(self, fh: object, length: int, compressed: bool, head: bytes) -> None:
         self._fh = fh
-        self._path = path
-        # The MD5 computed from a read of its own (`hash_apart`), and its stop flag.
-        self._apart: asyncio.Future[str] | None = None
-        self._closed = False
         self.length = length
         self.compressed = compressed
         # Hashed in a thread of its own, beside the reading (and inflating) one: the MD5
@@ -234,49 +224,17 @@ class FileChunks:
                 if not chunk:
                     return
                 ahead = loop.run_in_executor(None, self._next)
-                if self._apart is None:
-                    if self._hashing is not None:
-                        await self._hashing
-                    self._hashing = loop.run_in_executor(None, self._digest.update, chunk)
+                if self._hashing is not None:
+                    await self._hashing
+                self._hashing = loop.run_in_executor(None, self._digest.update, chunk)
                 yield chunk
         finally:
             # Left unread (the upload failed): its outcome no longer matters.
             ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    def hash_apart(self) -> None:
-        """Hash a plain file from a read of its own, in a thread, from now on, instead of
-        the chunks handed out: reading and sending then go at the speed of the disk and
-        the network, not of MD5 (~0.6 GB/s, the slowest step of a 600 MB import), and
-        the hash ends while the target parses the file. For a body whose MD5 is only
-        recorded, not checked before its last byte: should the file change between the
-        two reads, the recorded MD5 differs from the target's, and `verify` says so.
-        Call it before the first chunk; an inflated file is hashed as it is inflated."""
-        if self._path is None or self.compressed or self._apart is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._apart = loop.run_in_executor(None, self._hash_file, self._path, self.length)
-        # Not awaited when the upload fails first: its outcome no longer matters then.
-        self._apart.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-    def _hash_file(self, path: str, length: int) -> str:
-        """MD5 of the first `length` bytes of `path` (runs in a worker thread)."""
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as fh:
-            left = length
-            while left > 0 and not self._closed:
-                block = fh.read(min(CHUNK, left))
-                if not block:
-                    break
-                digest.update(block)
-                left -= len(block)
-        return digest.hexdigest()
-
     async def digest(self) -> str:
         """The MD5 of every chunk handed out (call it after the last one), also set as
         `md5`."""
-        if self._apart is not None:
-            self.md5 = await self._apart
-            return self.md5
         if self._hashing is not None:
             await self._hashing
             self._hashing = None
@@ -321,8 +279,7 @@ class FileChunks:
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        """Close the file (and stop hashing it apart)."""
-        self._closed = True
+        """Close the file."""
         self._fh.close()  # type: ignore[attr-defined]
 
 
@@ -345,7 +302,7 @@ def open_file_chunks(path: str) -> FileChunks | None:
             fh.close()
             return None
         if not compressed:
-            return FileChunks(fh, size, False, head, path)
+            return FileChunks(fh, size, False, head)
         (declared,) = struct.unpack_from("<Q", head)
         if declared <= STREAM_ABOVE:
             fh.close()
