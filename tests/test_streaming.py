@@ -159,7 +159,7 @@ def test_streamed_import_of_a_large_plain_file(
     assert state_counts(ledger_path) == {"sent": 1}
     assert_on_target(target, inst)
     assert_streamed(peak, len(inst.data))
-    # Hashed apart from the upload (a read of its own), the recorded MD5 is the file's.
+    # Hashed on the way, beside the reading, the recorded MD5 is the whole file's.
     with sqlite3.connect(ledger_path) as db:
         assert db.execute("SELECT md5 FROM instances").fetchall() == [(md5_of(inst.data),)]
 
