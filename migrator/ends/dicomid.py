@@ -12,10 +12,6 @@ import hashlib
 import warnings
 from typing import Any
 
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import tag_for_keyword
-from pydicom.multival import MultiValue
-
 __all__ = [
     "format_sha1",
     "orthanc_bytes",
@@ -67,6 +63,10 @@ def tag_text(ds: Any, keyword: str) -> str:
     ``read_partial``); a parsed element's values are joined with backslashes.
     An absent or unreadable element is "".
     """
+    # Imported here: pydicom costs ~0.1 s to import, and most commands never read a file.
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.multival import MultiValue
+
     try:
         elem = ds.get_item(tag_for_keyword(keyword))
     except Exception:  # a malformed element must not hide the rest of the header
@@ -91,6 +91,8 @@ def tag_text(ds: Any, keyword: str) -> str:
 def _decode(raw: bytes, ds: Any) -> str:
     """Decode a raw text value with the dataset's character set, value by value (as
     pydicom does: an ISO 2022 escape does not outlive a backslash)."""
+    from pydicom.charset import convert_encodings, decode_bytes
+
     try:
         raw_charset = ds.get_item(0x00080005)
         charset = raw_charset.value if raw_charset is not None else None
