@@ -7,7 +7,7 @@ and the engine leases the rows of a study together, so one request per series in
 of one per instance is most of the source's work saved. Bounded: a series answer over
 64 MiB is abandoned (its instances are retrieved one by one), at most 4 series are read
 at once (a fetch finding them busy retrieves its instance alone), and the cache is
-`migrator.ends.dimse.scp.SeriesCache` (256 MiB, 5 minutes). A series is read whole at
+`migrator.ends.series.SeriesCache` (256 MiB, 5 minutes). A series is read whole at
 most once per run; an instance its answer did not bring, or any failure of the series
 read, falls back to the instance's own retrieve, which decides the row's outcome.
 """
@@ -18,7 +18,7 @@ import asyncio
 from collections import OrderedDict
 
 from migrator.ends.dicomweb.client import DicomWebClient
-from migrator.ends.dimse.scp import SERIES_BUDGET, SeriesCache
+from migrator.ends.series import SERIES_BUDGET, SeriesCache
 from migrator.errors import TransferError
 
 __all__ = ["SeriesReads"]

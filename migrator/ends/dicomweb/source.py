@@ -37,8 +37,8 @@ from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dicomweb.client import DicomWebClient, tag_value, tag_values
 from migrator.ends.dicomweb.series import SeriesReads
 from migrator.ends.retrying import with_retries
+from migrator.ends.series import split_key
 from migrator.ends.streams import Chunks
-from migrator.errors import Kind, TransferError, Verdict
 from migrator.selection import Selection, StudyFields
 
 __all__ = ["DicomWebSource"]
@@ -293,7 +293,7 @@ class DicomWebSource:
 
     async def fetch(self, item: Item) -> bytes:
         """The stored file of one listed instance (WADO-RS, by series: `SeriesReads`)."""
-        study, series, sop = _uids(item.source_key)
+        study, series, sop = split_key(item.source_key)
         return await self.series.fetch(study, series, sop)
 
     async def open(self, item: Item) -> bytes | Chunks:
@@ -314,15 +314,6 @@ class DicomWebSource:
                 self.series.instances_brought,
             )
         await self.web.aclose()
-
-
-def _uids(source_key: str) -> tuple[str, str, str]:
-    parts = source_key.split("/")
-    if len(parts) != 3 or not all(parts):
-        raise TransferError(
-            Verdict(Kind.FATAL, f"source key {source_key!r} is not study/series/SOP UIDs")
-        )
-    return parts[0], parts[1], parts[2]
 
 
 def _news(page: list[dict[str, Any]], key: str, seen: set[str]) -> bool:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import OrderedDict
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
@@ -21,8 +19,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from migrator.ends.dimse.peer import no_delay
+from migrator.ends.series import SERIES_BUDGET
 
-__all__ = ["Arrivals", "SeriesCache", "StorageSCP"]
+__all__ = ["Arrivals", "StorageSCP"]
 
 log = logging.getLogger("migrator")
 
@@ -83,13 +82,6 @@ class Arrivals:
         return SUCCESS
 
 
-# Bytes one series retrieval keeps; the instances past it are retrieved one by one.
-SERIES_BUDGET = 64 * 1024 * 1024
-# Bytes of retrieved instances waiting for their fetch, and for how long at most.
-CACHE_BUDGET = 256 * 1024 * 1024
-CACHE_SECONDS = 300.0
-
-
 def _into_bucket(event: Any, bucket: dict[str, bytes]) -> int:
     try:
         data = event.encoded_dataset()
@@ -99,43 +91,6 @@ def _into_bucket(event: Any, bucket: dict[str, bytes]) -> int:
         log.warning("could not take a received instance: %s", exc)
         return CANNOT_UNDERSTAND
     return SUCCESS
-
-
-class SeriesCache:
-    """Instances a series retrieval brought, until their own fetch takes them (bounded in
-    bytes and age: what no fetch takes is dropped, and fetched again if ever asked)."""
-
-    def __init__(self) -> None:
-        self.series: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
-        self.bytes = 0
-
-    def put(self, series_uid: str, found: dict[str, bytes]) -> None:
-        """Keep what one series retrieval brought."""
-        self._drop(series_uid)
-        self.series[series_uid] = (time.monotonic(), found)
-        self.bytes += sum(len(v) for v in found.values())
-        limit = time.monotonic() - CACHE_SECONDS
-        while self.series and (
-            self.bytes > CACHE_BUDGET or next(iter(self.series.values()))[0] < limit
-        ):
-            self._drop(next(iter(self.series)))
-
-    def take(self, series_uid: str, sop_uid: str) -> bytes | None:
-        """One instance, no longer kept."""
-        entry = self.series.get(series_uid)
-        if entry is None:
-            return None
-        data = entry[1].pop(sop_uid, None)
-        if data is not None:
-            self.bytes -= len(data)
-        if not entry[1]:
-            del self.series[series_uid]
-        return data
-
-    def _drop(self, series_uid: str) -> None:
-        entry = self.series.pop(series_uid, None)
-        if entry is not None:
-            self.bytes -= sum(len(v) for v in entry[1].values())
 
 
 class StorageSCP:

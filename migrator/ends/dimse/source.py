@@ -67,9 +67,10 @@ from migrator.config import Settings
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
-from migrator.ends.dimse.scp import Arrivals, SeriesCache, StorageSCP
+from migrator.ends.dimse.scp import Arrivals, StorageSCP
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
+from migrator.ends.series import SeriesCache, split_key
 from migrator.ends.streams import Chunks
 from migrator.errors import (
     FatalError,
@@ -403,7 +404,7 @@ class DimseSource:
 
     async def fetch(self, item: Item) -> bytes:
         """The instance as a Part-10 file, retrieved by C-GET or C-MOVE."""
-        study_uid, series_uid, sop_uid = _uids(item.source_key)
+        study_uid, series_uid, sop_uid = split_key(item.source_key)
         if self.retrieve == "get":
             data = await self._from_series(study_uid, series_uid, sop_uid)
             if data is not None:
@@ -581,19 +582,10 @@ def _counts(final: Dataset | None) -> tuple[int, int, int]:
 
 def _image_query(source_key: str) -> Dataset:
     """The IMAGE-level identifier that retrieves one instance."""
-    study_uid, series_uid, sop_uid = _uids(source_key)
+    study_uid, series_uid, sop_uid = split_key(source_key)
     return query(
         "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID=sop_uid
     )
-
-
-def _uids(source_key: str) -> tuple[str, str, str]:
-    parts = source_key.split("/")
-    if len(parts) != 3 or not all(parts):
-        raise TransferError(
-            Verdict(Kind.PERMANENT, f"not a DIMSE row (study/series/SOP UIDs): {source_key}")
-        )
-    return parts[0], parts[1], parts[2]
 
 
 def split_range(low: str, high: str) -> list[list[str]] | None:

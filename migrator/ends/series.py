@@ -1,0 +1,68 @@
+"""What the DICOMweb and DIMSE sources share: rows keyed by their three UIDs, and the
+instances one series retrieval brought, kept until their own fetch takes them."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from migrator.errors import Kind, TransferError, Verdict
+
+__all__ = ["CACHE_BUDGET", "CACHE_SECONDS", "SERIES_BUDGET", "SeriesCache", "split_key"]
+
+# Bytes one series retrieval keeps; the instances past it are retrieved one by one.
+SERIES_BUDGET = 64 * 1024 * 1024
+# Bytes of retrieved instances waiting for their fetch, and for how long at most.
+CACHE_BUDGET = 256 * 1024 * 1024
+CACHE_SECONDS = 300.0
+
+
+def split_key(source_key: str) -> tuple[str, str, str]:
+    """The study, series and SOP instance UIDs of a row's ``study/series/sop`` key.
+
+    Any other key means the ledger's job was listed from another kind of source: fatal
+    for the run, never a refusal of the instance.
+    """
+    parts = source_key.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise TransferError(
+            Verdict(Kind.FATAL, f"source key {source_key!r} is not study/series/SOP UIDs")
+        )
+    return parts[0], parts[1], parts[2]
+
+
+class SeriesCache:
+    """Instances a series retrieval brought, until their own fetch takes them (bounded in
+    bytes and age: what no fetch takes is dropped, and fetched again if ever asked)."""
+
+    def __init__(self) -> None:
+        self.series: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
+        self.bytes = 0
+
+    def put(self, series_uid: str, found: dict[str, bytes]) -> None:
+        """Keep what one series retrieval brought."""
+        self._drop(series_uid)
+        self.series[series_uid] = (time.monotonic(), found)
+        self.bytes += sum(len(v) for v in found.values())
+        limit = time.monotonic() - CACHE_SECONDS
+        while self.series and (
+            self.bytes > CACHE_BUDGET or next(iter(self.series.values()))[0] < limit
+        ):
+            self._drop(next(iter(self.series)))
+
+    def take(self, series_uid: str, sop_uid: str) -> bytes | None:
+        """One instance, no longer kept."""
+        entry = self.series.get(series_uid)
+        if entry is None:
+            return None
+        data = entry[1].pop(sop_uid, None)
+        if data is not None:
+            self.bytes -= len(data)
+        if not entry[1]:
+            del self.series[series_uid]
+        return data
+
+    def _drop(self, series_uid: str) -> None:
+        entry = self.series.pop(series_uid, None)
+        if entry is not None:
+            self.bytes -= sum(len(v) for v in entry[1].values())
