@@ -71,7 +71,7 @@ def parse_endpoint(text: str, *, role: str) -> Endpoint:
     raw = (text or "").strip()
     if not raw:
         raise UsageError(f"{role} URL is empty")
-    shown = _shown(raw)
+    shown = shown_url(raw)
     if "://" not in raw:
         raise UsageError(f"{role} URL {shown!r} has no scheme: use http://host:port/")
     if not raw.isprintable():
@@ -113,7 +113,7 @@ def _why(rest: str) -> str:
     return "the port must be a number between 0 and 65535"
 
 
-def _shown(raw: str) -> str:
+def shown_url(raw: str) -> str:
     """The URL for an error message: no password, even without a scheme."""
     if "://" in raw:
         return redact(raw)
