@@ -14,7 +14,6 @@ refused or unsupported) a QIDO-RS search by UID says whether the instance is the
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from typing import Any
@@ -22,9 +21,9 @@ from typing import Any
 from migrator.ends.base import Checked, SentRow, Stored
 from migrator.ends.dicomweb.batches import StowBatches
 from migrator.ends.dicomweb.client import DicomWebClient, sop_uid_of, tag_value, tag_values
+from migrator.ends.retrying import check_with_retries
 from migrator.ends.streams import Body
 from migrator.errors import (
-    FatalError,
     Kind,
     TransferError,
     Verdict,
@@ -41,8 +40,6 @@ log = logging.getLogger("migrator")
 # the longer a store waits (which the engine's self-tuning reads as a slower target).
 STOW_REQUESTS = 4
 # Per-request retries of retryable failures before a check is `error`.
-REQUEST_ATTEMPTS = 4
-BACKOFF = (0.2, 0.5, 1.0)
 FAILED_SOPS = "00081198"
 REFERENCED_SOPS = "00081199"
 SOP_INSTANCE = "00081155"
@@ -157,8 +154,9 @@ class DicomWebTarget:
         WADO-RS hands back; `present` when only a QIDO-RS search can tell."""
         if not (row.study_uid and row.series_uid and row.sop_uid):
             return VerifyResult.ERROR, "no study/series/SOP UIDs recorded for this row"
-        got = await self._retried(
-            lambda: self.web.retrieve(row.study_uid, row.series_uid, row.sop_uid)  # type: ignore[arg-type]
+        got = await check_with_retries(
+            lambda: self.web.retrieve(row.study_uid, row.series_uid, row.sop_uid),  # type: ignore[arg-type]
+            self.web.check,
         )
         if isinstance(got, bytes):
             if not row.md5:
@@ -173,7 +171,7 @@ class DicomWebTarget:
         if got.kind is Kind.RETRYABLE:
             return VerifyResult.ERROR, got.reason
         # No file to compare (404, or retrieve refused): ask whether the UID is there.
-        found = await self._retried(lambda: self._exists(row))
+        found = await check_with_retries(lambda: self._exists(row), self.web.check)
         if isinstance(found, Verdict):
             return VerifyResult.ERROR, found.reason
         if not found:
@@ -209,28 +207,6 @@ class DicomWebTarget:
                 self.batches.requests_sent,
             )
         await self.web.aclose()
-
-    async def _retried(self, call: Any) -> Any:
-        """`call()` with per-request retries of retryable failures: its value, or the
-        Verdict of the last failure. A fatal failure stops the pass (FatalError)."""
-        verdict: Verdict | None = None
-        for attempt in range(REQUEST_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
-            try:
-                return await call()
-            except TransferError as exc:
-                verdict = exc.verdict
-            if verdict.kind is Kind.FATAL:
-                raise FatalError(verdict.reason)
-            if verdict.kind is not Kind.RETRYABLE:
-                return verdict
-        assert verdict is not None
-        if verdict.http_status is None:
-            # Only network errors: a target gone altogether stops the pass (exit 3)
-            # rather than marking every remaining row `error`.
-            await self.web.check()
-        return verdict
 
 
 def _stored(item: dict[str, Any], warning: Any) -> Stored:

@@ -7,7 +7,6 @@ not keep MD5s; the per-study count: ``/tools/lookup`` then ``/studies/{id}/stati
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 
@@ -16,6 +15,7 @@ import httpx
 from migrator.ends.base import Checked, SentRow, Stored
 from migrator.ends.orthanc.client import OrthancClient
 from migrator.ends.orthanc.preflight import warn_about_target
+from migrator.ends.retrying import check_with_retries
 from migrator.ends.streams import Body
 from migrator.errors import (
     FatalError,
@@ -29,9 +29,6 @@ from migrator.states import VerifyResult
 
 __all__ = ["OrthancTarget"]
 
-# Per-request retries of retryable failures (network, 5xx, 409) before a check is `error`.
-REQUEST_ATTEMPTS = 4
-BACKOFF = (0.2, 0.5, 1.0)
 # Orthanc's error code for "Unknown resource": the instance is not on the target.
 UNKNOWN_RESOURCE = 17
 
@@ -135,30 +132,20 @@ class OrthancTarget:
 
     async def _get(self, path: str) -> httpx.Response | Verdict:
         """GET with per-request retries; a 200/404 response, or the Verdict of a failure."""
-        verdict: Verdict | None = None
-        for attempt in range(REQUEST_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+
+        async def once() -> httpx.Response:
             try:
                 response = await self.client.http.get(path)
             except httpx.HTTPError as exc:
                 verdict = classify_exception(exc, side="target")
-                if verdict.kind is Kind.RETRYABLE:
-                    continue
-                raise FatalError(verdict.reason) from None
-            if response.status_code in (200, 404):
-                return response
-            verdict = verdict_for_response(response, side="target")
-            if verdict.kind is Kind.FATAL:
-                raise FatalError(verdict.reason)
-            if verdict.kind is not Kind.RETRYABLE:
-                return verdict
-        assert verdict is not None
-        if verdict.http_status is None:
-            # Only network errors: is the target still there at all? A dead target must
-            # stop the pass (exit 3) rather than mark every remaining row `error`.
-            await self.client.system()
-        return verdict
+                if verdict.kind is not Kind.RETRYABLE:
+                    raise FatalError(verdict.reason) from None
+                raise TransferError(verdict) from None
+            if response.status_code not in (200, 404):
+                raise TransferError(verdict_for_response(response, side="target"))
+            return response
+
+        return await check_with_retries(once, self.client.system)
 
 
 def _unknown_resource(response: httpx.Response) -> bool:
