@@ -36,6 +36,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _PortTaken(RuntimeError):
+    """Orthanc could not bind a port chosen for it."""
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -83,6 +87,8 @@ class OrthancProcess:
         self.lua = lua
         self.extra: dict[str, Any] = dict(extra or {})
         self.http_compression = http_compression
+        # Ports chosen here are chosen again if another process takes one first.
+        self._own_port = http_port is None
         self.http_port = http_port if http_port is not None else free_port()
         self.dicom_port = free_port()
         self.config_path = self.workdir / "orthanc.json"
@@ -177,7 +183,30 @@ class OrthancProcess:
         """
         if self.running:
             return self
+        # A restart keeps its ports (its URL is known); a first start may choose others.
+        retries = 0 if self._proc is not None else 3
+        for _ in range(retries):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                # Between free_port() and Orthanc's bind, another process (a parallel
+                # test's connection) took the port: choose others.
+                self.dicom_port = free_port()
+                if self._own_port:
+                    self.http_port = free_port()
+        return self._start(timeout)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _start(self, timeout: float) -> Self:
         self.write_config()
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 [self.binary, str(self.config_path)],
@@ -191,6 +220,11 @@ class OrthancProcess:
         while True:
             code = self._proc.poll()
             if code is not None:
+                if "is privileged or already in use" in self._log_since(logged):
+                    raise _PortTaken(
+                        f"Orthanc {self.name!r} could not bind its ports; log tail "
+                        f"({self.log_path}):\n{_log_tail(self.log_path)}"
+                    )
                 raise RuntimeError(
                     f"Orthanc {self.name!r} exited with code {code} during startup; "
                     f"log tail ({self.log_path}):\n{_log_tail(self.log_path)}"

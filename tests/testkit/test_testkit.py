@@ -274,3 +274,25 @@ def test_proxy_unreachable_upstream_and_clean_stop() -> None:
     thread = proxy._thread
     proxy.stop()
     assert thread is not None and not thread.is_alive()
+
+
+@needs_orthanc
+def test_orthanc_started_again_on_other_ports_when_its_port_is_taken(tmp_path, monkeypatch):
+    """Between choosing a free port and Orthanc's bind, a parallel test may take it."""
+    from migrator.testkit import orthanc as orthanc_module
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = iter([busy])
+        real = orthanc_module.free_port
+        monkeypatch.setattr(orthanc_module, "free_port", lambda: next(ports, None) or real())
+        proc = OrthancProcess(tmp_path / "o", name="o")
+        assert proc.http_port == busy
+        proc.start()
+        try:
+            assert proc.http_port != busy
+            assert httpx.get(proc.url + "system").status_code == 200
+        finally:
+            proc.stop()
