@@ -577,7 +577,9 @@ def import_path(
     )
     choose_selection(settings, name, options, selection, order)
     if options.get("selection"):
-        # Opened again to list only the selected studies.
+        # Opened again to list only the selected studies (the first one closed: a
+        # database source holds a connection).
+        asyncio.run(source.aclose())
         source = open_source(path, settings, options={**options, "force": force})
     asyncio.run(source.preflight())
     folder_kind = getattr(getattr(source, "info", None), "kind", None)
