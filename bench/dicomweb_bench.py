@@ -8,7 +8,8 @@ way:
    (QIDO-RS listing, WADO-RS fetch, REST store), every target file's MD5 checked against
    the source's;
 2. ``orthanc->dicomweb``: ``migrator replicate http://SRC dicomweb+http://TGT/dicom-web``
-   (one STOW-RS request per instance, as the engine sends it);
+   (no flag: several instances per STOW-RS request, as many as the engine decides from
+   the measured round trips);
 3. ``orthanc->orthanc --batch 1``: the same copy by one ``POST /instances`` per instance,
    the baseline STOW-RS is held against;
 4. the stores alone, without migrator: the files POSTed with 16 connections one per

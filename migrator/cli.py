@@ -71,8 +71,9 @@ BatchOpt = Annotated[
     int | None,
     typer.Option(
         "--batch",
-        help="Instances per request each way, as ZIP archives (1: one at a time; "
-        "default: decided from the measured round trips).",
+        help="Instances per request each way, as ZIP archives (to a DICOMweb target: "
+        "multi-instance STOW-RS; 1: one at a time; default: decided from the measured "
+        "round trips).",
     ),
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Fill the ledger, send nothing.")]

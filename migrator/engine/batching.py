@@ -17,6 +17,15 @@ way instead of k.
   (refused, or anything else) goes again on its own, through the one-instance path,
   which gives it its exact verdict. Neighbours are never failed for it.
 
+A target that stores several instances per request its own way (``store_many``: a
+DICOMweb service's STOW-RS) gets the same batches: the rows are read as above (an
+Orthanc source's archive is opened here, each member matched and hashed), then stored in
+one ``store_many`` call whose per-instance outcomes, in order, settle each row: a
+`Stored` (which the target gives only for an instance its answer names by SOP Instance
+UID) makes it `sent`; an instance the answer refused or left out goes again on its own,
+through the one-instance path, so that a request refused as a whole never refuses a
+neighbour. A failure of the whole request is handled as a ZIP POST's.
+
 `BatchPolicy` decides the size: ``--batch N`` forces it, ``--batch 1`` turns batching
 off, and by default the round trips to both ends, measured as the run starts, decide
 (the first transfers go one at a time meanwhile).
@@ -35,6 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from migrator.ends.base import Stored
 from migrator.ends.dicomid import orthanc_id_from_dataset, orthanc_instance_id
 from migrator.ends.folder.dicomhead import read_header
 from migrator.ends.orthanc.client import md5_hex
@@ -69,6 +79,12 @@ PROBE_WAIT = 5.0
 BATCH_FROM = 0.035
 BATCH_STEP = 0.0025
 AUTO_MIN, AUTO_MAX = 4, 32
+# A STOW-RS request costs its server far more than the instances in it (Orthanc's plugin:
+# about what two single stores cost for 20 small instances), so batches pay from a
+# shorter round trip, and larger ones: STOW_FROM seconds of round trips, one instance per
+# STOW_STEP seconds of them.
+STOW_FROM = 0.010
+STOW_STEP = 0.001
 # Credentials refused: the one-instance path reports it the same way, as a fatal error.
 _AUTH = (401, 403, 407)
 
@@ -84,13 +100,16 @@ class BatchPolicy:
         cap = MAX_BATCH_BYTES if memory_limit is None else min(MAX_BATCH_BYTES, memory_limit // 4)
         self.max_bytes = max(cap, 1)
 
-    def decide(self, round_trips: float) -> None:
-        """Choose the size from the seconds of a transfer's round trips (both ends)."""
+    def decide(
+        self, round_trips: float, *, start: float = BATCH_FROM, step: float = BATCH_STEP
+    ) -> None:
+        """Choose the size from the seconds of a transfer's round trips (both ends):
+        batches from `start` seconds on, of one instance per `step` seconds."""
         if self.decided:
             return
         self.decided = True
-        if round_trips >= BATCH_FROM:
-            self.size = max(AUTO_MIN, min(AUTO_MAX, int(round_trips / BATCH_STEP)))
+        if round_trips >= start:
+            self.size = max(AUTO_MIN, min(AUTO_MAX, int(round_trips / step)))
             log.info(
                 "round trips take %.0f ms: sending %d small instances per request",
                 round_trips * 1000,
@@ -163,10 +182,14 @@ class Batcher:
         # An Orthanc source builds the archive itself; any other source's files are read
         # one by one and zipped here.
         self.rest = hasattr(getattr(scheduler.source, "client", None), "create_archive")
+        # A target storing several instances per request other than by ZIP (STOW-RS).
+        self.many = not hasattr(scheduler.target, "store_zip") and hasattr(
+            scheduler.target, "store_many"
+        )
         self.batches = 0
         self._probe: asyncio.Task[None] | None = None
-        if not hasattr(scheduler.target, "store_zip"):
-            # Only an Orthanc takes a ZIP in one request (other targets batch their own way).
+        if not (hasattr(scheduler.target, "store_zip") or self.many):
+            # The target stores one instance per request.
             policy.size, policy.decided = 1, True
 
     def start(self) -> None:
@@ -212,15 +235,20 @@ class Batcher:
 
     async def _measure(self) -> None:
         """Time both ends' round trips and let the policy decide."""
-        clients = [self.s.target.client]  # type: ignore[attr-defined]
+        target = self.s.target
+        client = getattr(target, "client", None)
+        timers = [client.round_trip(PROBES) if client is not None else _probe_time(target)]
         if self.rest:
-            clients.append(self.s.source.client)  # type: ignore[attr-defined]
+            timers.append(self.s.source.client.round_trip(PROBES))  # type: ignore[attr-defined]
         try:
-            total = sum(await asyncio.gather(*(c.round_trip(PROBES) for c in clients)))
+            total = sum(await asyncio.gather(*timers))
         except Exception as exc:  # an end that fails is the breaker's business, not ours
             log.debug("round trips not measured (%s): one instance per request", exc)
             total = 0.0
-        self.policy.decide(total)
+        if self.many:
+            self.policy.decide(total, start=STOW_FROM, step=STOW_STEP)
+        else:
+            self.policy.decide(total)
 
     async def run(self, leases: list[Lease]) -> None:
         """Send `leases` as batches and record each row's outcome (the caller marks them
@@ -259,7 +287,9 @@ class Batcher:
             return await self._fetch_failed(leases, exc, legs)
         legs.fetch = (legs.fetch or 0.0) + time.monotonic() - started
         s.breaker.success("source")
-        if members:
+        if members and self.many:
+            outcomes += await self._store_many(list(members.values()), legs, alone)
+        elif members:
             outcomes += await self._store(members, body, legs, alone)
         for lease in alone:
             outcomes.append(await s._transfer(lease, Legs()))
@@ -345,6 +375,8 @@ class Batcher:
             log.warning("the source's archive could not be read (%s): sending one by one", exc)
             return {}, None, [], leases
         alone = [lease for oid, lease in by_id.items() if oid not in members]
+        if self.many:
+            return members, None, outcomes, alone  # each member's bytes are stored
         if not rebuild:
             for member in members.values():
                 member.data = None  # the archive is forwarded as it came
@@ -388,14 +420,9 @@ class Batcher:
         try:
             stored = await s.target.store_zip(body)
         except TransferError as exc:
-            verdict = exc.verdict
-            if verdict.kind is Kind.PERMANENT:
-                # The whole ZIP refused (Orthanc leaves refused files out, so this is not
-                # one file's fault): every row goes alone and gets its own answer.
-                alone.extend(m.lease for m in members.values())
-                return []
-            legs.failed = "target"
-            return self._failures([m.lease for m in members.values()], verdict, "target")
+            # The whole ZIP refused (Orthanc leaves refused files out, so this is not one
+            # file's fault) or failed.
+            return self._store_failed([m.lease for m in members.values()], exc, legs, alone)
         legs.store = (legs.store or 0.0) + time.monotonic() - started
         s.breaker.success("target")
         del body
@@ -426,6 +453,63 @@ class Batcher:
             # on ingest, and only the one-instance path records what it holds.
             self.policy.turn_off("the target stores the files under other IDs")
         return outcomes
+
+    def _store_failed(
+        self, leases: list[Lease], exc: TransferError, legs: Legs, alone: list[Lease]
+    ) -> list[Outcome]:
+        """The outcomes of a batch whose store request failed as a whole: refused, every
+        row goes alone and gets its own answer; otherwise each row takes the failure."""
+        if exc.verdict.kind is Kind.PERMANENT:
+            alone.extend(leases)
+            return []
+        legs.failed = "target"
+        return self._failures(leases, exc.verdict, "target")
+
+    async def _store_many(
+        self, members: list[_Member], legs: Legs, alone: list[Lease]
+    ) -> list[Outcome]:
+        """Store the batch in one `store_many` request; rows whose instance the answer
+        did not confirm go to `alone`."""
+        s = self.s
+        datas = [m.data or b"" for m in members]
+        for member in members:
+            member.data = None
+        started = time.monotonic()
+        try:
+            answers = await s.target.store_many(datas)  # type: ignore[attr-defined]
+        except TransferError as exc:
+            # The whole request refused (no instance named) or failed.
+            return self._store_failed([m.lease for m in members], exc, legs, alone)
+        legs.store = (legs.store or 0.0) + time.monotonic() - started
+        s.breaker.success("target")
+        del datas
+        if len(answers) != len(members):
+            # Outcomes that cannot be paired with the instances confirm nothing.
+            log.warning("the target answered %d outcomes for %d instances", len(answers),
+                        len(members))  # fmt: skip
+            alone.extend(m.lease for m in members)
+            return []
+        outcomes: list[Outcome] = []
+        for member, answer in zip(members, answers, strict=True):
+            if isinstance(answer, Stored):
+                outcomes.append(s._sent(member.lease, answer, member.md5, member.size))
+            else:
+                # Refused, or left out of the answer: alone, the target's answer is
+                # about that instance only (a refusal never lands on a neighbour).
+                alone.append(member.lease)
+        return outcomes
+
+
+async def _probe_time(target: object) -> float:
+    """Seconds of the fastest of PROBES `probe()` calls of a target without a
+    round-trip timer of its own (a DICOMweb service: a one-study QIDO-RS search)."""
+    best = float("inf")
+    for _ in range(PROBES):
+        started = time.monotonic()
+        if not await target.probe():  # type: ignore[attr-defined]
+            raise TransferError(Verdict(Kind.RETRYABLE, "the target did not answer its probe"))
+        best = min(best, time.monotonic() - started)
+    return best
 
 
 def _corrupt(lease: Lease, digest: str) -> Outcome:

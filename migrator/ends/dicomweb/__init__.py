@@ -57,4 +57,6 @@ def open_dicomweb_target(url: str, settings: Settings) -> Target:
     """A DICOMweb target (STOW-RS; verify by WADO-RS and QIDO-RS)."""
     from migrator.ends.dicomweb.target import DicomWebTarget
 
-    return DicomWebTarget(_client(url, "target", settings))
+    # ``--batch 1``: one instance per STOW-RS request, single stores too.
+    most = 1 if settings.batch == 1 else 32
+    return DicomWebTarget(_client(url, "target", settings), most=most)

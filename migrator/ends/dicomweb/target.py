@@ -57,11 +57,14 @@ class DicomWebTarget:
     streams = False
     byte_proof = True
 
-    def __init__(self, client: DicomWebClient, *, requests: int = STOW_REQUESTS) -> None:
+    def __init__(
+        self, client: DicomWebClient, *, requests: int = STOW_REQUESTS, most: int = 32
+    ) -> None:
         # Not `client`: to the engine that names an Orthanc REST client.
         self.web = client
         self.display = client.display
-        self.batches = StowBatches(self._send_batch, requests=requests)
+        # `most` 1: every single store in a request of its own (``--batch 1``).
+        self.batches = StowBatches(self._send_batch, requests=requests, most=most)
 
     async def preflight(self) -> str:
         """Check the root answers QIDO-RS and accepts the credentials."""
