@@ -6,14 +6,17 @@ N small synthetic instances (2,000 by default):
    one process per association, and again without it: one association at a time), by
    ``migrator import FOLDER dicom://STORESCP@...`` and by DCMTK's ``storescu +sd`` (one
    association), same folder, same run. storescu runs with Debian's default (Nagle on)
-   and with ``TCP_NODELAY=1``; storescp always with ``TCP_NODELAY=1``.
+   and with ``TCP_NODELAY=1``; storescp always with ``TCP_NODELAY=1``. Two baselines
+   over one association, without the engine: pynetdicom's own ``send_c_store`` of each
+   file read with pydicom, and migrator's C-STORE (``wire.store_bytes`` on an association
+   opened as the target opens them), which tell the layers' costs apart.
 2. Retrieval from an Orthanc's DICOM port holding the N instances: migrator's DIMSE
    source (C-FIND listing, then a fetch per row, ``-c`` at once: C-GET by series)
    against the way orthanc-tools' PacsMigrator works (C-FIND of the studies, then one
    C-MOVE per study to a storage SCP, study after study), written here with pynetdicom.
    Both keep every received instance in memory and check that all N arrived.
 
-    .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 32] [--keep]
+    .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 32] [--store-only] [--keep]
 """
 
 from __future__ import annotations
@@ -73,6 +76,65 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return seconds
 
 
+def bare_pynetdicom(files: Path, port: int) -> tuple[float, int]:
+    """pynetdicom as it comes (Nagle off, as migrator has it): one association,
+    `send_c_store` of each file (dcmread). Its reactor sometimes takes a response off the
+    queue before `send_c_store` does (the race `wire.pause_reactor` avoids): the store
+    then ends without status after the DIMSE timeout (2 s here), and is sent again on a
+    new association. Returns the seconds and the number of such lost responses."""
+    from pydicom import dcmread
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    from migrator.ends.dimse.peer import no_delay
+
+    paths = sorted(files.iterdir())
+    began = time.monotonic()
+    ae = AE("BARE")
+    ae.dimse_timeout = 2
+    ae.requested_contexts = StoragePresentationContexts
+
+    def associate() -> Any:
+        handlers = [(evt.EVT_CONN_OPEN, no_delay)]
+        return ae.associate("127.0.0.1", port, ae_title="STORESCP", evt_handlers=handlers)
+
+    assoc = associate()
+    lost = 0
+    for path in paths:
+        while True:
+            status = assoc.send_c_store(dcmread(path))
+            if "Status" in status:
+                assert status.Status == 0, status
+                break
+            lost += 1
+            if assoc.is_established:
+                assoc.abort()
+            assoc = associate()
+    assoc.release()
+    return time.monotonic() - began, lost
+
+
+def bare_wire(files: Path, port: int) -> float:
+    """migrator's C-STORE without the engine: one association opened as the target
+    opens them, `store_bytes` of each file read whole."""
+    from migrator.ends.dimse.target import DimseTarget
+    from migrator.ends.dimse.wire import context_key, read_meta, store_bytes
+
+    paths = sorted(files.iterdir())
+    began = time.monotonic()
+    peer = parse_dicom_url(f"dicom://STORESCP@127.0.0.1:{port}", "target", "MIGRATOR")
+    target = DimseTarget(peer, Settings(concurrency=1))
+    first = read_meta(paths[0].read_bytes())
+    assert first is not None
+    target.wanted[context_key(first.sop_class, first.transfer_syntax)] = first.transfer_syntax
+    assoc = target._open_store()
+    for path in paths:
+        data = path.read_bytes()
+        assert store_bytes(assoc, data, read_meta(data)) == 0
+    assoc.release()
+    target.connector.close()
+    return time.monotonic() - began
+
+
 def bench_store(work: Path, files: Path, n: int, concurrency: int) -> list[dict[str, Any]]:
     """C-STORE of the folder by migrator and by storescu, to one storescp."""
     rounds = []
@@ -87,6 +149,8 @@ def bench_store(work: Path, files: Path, n: int, concurrency: int) -> list[dict[
             scu = ["storescu", "-aec", "STORESCP", "+sd", "127.0.0.1", str(port), str(files)]
             theirs = _timed(scu)
             theirs_nd = _timed(scu, NODELAY)
+            bare, lost = bare_pynetdicom(files, port)
+            wire = bare_wire(files, port)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -99,7 +163,15 @@ def bench_store(work: Path, files: Path, n: int, concurrency: int) -> list[dict[
                 "seconds": theirs_nd,
                 "per_s": n / theirs_nd,
             },
-        ]
+            {"copy": f"pynetdicom send_c_store, one association ({lost} lost) -> {label}",
+             "seconds": bare, "per_s": n / bare},
+            {"copy": f"migrator wire.store_bytes, one association -> {label}",
+             "seconds": wire, "per_s": n / wire},
+        ]  # fmt: skip
+        print_table(
+            ["copy", "seconds", "instances/s"],
+            [[r["copy"], r["seconds"], r["per_s"]] for r in rounds],
+        )
     return rounds
 
 
@@ -189,6 +261,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=2000)
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--store-only", action="store_true", help="the C-STORE rounds only")
     args = parser.parse_args()
     n = args.instances
     os.environ["TCP_NODELAY"] = "1"  # the Orthanc started below: Nagle off on its side
@@ -200,6 +273,9 @@ def main() -> None:
         for i, inst in enumerate(data):
             (files / f"{i:05d}.dcm").write_bytes(inst.data)
         doc["rounds"] += bench_store(work, files, n, args.concurrency)
+        if args.store_only:
+            write_results("dimse", doc)
+            return
         move_port = free_port()
         pacs = OrthancProcess(
             work / "pacs",

@@ -396,3 +396,71 @@ def test_instance_deleted_after_listing_is_vanished(orthanc_factory):
     kind, size = asyncio.run(run())
     assert kind is Kind.VANISHED
     assert size > 0
+
+
+@pytest.mark.parametrize("max_length", [0, 16384, 1000, 7])
+def test_store_request_pdus_are_pynetdicoms(max_length):
+    """The C-STORE-RQ written straight to the socket is, byte for byte, what pynetdicom
+    would send for the same message: command set, PDV headers, fragments at the peer's
+    maximum PDU length (0: one fragment each)."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    from migrator.ends.dimse.wire import pdata_pdus, store_rq_command
+
+    dataset = bytes(range(256)) * 40 + b"odd"
+    req = C_STORE()
+    req.MessageID = 77
+    req.Priority = 2
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    req.AffectedSOPInstanceUID = "1.2.3.45"
+    req.DataSet = io.BytesIO(dataset)
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    theirs = []
+    for primitive in message.encode_msg(3, max_length):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        theirs.append(pdu.encode())
+    command = store_rq_command(77, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID)
+    ours = list(pdata_pdus(3, command, memoryview(dataset), max_length))
+    assert ours == theirs
+
+
+def test_association_the_peer_dropped_while_idle_is_replaced(tmp_path):
+    """A store association keeps its pynetdicom reactor paused between C-STOREs, so that
+    `is_established` alone does not show the peer ending it: a storescp stopped and
+    started again between two stores costs a new association, not a store failed after
+    the DIMSE timeout."""
+    import asyncio
+
+    from migrator.config import Settings
+    from migrator.ends.dimse.peer import parse_dicom_url
+    from migrator.ends.dimse.target import DimseTarget
+
+    instances = make_dataset(2, seed=73)
+    port = free_port()
+    cmd = ("storescp", "-aet", "STORESCP", "-od", str(tmp_path), str(port))
+    peer = parse_dicom_url(f"dicom://STORESCP@127.0.0.1:{port}", "target", "MIGRATOR")
+    target = DimseTarget(peer, Settings(concurrency=1, timeout=5.0))
+
+    async def store(data: bytes) -> float:
+        began = time.monotonic()
+        assert (await target.store(data)).status == "Success"
+        return time.monotonic() - began
+
+    loop = asyncio.new_event_loop()
+    try:
+        with _dcmtk(port, *cmd):
+            loop.run_until_complete(store(instances[0].data))
+            (held,) = target.stores.idle
+        time.sleep(0.3)
+        with _dcmtk(port, *cmd):
+            assert loop.run_until_complete(store(instances[1].data)) < 3.0
+            assert target.stores.idle and target.stores.idle[0] is not held
+            loop.run_until_complete(target.aclose())
+    finally:
+        loop.close()
+    assert not held.is_established
+    assert _received_uids(tmp_path) == sorted(i.sop_uid for i in instances)

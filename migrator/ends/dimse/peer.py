@@ -25,6 +25,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from migrator.config import Settings
+from migrator.ends.dimse.wire import settle, usable
 from migrator.errors import (
     FatalError,
     Kind,
@@ -226,7 +227,7 @@ class AssociationPool:
             keep = exc.verdict.kind in (Kind.PERMANENT, Kind.VANISHED)
             raise
         finally:
-            if not (keep and assoc.is_established):
+            if not (keep and usable(assoc)):
                 await self.connector.run(_abort, assoc)
                 assoc = None
             async with self.changed:
@@ -243,8 +244,10 @@ class AssociationPool:
                 while True:
                     while self.idle:
                         assoc = self.idle.pop()
-                        if assoc.is_established:
+                        if usable(assoc):
                             return assoc
+                        # Ended by the peer while idle: its threads end with it.
+                        await self.connector.run(_abort, assoc)
                         self.open -= 1
                         self.live -= 1
                     if self.open < self.size:
@@ -305,11 +308,13 @@ def no_delay(event: Any) -> None:
 
 
 def _abort(assoc: Association) -> None:
+    settle(assoc)
     if assoc.is_established:
         assoc.abort()
 
 
 def _release(assoc: Association) -> None:
+    settle(assoc)
     if assoc.is_established:
         try:
             assoc.release()

@@ -36,7 +36,9 @@ from migrator.ends.dimse.wire import (
     context_key,
     find,
     query,
+    quicken,
     read_meta,
+    settle,
     store_bytes,
     text,
 )
@@ -146,6 +148,7 @@ class DimseTarget:
         contexts: list[PresentationContext] = [build_context(Verification)]
         contexts += [context_for(k, self.wanted[k]) for k in keys]
         assoc = self.connector.associate(contexts, extra=extra)
+        quicken(assoc)
         assoc.proposed = set(keys)  # type: ignore[attr-defined]
         rejected = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
         for sop_class, group in keys:
@@ -202,5 +205,6 @@ class DimseTarget:
 
 
 def _release(assoc: Association) -> None:
+    settle(assoc)
     if assoc.is_established:
         assoc.release()
