@@ -464,3 +464,33 @@ def test_association_the_peer_dropped_while_idle_is_replaced(tmp_path):
         loop.close()
     assert not held.is_established
     assert _received_uids(tmp_path) == sorted(i.sop_uid for i in instances)
+
+
+def test_operations_go_on_while_one_more_association_waits(tmp_path):
+    """storescp (no --fork) serves one association at a time and leaves a second one
+    unanswered for EXTRA_WAIT (3 s): that association is opened in the background, the
+    stores go on over the first meanwhile, and closing the target cuts the wait short."""
+    import asyncio
+
+    from migrator.config import Settings
+    from migrator.ends.dimse.peer import EXTRA_WAIT, parse_dicom_url
+    from migrator.ends.dimse.target import DimseTarget
+
+    instances = make_dataset(6, seed=74)
+    port = free_port()
+    peer = parse_dicom_url(f"dicom://STORESCP@127.0.0.1:{port}", "target", "MIGRATOR")
+    target = DimseTarget(peer, Settings(concurrency=4))
+
+    async def run() -> tuple[float, float]:
+        began = time.monotonic()
+        stored = await asyncio.gather(*(target.store(i.data) for i in instances))
+        assert all(s.status == "Success" for s in stored)
+        middle = time.monotonic()
+        await target.aclose()
+        return middle - began, time.monotonic() - middle
+
+    with _dcmtk(port, "storescp", "-aet", "STORESCP", "-od", str(tmp_path), str(port)):
+        storing, closing = asyncio.run(run())
+    assert storing < EXTRA_WAIT / 2
+    assert closing < EXTRA_WAIT / 2
+    assert _received_uids(tmp_path) == sorted(i.sop_uid for i in instances)

@@ -121,6 +121,8 @@ class Connector:
         # unanswered, and the run must not wait long to learn it.
         self.extra_ae = _make_ae(peer.calling, settings, min(EXTRA_WAIT, settings.connect_timeout))
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix=f"dimse-{role}")
+        # Associations connected and waiting for the peer's answer.
+        self.pending: set[Association] = set()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call on the end's threads."""
@@ -152,6 +154,7 @@ class Connector:
 
         def on_open(event: Any) -> None:
             connected.append(True)
+            self.pending.add(event.assoc)
             no_delay(event)
 
         ae = self.extra_ae if extra else self.ae
@@ -167,6 +170,7 @@ class Connector:
                 *(handlers or []),
             ],
         )
+        self.pending.discard(assoc)
         if assoc.is_established:
             return assoc
         verdict = verdict_for_association(
@@ -183,6 +187,13 @@ class Connector:
             )
         raise TransferError(verdict)
 
+    def interrupt(self) -> None:
+        """Cut off the associations waiting for the peer's answer: their connection is
+        shut down, and pynetdicom's own thread then ends the opening as failed."""
+        for assoc in list(self.pending):
+            with contextlib.suppress(AttributeError, OSError):
+                assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Stop the threads (after every association was released)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -195,8 +206,9 @@ class AssociationPool:
     An association that failed (aborted, timed out, released by the peer) is dropped and a
     new one opened by the next operation. A peer that serves fewer associations at once
     than we open (DCMTK's storescp serves one) leaves the extra one unanswered: the pool
-    then keeps the number it has (an extra association waits `EXTRA_WAIT` seconds at most)
-    and operations wait for one of them. `opener(extra)` opens one (blocking).
+    then keeps the number it has (an extra association waits `EXTRA_WAIT` seconds at most,
+    opened in the background while operations go on over those open) and operations wait
+    for one of them. `opener(extra)` opens one (blocking).
     """
 
     def __init__(
@@ -210,7 +222,12 @@ class AssociationPool:
         # Associations reserved (open or being opened), and those open.
         self.live = 0
         self.changed = asyncio.Condition()
-        self.opening = asyncio.Lock()
+        # The first association being opened by an operation, one more being opened in
+        # the background, and a failure of the latter for the next operation.
+        self.opening = False
+        self.growth: asyncio.Task[None] | None = None
+        self.failure: TransferError | None = None
+        self.cut = False
 
     @asynccontextmanager
     async def take(self) -> Any:
@@ -239,52 +256,101 @@ class AssociationPool:
                 self.changed.notify()
 
     async def _acquire(self) -> Association:
-        while True:
-            async with self.changed:
-                while True:
-                    while self.idle:
-                        assoc = self.idle.pop()
-                        if usable(assoc):
-                            return assoc
-                        # Ended by the peer while idle: its threads end with it.
-                        await self.connector.run(_abort, assoc)
-                        self.open -= 1
-                        self.live -= 1
-                    if self.open < self.size:
-                        self.open += 1
-                        break
-                    await self.changed.wait()
-            try:
+        async with self.changed:
+            while True:
+                if self.failure is not None:
+                    failure, self.failure = self.failure, None
+                    raise failure
+                while self.idle:
+                    assoc = self.idle.pop()
+                    if usable(assoc):
+                        return assoc
+                    # Ended by the peer while idle: its threads end with it.
+                    await self.connector.run(_abort, assoc)
+                    self.open -= 1
+                    self.live -= 1
                 # One opening at a time: the first one a peer leaves unanswered sets the
                 # number kept before any other waits for its answer.
-                async with self.opening:
-                    extra = self.live > 0
-                    if self.live >= self.size:
-                        raise _Surplus
-                    assoc = await self.connector.run(self.opener, extra)
-                    self.live += 1
-                    return assoc
-            except _Surplus:
-                async with self.changed:
-                    self.open -= 1
-                    self.changed.notify()
-            except TransferError as exc:
-                async with self.changed:
-                    self.open -= 1
-                    self.changed.notify()
-                    if not (extra and exc.verdict.kind is Kind.RETRYABLE and self.live > 0):
-                        raise
+                if self.open < self.size and self.growth is None and not self.opening:
+                    self.open += 1
+                    if self.live == 0:
+                        self.opening = True
+                        break
+                    # One more, opened in the background: this operation takes whichever
+                    # association is free first. A peer serving fewer leaves the new one
+                    # unanswered for EXTRA_WAIT, and its operations go on meanwhile.
+                    self.growth = asyncio.get_running_loop().create_task(self._grow())
+                    continue
+                await self.changed.wait()
+        # The first association: its failure is this operation's.
+        try:
+            assoc = await self.connector.run(self.opener, False)
+        except BaseException:
+            async with self.changed:
+                self.open -= 1
+                self.opening = False
+                self.changed.notify_all()
+            raise
+        async with self.changed:
+            self.live += 1
+            self.opening = False
+            self.changed.notify_all()
+        return assoc
+
+    async def _grow(self) -> None:
+        """Open one more association and offer it as idle; when the peer does not answer
+        or refuses it, keep the number open (a failure other than that goes to the next
+        operation, as it would have gone to the one that asked for it)."""
+        try:
+            assoc = await self.connector.run(self.opener, True)
+        except TransferError as exc:
+            async with self.changed:
+                self.open -= 1
+                self.growth = None
+                if self.cut:
+                    # Cut off by `aclose`: says nothing about the peer.
+                    self.cut = False
+                    self.changed.notify_all()
+                    return
+                if exc.verdict.kind is Kind.RETRYABLE and self.live > 0:
                     self.size = self.live
-                log.info(
-                    "%s %s: one more association failed (%s): %d kept",
-                    self.connector.role,
-                    self.connector.peer.display,
-                    exc.verdict.reason,
-                    self.size,
-                )
+                else:
+                    self.failure = exc
+                self.changed.notify_all()
+            log.info(
+                "%s %s: one more association failed (%s): %d kept",
+                self.connector.role,
+                self.connector.peer.display,
+                exc.verdict.reason,
+                self.size,
+            )
+            return
+        except BaseException:
+            async with self.changed:
+                self.open -= 1
+                self.growth = None
+                self.changed.notify_all()
+            raise
+        async with self.changed:
+            self.growth = None
+            cut, self.cut = self.cut, False
+            if cut:
+                self.open -= 1
+            else:
+                self.live += 1
+                self.idle.append(assoc)
+            self.changed.notify_all()
+        if cut:
+            # Opened while the pool was being closed.
+            await self.connector.run(_release, assoc)
 
     async def aclose(self) -> None:
-        """Release every idle association (the pool opens new ones if asked again)."""
+        """Release every idle association (the pool opens new ones if asked again); an
+        association still being opened is cut off (it would hold the process's exit
+        until the peer's answer or EXTRA_WAIT)."""
+        if self.growth is not None:
+            self.cut = True
+            self.connector.interrupt()
         async with self.changed:
             idle, self.idle = self.idle, []
             self.open -= len(idle)
@@ -292,10 +358,6 @@ class AssociationPool:
             self.changed.notify_all()
         for assoc in idle:
             await self.connector.run(_release, assoc)
-
-
-class _Surplus(Exception):
-    """An association no longer wanted: the pool shrank while it waited to open it."""
 
 
 def no_delay(event: Any) -> None:
