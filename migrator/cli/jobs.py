@@ -277,19 +277,11 @@ def diff(
     """
     from datetime import date
 
-    from migrator.selection import SelectionFlags
-
     _setup_logging(verbose)
+    flags = _selection(since, until, modality, studies, exclude_patient, include_undated, None)
 
     def body() -> int:
-        selection = SelectionFlags(
-            since=since,
-            until=until,
-            modalities=tuple(modality or ()),
-            studies_file=studies,
-            exclude_patients=tuple(exclude_patient or ()),
-            include_undated=include_undated,
-        ).resolve(date.today())
+        selection = flags["selection"].resolve(date.today())
         result = api.diff(
             source_url, target_url, _settings(config), selection=selection, max_list=max_list
         )
