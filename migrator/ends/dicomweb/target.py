@@ -22,7 +22,6 @@ from migrator.ends.base import Checked, SentRow, Stored
 from migrator.ends.dicomweb.batches import StowBatches
 from migrator.ends.dicomweb.client import DicomWebClient, sop_uid_of, tag_value, tag_values
 from migrator.ends.retrying import check_with_retries
-from migrator.ends.streams import Body
 from migrator.errors import (
     Kind,
     TransferError,
@@ -142,11 +141,6 @@ class DicomWebTarget:
             else:
                 out.append(None)
         return out, status
-
-    async def store_stream(self, body: Body) -> Stored:
-        """Store one instance read whole from `body` (STOW-RS takes no streamed part)."""
-        data = b"".join([chunk async for chunk in body])
-        return await self.store(data)
 
     async def probe(self) -> bool:
         """Whether QIDO-RS answers again."""

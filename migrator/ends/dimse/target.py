@@ -42,7 +42,6 @@ from migrator.ends.dimse.wire import (
     store_bytes,
     text,
 )
-from migrator.ends.streams import Body
 from migrator.errors import (
     FatalError,
     Kind,
@@ -137,11 +136,6 @@ class DimseTarget:
         if warning:
             log.info("target %s stored with a warning: %s", self.display, warning)
         return Stored("Success", None, warning=warning)
-
-    async def store_stream(self, body: Body) -> Stored:
-        """Collect `body` whole, then C-STORE it (DIMSE sends a dataset in one message)."""
-        parts = [chunk async for chunk in body]
-        return await self.store(b"".join(parts))
 
     def _open_store(self, extra: bool = False) -> Association:
         keys = list(self.wanted)[-MAX_CONTEXTS:]
