@@ -485,8 +485,9 @@ class Batcher:
         del datas
         if len(answers) != len(members):
             # Outcomes that cannot be paired with the instances confirm nothing.
-            log.warning("the target answered %d outcomes for %d instances", len(answers),
-                        len(members))  # fmt: skip
+            log.warning(
+                "the target answered %d outcomes for %d instances", len(answers), len(members)
+            )
             alone.extend(m.lease for m in members)
             return []
         outcomes: list[Outcome] = []
