@@ -27,7 +27,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from migrator.ends.folder.fileclass import CorruptFile, is_zlib_with_size
+from migrator.ends.compression import CorruptFile, is_zlib_with_size
 from migrator.errors import Kind, TransferError, Verdict
 
 # Instances larger than this are streamed; smaller ones keep the whole-bytes path.

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from migrator.ends.base import Item, ListingPage
+from migrator.ends.compression import CorruptFile, decompress_zlib_with_size, is_zlib_with_size
 from migrator.ends.database.index import (
     Attachment,
     DbUrl,
@@ -25,12 +26,7 @@ from migrator.ends.database.index import (
     one_line,
     storage_file,
 )
-from migrator.ends.folder.fileclass import (
-    CorruptFile,
-    decompress_zlib_with_size,
-    is_zlib_with_size,
-    read_dicom_bytes,
-)
+from migrator.ends.folder.fileclass import read_dicom_bytes
 from migrator.ends.folder.source import STORAGE_HINT
 from migrator.ends.streams import Chunks, FileChunks, open_file_chunks, streamable
 from migrator.errors import FatalError, Kind, TransferError, UsageError, Verdict

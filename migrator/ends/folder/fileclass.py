@@ -20,10 +20,13 @@ import hashlib
 import mmap
 import os
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 
+from migrator.ends.compression import (
+    CorruptFile,
+    decompress_zlib_with_size,
+    is_zlib_with_size,
+)
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.folder.dicomhead import (
     Header,
@@ -96,8 +99,6 @@ _STORAGE_KEY = re.compile(
 # DICOM files up to this size are read whole; bigger ones are mapped (only their header
 # is read).
 _READ_WHOLE = 1 << 20
-# Guards decompression against a corrupt size prefix claiming terabytes.
-_MAX_DECLARED_SIZE = 1 << 40
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, 3 µs per
@@ -131,47 +132,6 @@ class Candidate:
     study_date: str | None = None
     accession: str | None = None
     modalities: str | None = None
-
-
-class CorruptFile(ValueError):
-    """A stored file cannot be turned back into DICOM bytes (bad zlib stream, bad size)."""
-
-
-def is_zlib_with_size(head: bytes) -> bool:
-    """Tell whether ``head`` (at least 10 bytes) starts like an Orthanc compressed file.
-
-    The layout is an 8-byte little-endian size followed by a zlib stream, whose two-byte
-    header starts with 0x78 and is a multiple of 31 when read big-endian.
-    """
-    if len(head) < 10 or head[8] != 0x78:
-        return False
-    if (head[8] << 8 | head[9]) % 31 != 0:
-        return False
-    (declared,) = struct.unpack_from("<Q", head)
-    return 0 < declared <= _MAX_DECLARED_SIZE
-
-
-def decompress_zlib_with_size(raw: bytes) -> bytes:
-    """Decompress an Orthanc "zlib with size" file; raise :class:`CorruptFile` if damaged."""
-    if len(raw) < 8:
-        raise CorruptFile(f"compressed file too short ({len(raw)} bytes)")
-    (declared,) = struct.unpack_from("<Q", raw)
-    if declared > _MAX_DECLARED_SIZE:
-        raise CorruptFile(f"implausible uncompressed size {declared}")
-    engine = zlib.decompressobj()
-    try:
-        # Asking for one byte more than declared detects a stream longer than its prefix
-        # without letting a corrupt stream inflate without bound.
-        data = engine.decompress(raw[8:], declared + 1)
-    except zlib.error as exc:
-        raise CorruptFile(f"bad zlib stream: {exc}") from exc
-    if not engine.eof:
-        raise CorruptFile(
-            f"zlib stream truncated or longer than declared ({len(data)} of {declared} bytes)"
-        )
-    if len(data) != declared:
-        raise CorruptFile(f"size mismatch: {len(data)} bytes decompressed, {declared} declared")
-    return data
 
 
 def read_dicom_bytes(path: str, compressed: bool | None = None) -> bytes:
