@@ -14,7 +14,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from migrator.endpoints import redact
 from migrator.errors import LedgerError, LedgerOutdated, UsageError
@@ -302,9 +308,25 @@ class Transaction:
             self.conn.begin()
         except SQLAlchemyError as exc:
             self.conn.close()
-            reason = short_error(exc)
+            reason = self._reason(exc)
             raise LedgerError(f"ledger {self.display_url} is unusable: {reason}") from None
         return self.conn
+
+    def _reason(self, exc: SQLAlchemyError) -> str:
+        """Why the ledger failed, asked again on a new connection when the old one died.
+
+        A connection the server cut (a dropped database, a restart) only says it was
+        terminated; a new connection names the cause, e.g. that the database is gone.
+        """
+        cut = isinstance(exc, DBAPIError) and exc.connection_invalidated
+        if not cut and not isinstance(exc, OperationalError):
+            return short_error(exc)
+        try:
+            with self.conn.engine.connect() as probe:
+                probe.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as again:
+            return short_error(again)
+        return short_error(exc)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
@@ -315,13 +337,13 @@ class Transaction:
         except SQLAlchemyError as err:
             if exc_type is None:
                 raise LedgerError(
-                    f"ledger {self.display_url} could not be written: {short_error(err)}"
+                    f"ledger {self.display_url} could not be written: {self._reason(err)}"
                 ) from None
         finally:
             self.conn.close()
         if isinstance(exc, SQLAlchemyError):
             raise LedgerError(
-                f"ledger {self.display_url} could not be written: {short_error(exc)}"
+                f"ledger {self.display_url} could not be written: {self._reason(exc)}"
             ) from None
 
 
