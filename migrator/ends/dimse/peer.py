@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -110,6 +111,15 @@ def _make_ae(calling: str, settings: Settings, acse_timeout: float) -> AE:
     return ae
 
 
+# An association cut before any answer within this many seconds was cut by the peer, not
+# given up by our ACSE timeout.
+_QUICK_CUT = 1.0
+
+
+class _CutShort(TransferError):
+    """The peer closed the connection before answering the association request."""
+
+
 class Connector:
     """Opens associations with one peer, on the end's own threads."""
 
@@ -139,6 +149,27 @@ class Connector:
         """An established association proposing `contexts` (blocking); `extra`: one
         beyond the first, given up sooner. Raises TransferError with the classified
         reason when it cannot be established."""
+        started = time.monotonic()
+        try:
+            return self._associate(contexts, roles=roles, handlers=handlers, extra=extra)
+        except _CutShort:
+            # A peer that rejects and closes at once can have its A-ASSOCIATE-RJ lost with
+            # the connection (seen with storescp --refuse on a loaded machine): the cut
+            # looks like an abort. Asking once more learns the real answer; a peer that
+            # merely timed out is not asked twice.
+            if extra or time.monotonic() - started > _QUICK_CUT:
+                raise
+            time.sleep(0.05)
+            return self._associate(contexts, roles=roles, handlers=handlers, extra=extra)
+
+    def _associate(
+        self,
+        contexts: list[PresentationContext],
+        *,
+        roles: list[Any] | None,
+        handlers: list[Any] | None,
+        extra: bool,
+    ) -> Association:
         rejection: list[tuple[int, int, int]] = []
         answered: list[bool] = []
 
@@ -185,6 +216,8 @@ class Connector:
                 f"{self.role} {self.peer.display}: the peer accepted none of the presentation "
                 "contexts proposed",
             )
+        if connected and not answered and not rejection:
+            raise _CutShort(verdict)
         raise TransferError(verdict)
 
     def interrupt(self) -> None:
