@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -130,37 +131,19 @@ def end_name(url: str | None, role: str, settings: Settings) -> str:
     return redact(url).replace(":***@", "@")
 
 
-def check_ends(
-    settings: Settings, *, source_url: str | None = None, target_url: str | None = None
-) -> None:
-    """Make sure each end answers and accepts us, before anything is written: an
-    unreachable or wrong server must not leave a new ledger behind. Refuse a source and
-    a target that are one Orthanc under two URLs."""
-
-    async def check() -> bool:
-        ends: list[Any] = []
-        try:
-            source = target = None
-            if source_url is not None:
-                source = open_source(source_url, settings)
-                ends.append(source)
-                await source.preflight()
-            if target_url is not None:
-                target = open_target(target_url, settings)
-                ends.append(target)
-                await target.preflight()
-            client = getattr(source, "client", None)
-            if client is not None and target is not None and target.kind == "orthanc":
-                return await same_orthanc(client, target.client)  # type: ignore[attr-defined]
-            return False
-        finally:
-            for end in ends:
-                await end.aclose()
-
-    if asyncio.run(check()):
+async def preflight_ends(source: Source, target: Target, *, source_checked: bool = False) -> None:
+    """Make sure each end answers and accepts us (FatalError otherwise), and refuse a
+    source and a target that are one Orthanc under two URLs. `source_checked`: the
+    source was preflighted already (an import reads its folder's kind first)."""
+    if not source_checked:
+        log.info(await source.preflight())
+    log.info(await target.preflight())
+    client = getattr(source, "client", None)
+    same = client is not None and target.kind == "orthanc"
+    if same and await same_orthanc(client, target.client):  # type: ignore[attr-defined]
         raise UsageError(
-            f"source {redact(source_url or '')} and target {redact(target_url or '')} are the "
-            f"same Orthanc: give another target"
+            f"source {source.display} and target {target.display} are the same Orthanc: "
+            "give another target"
         )
 
 
@@ -177,14 +160,9 @@ async def run_job(
     follow: float | None = None,
     deletions: DeletionPolicy | None = None,
 ) -> JobReport:
-    """Preflight both ends, then create or resume the job and run it to the end (with
-    `follow`, keep listing new source data every `follow` seconds until stopped, and look
-    for deletions on the source as `deletions` says)."""
-    if options.get("selection") and getattr(source, "selection", None) is None:
-        # A source that would list everything must not fill a job that says otherwise.
-        raise UsageError(f"{source.display} cannot select studies: give no selection for it")
-    log.info(await source.preflight())
-    log.info(await target.preflight())
+    """Create or resume the job on ends already preflighted (`preflight_ends`) and run it
+    to the end (with `follow`, keep listing new source data every `follow` seconds until
+    stopped, and look for deletions on the source as `deletions` says)."""
     job = await asyncio.to_thread(
         ledger.ensure_job, job_name, source.kind, source.display, target.display, options
     )
@@ -376,14 +354,12 @@ def _require(url: str | None, role: str, settings: Settings) -> str:
 def _checked_job_name(
     kind: str, source_url: str, target_url: str, settings: Settings, job_name: str | None
 ) -> str:
-    """The job's name (from the ends by default), once both ends answered."""
+    """The job's name (from the ends by default)."""
     source_name = end_name(source_url, "source", settings)
     target_name = end_name(target_url, "target", settings)
     if source_name == target_name:
         raise UsageError("source and target are the same URL")
-    name = job_name or default_job_name(kind, source_name, target_name)
-    check_ends(settings, source_url=source_url, target_url=target_url)
-    return name
+    return job_name or default_job_name(kind, source_name, target_name)
 
 
 def _run_with_ledger(
@@ -397,48 +373,16 @@ def _run_with_ledger(
     show_progress: bool = True,
     follow: float | None = None,
     source: Source | None = None,
+    source_checked: bool = False,
     deletions: DeletionPolicy | None = None,
 ) -> JobReport:
-    ledger = Ledger.open(settings.ledger, create=True)
-    try:
-        return _run(
-            ledger,
-            settings,
-            source_url,
-            target_url,
-            name=name,
-            options=options,
-            dry_run=dry_run,
-            show_progress=show_progress,
-            follow=follow,
-            source=source,
-            deletions=deletions,
-        )
-    finally:
-        ledger.close()
+    """Open and preflight both ends, then open (or create) the ledger and run the job, in
+    one event loop: an end that does not answer leaves no new ledger behind, and each end
+    is asked once."""
 
-
-def _run(
-    ledger: Ledger,
-    settings: Settings,
-    source_url: str,
-    target_url: str,
-    *,
-    name: str,
-    options: dict[str, Any],
-    dry_run: bool = False,
-    show_progress: bool = True,
-    follow: float | None = None,
-    source: Source | None = None,
-    deletions: DeletionPolicy | None = None,
-) -> JobReport:
-    async def main() -> JobReport:
-        src = source or open_source(source_url, settings, options=options)
-        try:
-            target = open_target(target_url, settings)
-        except BaseException:
-            await src.aclose()
-            raise
+    async def with_ledger(src: Source, target: Target) -> JobReport:
+        await preflight_ends(src, target, source_checked=source_checked)
+        ledger = await asyncio.to_thread(Ledger.open, settings.ledger, create=True)
         try:
             return await run_job(
                 ledger,
@@ -453,10 +397,65 @@ def _run(
                 deletions=deletions,
             )
         finally:
-            await src.aclose()
-            await target.aclose()
+            ledger.close()
 
-    return asyncio.run(main())
+    return asyncio.run(_with_ends(settings, source_url, target_url, options, source, with_ledger))
+
+
+async def _with_ends(
+    settings: Settings,
+    source_url: str,
+    target_url: str,
+    options: dict[str, Any],
+    source: Source | None,
+    body: Callable[[Source, Target], Awaitable[JobReport]],
+) -> JobReport:
+    """Run `body` on the job's two ends, opened here (the source unless given), and close
+    them afterwards whatever happens."""
+    src = source or open_source(source_url, settings, options=options)
+    try:
+        target = open_target(target_url, settings)
+    except BaseException:
+        await src.aclose()
+        raise
+    if options.get("selection") and getattr(src, "selection", None) is None:
+        await src.aclose()
+        await target.aclose()
+        # A source that would list everything must not fill a job that says otherwise.
+        raise UsageError(f"{src.display} cannot select studies: give no selection for it")
+    try:
+        return await body(src, target)
+    finally:
+        await src.aclose()
+        await target.aclose()
+
+
+def _run(
+    ledger: Ledger,
+    settings: Settings,
+    source_url: str,
+    target_url: str,
+    *,
+    name: str,
+    options: dict[str, Any],
+    show_progress: bool = True,
+    source: Source | None = None,
+) -> JobReport:
+    """Run a job of an open ledger (a worker joining it)."""
+
+    async def on_ends(src: Source, target: Target) -> JobReport:
+        await preflight_ends(src, target)
+        return await run_job(
+            ledger,
+            src,
+            target,
+            settings,
+            job_name=name,
+            options=options,
+            show_progress=show_progress,
+        )
+
+    return asyncio.run(_with_ends(settings, source_url, target_url, options, source, on_ends))
 
 
 def mirror(
@@ -587,7 +586,6 @@ def import_path(
         options["folder_kind"] = folder_kind
         if storage:
             options["storage"] = source.info.storage  # type: ignore[attr-defined]
-    check_ends(settings, target_url=target_url)
     report = _run_with_ledger(
         settings,
         path,
@@ -597,6 +595,7 @@ def import_path(
         dry_run=dry_run,
         show_progress=show_progress,
         source=source,
+        source_checked=True,
     )
     if report.job.listing_done or report.result.listed:
         wanted = sum(report.counts[k] for k in ("pending", "in_flight", "sent", "rejected"))
