@@ -62,9 +62,10 @@ from benchkit import (
 )
 
 from migrator.endpoints import parse_endpoint
+from migrator.ledger.queries import job_counts
 from migrator.ledger.store import Ledger
 from migrator.testkit import OrthancProcess, iter_dataset, upload_all
-from migrator.views.reports import job_counts, status_document
+from migrator.views.reports import status_document
 
 JOB = "resume-bench"
 REAL = 64  # pending rows the source really has (the first ones leased)

@@ -1,10 +1,11 @@
 """`migrator report`: one line per instance, as CSV or JSON Lines, streamed from the ledger.
 
-Rows are read in id order by keyset pagination (``WHERE id > :last ORDER BY id LIMIT n``),
-each page in its own short read transaction: memory stays flat for ten million rows, and
-an SQLite reader never pins an old snapshot (which would stop the WAL from being
-checkpointed while workers write). Times are ISO 8601 UTC. The ledger never holds a
-password; text fields still pass through `redact`, since an error message may quote a URL.
+Rows are read in id order by keyset pagination (``WHERE id > :last ORDER BY id LIMIT n``,
+`ledger.queries.report_page`), each page in its own short read transaction: memory stays
+flat for ten million rows, and an SQLite reader never pins an old snapshot (which would
+stop the WAL from being checkpointed while workers write). Times are ISO 8601 UTC. The
+ledger never holds a password; text fields still pass through `redact`, since an error
+message may quote a URL.
 In CSV, a text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a
 leading ``'`` (OWASP's advice against CSV injection): a spreadsheet would otherwise run it
 as a formula. JSON Lines, read by programs, keeps every value as stored.
@@ -20,45 +21,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import select
-
 from migrator.endpoints import redact
 from migrator.errors import UsageError
-from migrator.ledger.schema import instances
+from migrator.ledger.queries import REPORT_COLUMNS, report_page
 from migrator.ledger.store import Job, Ledger
 from migrator.states import State, VerifyResult
 
 PAGE = 5000
 FORMATS = ("csv", "jsonl")
 
-# Column name in the report -> column of `instances` (None: computed).
-COLUMNS: dict[str, Any] = {
-    "job": None,
-    "source_key": instances.c.source_key,
-    "orthanc_id": instances.c.orthanc_id,
-    "sop_uid": instances.c.sop_uid,
-    "study_uid": instances.c.study_uid,
-    "series_uid": instances.c.series_uid,
-    "state": instances.c.state,
-    "target_status": instances.c.target_status,
-    "http_status": instances.c.http_status,
-    "verify_result": instances.c.verify_result,
-    "verify_detail": instances.c.verify_detail,
-    "attempts": instances.c.attempts,
-    "last_error": instances.c.last_error,
-    "size": instances.c.size,
-    "md5": instances.c.md5,
-    "created_at": instances.c.created_at,
-    "updated_at": instances.c.updated_at,
-    "sent_at": instances.c.sent_at,
-    "verified_at": instances.c.verified_at,
-    "target_id": instances.c.target_id,
-    "study_date": instances.c.study_date,
-}
+# The report's columns: the job's name, then the ledger's (`queries.REPORT_COLUMNS`).
+COLUMNS = ("job", *REPORT_COLUMNS)
 TIMES = frozenset({"created_at", "updated_at", "sent_at", "verified_at"})
 TEXTS = frozenset({"source_key", "verify_detail", "last_error"})
-_SELECTED = [instances.c.id, *(col for col in COLUMNS.values() if col is not None)]
-_NAMES = [name for name, col in COLUMNS.items() if col is not None]
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -89,29 +64,12 @@ def iter_rows(
 ) -> Iterator[dict[str, Any]]:
     """Every row of `job` (optionally only those in the given states / verify results),
     in id order, as report dicts."""
-    c = instances.c
-    states = [f.value for f in filters if isinstance(f, State)]
-    results = [f.value for f in filters if isinstance(f, VerifyResult)]
-    # `job_id + 0`: no index on job_id may serve this query. With one, SQLite reads the
-    # whole job through it and sorts it for every page; without, it walks the primary key
-    # from `last` (linear over the whole report).
-    conditions = [(c.job_id + 0) == job.id]
-    if states and results:
-        conditions.append(
-            (c.state.in_(states)) | ((c.state == State.SENT.value) & c.verify_result.in_(results))
-        )
-    elif states:
-        conditions.append(c.state.in_(states))
-    elif results:
-        conditions.append((c.state == State.SENT.value) & c.verify_result.in_(results))
     last = 0
     while True:
-        query = select(*_SELECTED).where(*conditions, c.id > last).order_by(c.id).limit(PAGE)
-        with ledger._read() as conn:
-            page = conn.execute(query).all()
+        page = report_page(ledger, job.id, filters, last, PAGE)
         for row in page:
             item: dict[str, Any] = {"job": job.name}
-            for name, value in zip(_NAMES, row[1:], strict=True):
+            for name, value in zip(REPORT_COLUMNS, row[1:], strict=True):
                 if name in TIMES:
                     value = _iso(value)
                 elif name in TEXTS:

@@ -12,14 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import func, select
-
+from migrator.ledger import queries
 from migrator.ledger.order import ORDER_LISTING
+from migrator.ledger.queries import job_counts
 from migrator.ledger.runs import process_alive
-from migrator.ledger.schema import instances, runs
 from migrator.ledger.store import Job, Ledger
 from migrator.selection import Selection
-from migrator.states import ALL_STATES, State
+from migrator.states import State
 from migrator.units import human_bytes
 
 __all__ = ["human_bytes", "human_duration", "job_status", "render_status", "status_document"]
@@ -30,30 +29,6 @@ RATE_WINDOW = 300.0
 STALE_HEARTBEAT = 120.0
 TOP_ERRORS = 5
 ACTIVE_STATES = (State.PENDING, State.IN_FLIGHT)
-PROBLEM_STATES = (State.REJECTED, State.FAILED, State.VANISHED, State.SKIPPED)
-
-
-def job_counts(ledger: Ledger, job_id: int) -> dict[str, int]:
-    """Rows per state, every state present (0 when empty)."""
-    counts = {state.value: 0 for state in ALL_STATES}
-    with ledger.engine.connect() as conn:
-        rows = conn.execute(
-            select(instances.c.state, func.count())
-            .where(instances.c.job_id == job_id)
-            .group_by(instances.c.state)
-        ).all()
-    for state, count in rows:
-        counts[state] = count
-    return counts
-
-
-def _sent_bytes(ledger: Ledger, job_id: int) -> int:
-    with ledger.engine.connect() as conn:
-        return conn.execute(
-            select(func.coalesce(func.sum(instances.c.size), 0)).where(
-                instances.c.job_id == job_id, instances.c.state == State.SENT.value
-            )
-        ).scalar_one()
 
 
 def job_status(
@@ -66,50 +41,13 @@ def job_status(
     # On millions of rows the state counts and the byte sum are the two long scans: run
     # them beside the other queries, each on its own connection (SQLite's WAL lets readers
     # run together, and sqlite3 releases the GIL while it scans).
-    with ThreadPoolExecutor(2) as pool, ledger.engine.connect() as conn:
+    with ThreadPoolExecutor(2) as pool:
         counts_done = pool.submit(job_counts, ledger, job.id)
-        bytes_done = pool.submit(_sent_bytes, ledger, job.id)
-        recent, recent_bytes, first = conn.execute(
-            select(
-                func.count(),
-                func.coalesce(func.sum(instances.c.size), 0),
-                func.min(instances.c.sent_at),
-            ).where(instances.c.job_id == job.id, instances.c.sent_at >= now - RATE_WINDOW)
-        ).one()
-        errors = conn.execute(
-            select(instances.c.state, instances.c.last_error, func.count().label("n"))
-            .where(
-                instances.c.job_id == job.id,
-                instances.c.state.in_([s.value for s in (*PROBLEM_STATES, State.PENDING)]),
-                instances.c.last_error.is_not(None),
-            )
-            .group_by(instances.c.state, instances.c.last_error)
-            .order_by(func.count().desc())
-            .limit(TOP_ERRORS)
-        ).all()
-        running = conn.execute(
-            select(
-                runs.c.owner,
-                runs.c.command,
-                runs.c.started_at,
-                runs.c.heartbeat_at,
-                runs.c.sent,
-                runs.c.bytes,
-                runs.c.host,
-                runs.c.pid,
-                runs.c.pid_start,
-                runs.c.transferring,
-                runs.c.concurrency,
-            ).where(runs.c.job_id == job.id, runs.c.status == "running")
-        ).all()
-        held = dict(
-            conn.execute(
-                select(instances.c.lease_owner, func.count())
-                .where(instances.c.job_id == job.id, instances.c.state == State.IN_FLIGHT.value)
-                .group_by(instances.c.lease_owner)
-            ).all()
-        )
+        bytes_done = pool.submit(queries.sent_bytes, ledger, job.id)
+        activity = queries.job_activity(ledger, job.id, now - RATE_WINDOW, TOP_ERRORS)
         counts, sent_bytes = counts_done.result(), bytes_done.result()
+    recent, recent_bytes, first = activity.recent, activity.recent_bytes, activity.first_recent
+    errors, running, held = activity.errors, activity.running, activity.held
     live, gone = _split_workers(running, now)
     # Without a live worker nothing moves: no rate, no ETA (the last run's pace says
     # nothing about when the rest will be sent).

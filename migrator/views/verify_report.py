@@ -32,10 +32,10 @@ from migrator.ends.factory import open_target
 from migrator.engine.studies import StudyReport, check_studies
 from migrator.engine.verify import PassResult, VerifyPass
 from migrator.errors import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from migrator.ledger.queries import job_counts
 from migrator.ledger.store import Job, Ledger
 from migrator.ledger.verification import VerifyPassState
 from migrator.states import State, VerifyResult
-from migrator.views.reports import job_counts
 
 log = logging.getLogger("migrator")
 

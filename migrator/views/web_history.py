@@ -14,9 +14,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import Integer, cast, func, select
-
-from migrator.ledger.schema import instances
+from migrator.ledger.queries import sends_per_bucket
 from migrator.ledger.store import Ledger
 
 BUCKET = 60
@@ -27,19 +25,7 @@ MIN_SPAN = 1.0
 def _minute_counts(ledger: Ledger, job_id: int, since: float) -> dict[int, tuple[int, float]]:
     """Per minute (epoch // 60) from `since` on, for one job: instances sent and the
     first send in it."""
-    c = instances.c
-    # PostgreSQL rounds when casting to integer; SQLite truncates (and may lack floor()).
-    if ledger.dialect == "postgresql":
-        bucket = func.floor(c.sent_at / BUCKET).label("m")
-    else:
-        bucket = cast(c.sent_at / BUCKET, Integer).label("m")
-    with ledger._read() as conn:
-        rows = conn.execute(
-            select(bucket, func.count(), func.min(c.sent_at))
-            .where(c.job_id == job_id, c.sent_at >= since)
-            .group_by(bucket)
-        ).all()
-    return {int(m): (n, float(first)) for m, n, first in rows}
+    return sends_per_bucket(ledger, job_id, since, BUCKET)
 
 
 def rates(minutes: list[tuple[int, int, float | None]], now: float) -> list[float]:
