@@ -42,10 +42,10 @@ from migrator.errors import (
     UsageError,
 )
 from migrator.ledger.order import ORDER_LISTING, ORDER_NEWEST
+from migrator.ledger.queries import job_counts
 from migrator.ledger.store import Job, Ledger, make_owner
 from migrator.selection import ORDERS, Selection, SelectionFlags
 from migrator.units import human_bytes
-from migrator.views.reports import job_counts
 
 log = logging.getLogger("migrator")
 

@@ -622,7 +622,7 @@ class Scheduler:
         return Activity(self.transferring, allowed)
 
     async def _refresh_progress(self) -> None:
-        from migrator.views.reports import job_counts
+        from migrator.ledger.queries import job_counts
 
         counts = await self.db(job_counts, self.ledger, self.job.id)
         self.progress.start(counts)
