@@ -31,6 +31,7 @@ legitimate start of a migration) is rightly a second server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -41,6 +42,9 @@ from migrator.ends.orthanc.client import OrthancClient
 log = logging.getLogger("migrator")
 
 _PROBE = {"Resources": [], "Asynchronous": True}
+# How often, and how far apart, a job that is starting is asked about.
+_JOB_ASKS = 10
+_JOB_PAUSE = 0.05
 
 
 async def same_orthanc(source: OrthancClient, target: OrthancClient) -> bool:
@@ -99,15 +103,22 @@ async def _start_probe(client: OrthancClient) -> str | None:
 
 async def _knows_job(client: OrthancClient, job: str) -> bool | None:
     """Whether `client` knows job `job` (None: no clear answer)."""
-    try:
-        response = await client.http.get(f"jobs/{job}")
-    except httpx.HTTPError:
-        return None
-    if response.status_code == 404:
-        return False
-    body = _body(response)
-    if response.status_code == 200 and isinstance(body, dict) and body.get("ID") == job:
-        return True
+    for attempt in range(_JOB_ASKS):
+        if attempt:
+            await asyncio.sleep(_JOB_PAUSE)
+        try:
+            response = await client.http.get(f"jobs/{job}")
+        except httpx.HTTPError:
+            return None
+        if response.status_code == 404:
+            return False
+        body = _body(response)
+        if response.status_code == 200 and isinstance(body, dict) and body.get("ID") == job:
+            return True
+        # Orthanc 1.10 answers 400 ("Bad request") for a job it knows while the job is
+        # starting; asked again a moment later, it describes the job.
+        if response.status_code != 400:
+            return None
     return None
 
 
