@@ -4,6 +4,7 @@ SCP) and DCMTK's storescp (a C-STORE SCP that is not an Orthanc)."""
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 import time
@@ -494,3 +495,33 @@ def test_operations_go_on_while_one_more_association_waits(tmp_path):
     assert storing < EXTRA_WAIT / 2
     assert closing < EXTRA_WAIT / 2
     assert _received_uids(tmp_path) == sorted(i.sop_uid for i in instances)
+
+
+def test_cmove_by_series(orthanc_factory, tmp_path, ledger_path, ledger_url):
+    """C-MOVE asks for a whole series at once: the peer serves one C-MOVE per series, not
+    one per instance (counted in the peer's own log), and every instance still arrives."""
+    move_port = free_port()
+    pacs = _pacs(orthanc_factory, move_port)
+    target = orthanc_factory("target")
+    instances = fill(pacs, N, seed=63)
+    with pacs.client() as http:
+        http.put("/tools/log-level", content="verbose").raise_for_status()
+    series = {i.series_uid for i in instances}
+    assert len(series) < N
+    config = _config(tmp_path, retrieve="move", move_port=move_port)
+    result = run_cli(
+        "replicate", _dicom_url(pacs), target.url, "--ledger", ledger_url, "--config", config
+    )
+    assert result.code == 0, result.stderr
+    _same_instances(target, instances)
+    assert state_counts(ledger_path) == {"sent": N}
+    levels, moving = [], False
+    for line in pacs.log_path.read_text().splitlines():
+        if "Move-SCU request received" in line:
+            moving = True
+        elif moving and (level := re.search(r"QueryRetrieveLevel = (\w+)", line)):
+            levels.append(level[1])
+            moving = False
+    assert levels.count("SERIES") == len(series), levels
+    # One instance moved alone: the one moved to ourselves at preflight.
+    assert levels.count("IMAGE") == 1, levels

@@ -38,6 +38,18 @@ class Arrivals:
         self.lock = threading.Lock()
         self.expected: dict[str, int] = {}
         self.received: dict[str, bytes] = {}
+        # Series moved whole: what arrived of each, by SOP Instance UID.
+        self.series: dict[str, dict[str, bytes]] = {}
+
+    def expect_series(self, series_uid: str) -> None:
+        """Keep every instance of this series that arrives (up to `SERIES_BUDGET`)."""
+        with self.lock:
+            self.series.setdefault(series_uid, {})
+
+    def take_series(self, series_uid: str) -> dict[str, bytes]:
+        """What arrived of a series moved whole; it is no longer expected."""
+        with self.lock:
+            return self.series.pop(series_uid, {})
 
     def expect(self, sop_uids: list[str]) -> None:
         """Keep these instances when they arrive."""
@@ -71,15 +83,31 @@ class Arrivals:
             uid = str(event.request.AffectedSOPInstanceUID)
             with self.lock:
                 wanted = uid in self.expected
+                moving = bool(self.series)
             if wanted:
                 data = event.encoded_dataset()
                 with self.lock:
                     if uid in self.expected:
                         self.received[uid] = data
+            elif moving:
+                self._into_series(event, uid)
         except Exception as exc:
             log.warning("could not take a received instance: %s", exc)
             return CANNOT_UNDERSTAND
         return SUCCESS
+
+    def _into_series(self, event: Any, uid: str) -> None:
+        """Keep an arrival of a series moved whole (the move's association is the peer's,
+        so the series is read from the dataset itself)."""
+        series_uid = str(event.dataset.get("SeriesInstanceUID", ""))
+        with self.lock:
+            bucket = self.series.get(series_uid)
+        if bucket is None:
+            return
+        data = event.encoded_dataset()
+        with self.lock:
+            if sum(len(v) for v in bucket.values()) + len(data) <= SERIES_BUDGET:
+                bucket[uid] = data
 
 
 def _into_bucket(event: Any, bucket: dict[str, bytes]) -> int:

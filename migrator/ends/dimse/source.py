@@ -24,12 +24,16 @@ Retrieval (``settings.dimse_retrieve``):
   whole series (SERIES level), whose instances wait in a bounded cache for their own rows
   (one request instead of one per instance); an instance it did not bring is then asked
   alone, at IMAGE level.
-- ``move``: C-MOVE at IMAGE level to our own storage SCP (started by `preflight`, on
-  ``settings.dimse_move_port``). The peer must know our AE title (``settings.dimse_aet``)
-  with our host and that port (Orthanc: ``DicomModalities``).
+- ``move``: C-MOVE to our own storage SCP (started by `preflight`, on
+  ``settings.dimse_move_port``), by series like C-GET: the first row of a series moves the
+  whole series, the instances that arrive (matched to it by their SeriesInstanceUID) wait
+  in the same cache, and an instance it did not bring is moved alone at IMAGE level. The
+  peer must know our AE title (``settings.dimse_aet``) with our host and that port
+  (Orthanc: ``DicomModalities``).
 
-A retrieval is done only when the instance asked for arrived (matched by SOP Instance
-UID) and the final status counts one completed sub-operation and no failed one.
+An instance is taken from a series retrieval only when it arrived whole; one retrieved
+alone is done only when it arrived (matched by SOP Instance UID) and the final status
+counts one completed sub-operation and no failed one.
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ class DimseSource:
         self.pool = AssociationPool(self.connector, opener, size)
         self.finds = AssociationPool(self.connector, self._open_find, LIST_AHEAD)
         self.scp: StorageSCP | None = None
-        # C-GET by series: instances brought and not yet taken, retrievals under way, and
+        # Retrieval by series: instances brought and not yet taken, retrievals under way, and
         # the series retrieved whole already (most recent last).
         self.cache = SeriesCache()
         self.series_tasks: dict[str, asyncio.Future[None]] = {}
@@ -405,10 +409,9 @@ class DimseSource:
     async def fetch(self, item: Item) -> bytes:
         """The instance as a Part-10 file, retrieved by C-GET or C-MOVE."""
         study_uid, series_uid, sop_uid = split_key(item.source_key)
-        if self.retrieve == "get":
-            data = await self._from_series(study_uid, series_uid, sop_uid)
-            if data is not None:
-                return data
+        data = await self._from_series(study_uid, series_uid, sop_uid)
+        if data is not None:
+            return data
         q = _image_query(item.source_key)
         self.arrivals.expect([sop_uid])
         try:
@@ -433,10 +436,10 @@ class DimseSource:
             raise
 
     async def _from_series(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes | None:
-        """The instance from a C-GET of its whole series (one request for the series'
-        instances, which the rows leased after it take from the cache), or None: then it
-        is retrieved alone. A series is retrieved whole once per run; an instance it did
-        not bring (failed, past the budget, stored since) is retrieved alone."""
+        """The instance from a C-GET or C-MOVE of its whole series (one request for the
+        series' instances, which the rows leased after it take from the cache), or None:
+        then it is retrieved alone. A series is retrieved whole once per run; an instance
+        it did not bring (failed, past the budget, stored since) is retrieved alone."""
         data = self.cache.take(series_uid, sop_uid)
         if data is not None:
             return data
@@ -458,8 +461,18 @@ class DimseSource:
 
     async def _get_series(self, study_uid: str, series_uid: str) -> None:
         q = query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
-        async with self.pool.take() as assoc:
-            found = await self.connector.run(_get_whole, assoc, q)
+        if self.retrieve == "get":
+            async with self.pool.take() as assoc:
+                found = await self.connector.run(_get_whole, assoc, q)
+        else:
+            # Every instance that arrived whole is kept, whatever the final status says
+            # of the others: those are then moved alone, each checked by its counts.
+            self.arrivals.expect_series(series_uid)
+            try:
+                async with self.pool.take() as assoc:
+                    await self.connector.run(_move, assoc, q, self.peer.calling)
+            finally:
+                found = self.arrivals.take_series(series_uid)
         self.cache.put(series_uid, found)
 
     async def open(self, item: Item) -> bytes | Chunks:
