@@ -18,15 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
-
 from migrator.config import Settings
-from migrator.ends.dimse.wire import settle, usable
 from migrator.errors import (
     FatalError,
     Kind,
@@ -35,6 +30,13 @@ from migrator.errors import (
     Verdict,
     verdict_for_association,
 )
+
+if TYPE_CHECKING:
+    # pynetdicom (and pydicom with it) is imported by the operations that use it: a run
+    # that only stores files goes without (`migrator.ends.dimse.link`).
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import PresentationContext
 
 __all__ = ["AssociationPool", "Connector", "Peer", "parse_dicom_url"]
 
@@ -101,6 +103,8 @@ def parse_dicom_url(url: str, role: str, calling: str) -> Peer:
 
 
 def _make_ae(calling: str, settings: Settings, acse_timeout: float) -> AE:
+    from pynetdicom import AE
+
     ae = AE(ae_title=calling)
     ae.connection_timeout = settings.connect_timeout
     ae.acse_timeout = acse_timeout
@@ -170,6 +174,8 @@ class Connector:
         handlers: list[Any] | None,
         extra: bool,
     ) -> Association:
+        from pynetdicom import evt
+
         rejection: list[tuple[int, int, int]] = []
         answered: list[bool] = []
 
@@ -277,8 +283,8 @@ class AssociationPool:
             keep = exc.verdict.kind in (Kind.PERMANENT, Kind.VANISHED)
             raise
         finally:
-            if not (keep and usable(assoc)):
-                await self.connector.run(_abort, assoc)
+            if not (keep and self._usable(assoc)):
+                await self._abort(assoc)
                 assoc = None
             async with self.changed:
                 if assoc is None:
@@ -296,10 +302,10 @@ class AssociationPool:
                     raise failure
                 while self.idle:
                     assoc = self.idle.pop()
-                    if usable(assoc):
+                    if self._usable(assoc):
                         return assoc
                     # Ended by the peer while idle: its threads end with it.
-                    await self.connector.run(_abort, assoc)
+                    await self._abort(assoc)
                     self.open -= 1
                     self.live -= 1
                 # One opening at a time: the first one a peer leaves unanswered sets the
@@ -317,7 +323,7 @@ class AssociationPool:
                 await self.changed.wait()
         # The first association: its failure is this operation's.
         try:
-            assoc = await self.connector.run(self.opener, False)
+            assoc = await self._open(False)
         except BaseException:
             async with self.changed:
                 self.open -= 1
@@ -335,7 +341,7 @@ class AssociationPool:
         or refuses it, keep the number open (a failure other than that goes to the next
         operation, as it would have gone to the one that asked for it)."""
         try:
-            assoc = await self.connector.run(self.opener, True)
+            assoc = await self._open(True)
         except TransferError as exc:
             async with self.changed:
                 self.open -= 1
@@ -375,7 +381,7 @@ class AssociationPool:
             self.changed.notify_all()
         if cut:
             # Opened while the pool was being closed.
-            await self.connector.run(_release, assoc)
+            await self._release(assoc)
 
     async def aclose(self) -> None:
         """Release every idle association (the pool opens new ones if asked again); an
@@ -383,14 +389,33 @@ class AssociationPool:
         until the peer's answer or EXTRA_WAIT)."""
         if self.growth is not None:
             self.cut = True
-            self.connector.interrupt()
+            self._interrupt()
         async with self.changed:
             idle, self.idle = self.idle, []
             self.open -= len(idle)
             self.live -= len(idle)
             self.changed.notify_all()
         for assoc in idle:
-            await self.connector.run(_release, assoc)
+            await self._release(assoc)
+
+    # The operations on one association: pynetdicom's, on the connector's threads.
+
+    async def _open(self, extra: bool) -> Any:
+        return await self.connector.run(self.opener, extra)
+
+    def _usable(self, assoc: Any) -> bool:
+        from migrator.ends.dimse.wire import usable
+
+        return usable(assoc)
+
+    async def _abort(self, assoc: Any) -> None:
+        await self.connector.run(_abort, assoc)
+
+    async def _release(self, assoc: Any) -> None:
+        await self.connector.run(_release, assoc)
+
+    def _interrupt(self) -> None:
+        self.connector.interrupt()
 
 
 def no_delay(event: Any) -> None:
@@ -403,12 +428,16 @@ def no_delay(event: Any) -> None:
 
 
 def _abort(assoc: Association) -> None:
+    from migrator.ends.dimse.wire import settle
+
     settle(assoc)
     if assoc.is_established:
         assoc.abort()
 
 
 def _release(assoc: Association) -> None:
+    from migrator.ends.dimse.wire import settle
+
     settle(assoc)
     if assoc.is_established:
         try:
