@@ -16,6 +16,7 @@ target, whose verdict is recorded (see :attr:`Candidate.undecided`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -97,8 +98,10 @@ _STORAGE_KEY = re.compile(
     r"^([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
 # DICOM files up to this size are read whole; bigger ones are mapped (only their header
-# is read).
-_READ_WHOLE = 1 << 20
+# is read). A CT slice (~0.5 MiB) read whole cost ~0.9 ms to list, mapped ~0.07 ms.
+_READ_WHOLE = 64 << 10
+# Bytes asked for first when a file is read whole (then what its size says is left).
+_READ_STEP = 64 << 10
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, 3 µs per
@@ -140,8 +143,7 @@ def read_dicom_bytes(path: str, compressed: bool | None = None) -> bytes:
     ``compressed=None`` sniffs the file; True/False trust the caller (e.g. the index's
     compressionType). Raises :class:`CorruptFile` on a bad zlib stream or size mismatch.
     """
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    raw = _read_whole(path)
     if compressed is None:
         compressed = is_zlib_with_size(raw[:10])
         if compressed and raw[128:132] == b"DICM":
@@ -156,6 +158,24 @@ def read_dicom_bytes(path: str, compressed: bool | None = None) -> bytes:
         # Orthanc stores an empty input as an empty file, without size prefix.
         return b""
     return decompress_zlib_with_size(raw)
+
+
+def _read_whole(path: str) -> bytes:
+    """A file's bytes, in half the system calls of `open(path, "rb").read()` (no fstat,
+    isatty or seek): each lets go of the GIL, and a busy run's event loop, which reads
+    small files itself, waits to get it back after every one."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        parts = []
+        step = _READ_STEP
+        while chunk := os.read(fd, step):
+            parts.append(chunk)
+            if len(chunk) == step:
+                # A large file: the rest in one read (a buffer of that size, once).
+                step = max(os.fstat(fd).st_size - sum(map(len, parts)), 0) + 1
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def classify_file(path: str, root: str | None = None) -> Candidate:
@@ -201,7 +221,20 @@ def classify_file(path: str, root: str | None = None) -> Candidate:
 def _source_key(abspath: str, root: str | None) -> str:
     if root is None:
         return abspath.replace(os.sep, "/")
+    prefix = _root_prefix(root)
+    if prefix is not None and abspath.startswith(prefix):
+        # The common case without `relpath` (a sixth of the cost of listing a small file).
+        return abspath[len(prefix) :].replace(os.sep, "/")
     return os.path.relpath(abspath, os.path.abspath(root)).replace(os.sep, "/")
+
+
+@functools.lru_cache(maxsize=64)
+def _root_prefix(root: str) -> str | None:
+    """An absolute root's normal form with a trailing separator: the start of the paths
+    under it (None for a relative root, which depends on the working folder)."""
+    if not os.path.isabs(root):
+        return None
+    return os.path.join(os.path.normpath(root), "")
 
 
 def _skipped(
