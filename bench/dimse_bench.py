@@ -1,22 +1,25 @@
 """Benchmark: the DIMSE ends against DCMTK and a PacsMigrator-style retrieval.
 
-N small synthetic instances (2,000 by default):
+N synthetic instances (2,000 by default; ``--size S``: S x S 8-bit pixels each, 32 by
+default, 724 for the bytes of a 512 x 512 16-bit CT slice, ~0.5 MiB):
 
 1. C-STORE: the N files of a folder sent to one local DCMTK ``storescp`` (``--fork``:
    one process per association, and again without it: one association at a time), by
    ``migrator import FOLDER dicom://STORESCP@...`` and by DCMTK's ``storescu +sd`` (one
-   association), same folder, same run. storescu runs with Debian's default (Nagle on)
-   and with ``TCP_NODELAY=1``; storescp always with ``TCP_NODELAY=1``. Two baselines
-   over one association, without the engine: pynetdicom's own ``send_c_store`` of each
-   file read with pydicom, and migrator's C-STORE (``wire.store_bytes`` on an association
-   opened as the target opens them), which tell the layers' costs apart.
+   association), same folder, same run, ``--rounds`` times in turn (medians). storescu
+   runs with Debian's default (Nagle on) and with ``TCP_NODELAY=1``; storescp always
+   with ``TCP_NODELAY=1``. Wall and CPU seconds (user + system of the process) each.
+   With ``--baselines``, two more over one association without the engine: pynetdicom's
+   own ``send_c_store`` of each file read with pydicom, and migrator's C-STORE on one
+   ``link.Link`` as the target opens it, which tell the layers' costs apart.
 2. Retrieval from an Orthanc's DICOM port holding the N instances: migrator's DIMSE
    source (C-FIND listing, then a fetch per row, ``-c`` at once: C-GET by series)
    against the way orthanc-tools' PacsMigrator works (C-FIND of the studies, then one
    C-MOVE per study to a storage SCP, study after study), written here with pynetdicom.
    Both keep every received instance in memory and check that all N arrived.
 
-    .venv/bin/python bench/dimse_bench.py [--instances 2000] [-c 32] [--store-only] [--keep]
+    .venv/bin/python bench/dimse_bench.py [--instances 2000] [--size 32] [-c 32]
+        [--rounds 1] [--store-only] [--baselines] [--keep]
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -39,7 +44,7 @@ from migrator.config import Settings
 from migrator.ends.dimse.peer import parse_dicom_url
 from migrator.ends.dimse.source import DimseSource
 from migrator.testkit import OrthancProcess, upload_all
-from migrator.testkit.fastgen import fast_dataset
+from migrator.testkit.fastgen import fast_dataset, iter_fast_dataset
 from migrator.testkit.orthanc import free_port
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
@@ -67,13 +72,20 @@ def _storescp(folder: Path, fork: bool) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run `cmd`: its wall seconds and CPU seconds (user + system)."""
+    cpu = _children_cpu()
     began = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     seconds = time.monotonic() - began
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return seconds
+    return seconds, _children_cpu() - cpu
 
 
 def bare_pynetdicom(files: Path, port: int) -> tuple[float, int]:
@@ -113,66 +125,91 @@ def bare_pynetdicom(files: Path, port: int) -> tuple[float, int]:
     return time.monotonic() - began, lost
 
 
-def bare_wire(files: Path, port: int) -> float:
-    """migrator's C-STORE without the engine: one association opened as the target
-    opens them, `store_bytes` of each file read whole."""
+def bare_link(files: Path, port: int) -> tuple[float, float]:
+    """migrator's C-STORE without the engine: one association opened as the target opens
+    them (`link.Link`), each file read whole and stored. Wall and CPU seconds."""
     from migrator.ends.dimse.target import DimseTarget
-    from migrator.ends.dimse.wire import context_key, read_meta, store_bytes
 
     paths = sorted(files.iterdir())
-    began = time.monotonic()
     peer = parse_dicom_url(f"dicom://STORESCP@127.0.0.1:{port}", "target", "MIGRATOR")
     target = DimseTarget(peer, Settings(concurrency=1))
-    first = read_meta(paths[0].read_bytes())
-    assert first is not None
-    target.wanted[context_key(first.sop_class, first.transfer_syntax)] = first.transfer_syntax
-    assoc = target._open_store()
-    for path in paths:
-        data = path.read_bytes()
-        assert store_bytes(assoc, data, read_meta(data)) == 0
-    assoc.release()
-    target.connector.close()
-    return time.monotonic() - began
+
+    async def run() -> None:
+        for path in paths:
+            await target.store(path.read_bytes())
+        await target.aclose()
+
+    cpu = time.process_time()
+    began = time.monotonic()
+    asyncio.run(run())
+    return time.monotonic() - began, time.process_time() - cpu
 
 
-def bench_store(work: Path, files: Path, n: int, concurrency: int) -> list[dict[str, Any]]:
-    """C-STORE of the folder by migrator and by storescu, to one storescp."""
-    rounds = []
+def _row(copy: str, n: int, runs: list[tuple[float, float]]) -> dict[str, Any]:
+    seconds = statistics.median(r[0] for r in runs)
+    cpu = statistics.median(r[1] for r in runs)
+    return {"copy": copy, "seconds": seconds, "cpu": cpu, "per_s": n / seconds,
+            "rounds": [list(r) for r in runs]}  # fmt: skip
+
+
+def bench_store(
+    work: Path,
+    files: Path,
+    n: int,
+    concurrency: int,
+    rounds: int,
+    baselines: bool,
+    compare: Path | None = None,
+) -> list[dict[str, Any]]:
+    """C-STORE of the folder by migrator and by storescu, to one storescp, in turns (and
+    by the migrator checked out in `compare`, when given)."""
+    out = []
+    older = {**os.environ, "PYTHONPATH": str(compare)} if compare else None
     for fork in (True, False):
         proc, port = _storescp(work / f"scp-{fork}", fork)
+        label = "storescp --fork" if fork else "storescp (one association at a time)"
+        ours: list[tuple[float, float]] = []
+        theirs: list[tuple[float, float]] = []
+        theirs_nd: list[tuple[float, float]] = []
+        before: list[tuple[float, float]] = []
         try:
-            ledger = work / f"store-{fork}.db"
             url = f"dicom://STORESCP@127.0.0.1:{port}"
-            cmd = [*migrator_cmd(), "import", str(files), url, "--ledger", f"sqlite:///{ledger}",
-                   "--progress", "none", "-c", str(concurrency)]  # fmt: skip
-            ours = _timed(cmd)
             scu = ["storescu", "-aec", "STORESCP", "+sd", "127.0.0.1", str(port), str(files)]
-            theirs = _timed(scu)
-            theirs_nd = _timed(scu, NODELAY)
-            bare, lost = bare_pynetdicom(files, port)
-            wire = bare_wire(files, port)
+            for i in range(rounds):
+                ledger = f"sqlite:///{work / f'store-{fork}-{i}.db'}"
+                cmd = [*migrator_cmd(), "import", str(files), url, "--ledger", ledger,
+                       "--progress", "none", "-c", str(concurrency)]  # fmt: skip
+                if older is not None:
+                    old = [*cmd[:-5], f"sqlite:///{work / f'old-{fork}-{i}.db'}", *cmd[-4:]]
+                    before.append(_timed(old, older))
+                ours.append(_timed(cmd))
+                theirs.append(_timed(scu))
+                theirs_nd.append(_timed(scu, NODELAY))
+            rows = [_row(f"migrator ({compare}) import -> {label}", n, before)] if before else []
+            rows += [
+                _row(f"migrator import -> {label}", n, ours),
+                _row(f"storescu -> {label}", n, theirs),
+                _row(f"storescu TCP_NODELAY=1 -> {label}", n, theirs_nd),
+            ]
+            if baselines:
+                bare, lost = bare_pynetdicom(files, port)
+                copy = f"pynetdicom send_c_store, one association ({lost} lost) -> {label}"
+                rows.append(_row(copy, n, [(bare, float("nan"))]))
+                copy = f"migrator link.Link, one association -> {label}"
+                rows.append(_row(copy, n, [bare_link(files, port)]))
         finally:
             proc.terminate()
             proc.wait(10)
-        label = "storescp --fork" if fork else "storescp (one association at a time)"
-        rounds += [
-            {"copy": f"migrator import -> {label}", "seconds": ours, "per_s": n / ours},
-            {"copy": f"storescu -> {label}", "seconds": theirs, "per_s": n / theirs},
-            {
-                "copy": f"storescu TCP_NODELAY=1 -> {label}",
-                "seconds": theirs_nd,
-                "per_s": n / theirs_nd,
-            },
-            {"copy": f"pynetdicom send_c_store, one association ({lost} lost) -> {label}",
-             "seconds": bare, "per_s": n / bare},
-            {"copy": f"migrator wire.store_bytes, one association -> {label}",
-             "seconds": wire, "per_s": n / wire},
-        ]  # fmt: skip
-        print_table(
-            ["copy", "seconds", "instances/s"],
-            [[r["copy"], r["seconds"], r["per_s"]] for r in rounds],
-        )
-    return rounds
+        out += rows
+        _print(out)
+    return out
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    print_table(
+        ["copy", "seconds", "CPU s", "instances/s"],
+        [[r["copy"], r["seconds"], r.get("cpu", float("nan")), r["per_s"]] for r in rows],
+    )
 
 
 async def ours_get(pacs: OrthancProcess, n: int, concurrency: int) -> float:
@@ -259,23 +296,40 @@ def pacs_migrator_move(pacs: OrthancProcess, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=32, help="pixels per side (8-bit)")
+    parser.add_argument("--rounds", type=int, default=1, help="C-STORE rounds, in turns")
+    parser.add_argument(
+        "--compare", type=Path, help="also the migrator package found in this folder (a copy)"
+    )
+    parser.add_argument(
+        "--baselines", action="store_true", help="also pynetdicom and one Link in-process"
+    )
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--store-only", action="store_true", help="the C-STORE rounds only")
     args = parser.parse_args()
     n = args.instances
     os.environ["TCP_NODELAY"] = "1"  # the Orthanc started below: Nagle off on its side
-    doc: dict[str, Any] = {"machine": machine_facts(), "instances": n, "rounds": []}
+    doc: dict[str, Any] = {
+        "machine": machine_facts(),
+        "instances": n,
+        "size": args.size,
+        "rounds": [],
+    }
     with work_folder("dimse-bench-", keep=args.keep) as work:
-        data = fast_dataset(n, seed=12)
         files = work / "files"
         files.mkdir()
-        for i, inst in enumerate(data):
+        for i, inst in enumerate(iter_fast_dataset(n, seed=12, size=args.size)):
             (files / f"{i:05d}.dcm").write_bytes(inst.data)
-        doc["rounds"] += bench_store(work, files, n, args.concurrency)
+        doc["bytes"] = sum(p.stat().st_size for p in files.iterdir())
+        print(f"{n} files, {doc['bytes'] / n / 1024:.1f} KiB each")
+        doc["rounds"] += bench_store(
+            work, files, n, args.concurrency, max(1, args.rounds), args.baselines, args.compare
+        )
         if args.store_only:
             write_results("dimse", doc)
             return
+        data = fast_dataset(n, seed=12, size=args.size)
         move_port = free_port()
         pacs = OrthancProcess(
             work / "pacs",
@@ -300,10 +354,7 @@ def main() -> None:
             {"copy": "PacsMigrator-style C-FIND + C-MOVE per study", "seconds": theirs,
              "per_s": n / theirs},
         ]  # fmt: skip
-    print_table(
-        ["copy", "seconds", "instances/s"],
-        [[r["copy"], r["seconds"], r["per_s"]] for r in doc["rounds"]],
-    )
+    _print(doc["rounds"])
     write_results("dimse", doc)
 
 
