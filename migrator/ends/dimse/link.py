@@ -22,15 +22,12 @@ import time
 from dataclasses import dataclass, field
 
 from migrator.ends.dimse import pdu
-from migrator.ends.dimse.peer import AssociationPool, Peer
+from migrator.ends.dimse.peer import QUICK_CUT, AssociationPool, CutShort, Peer
 from migrator.errors import Kind, TransferError, Verdict, verdict_for_association
 
 __all__ = ["Link", "LinkPool", "LinkSettings", "open_link"]
 
 _message_ids = itertools.count(1)
-# An association cut before any answer within this many seconds was cut by the peer, not
-# given up by our ACSE timeout (the same rule as `peer.Connector.associate`).
-_QUICK_CUT = 1.0
 # Seconds since its last response within which an association is taken as it is.
 _FRESH = 0.05
 # Bytes written to the stream before waiting for it to drain.
@@ -131,7 +128,7 @@ class Link:
                 self.writer.write(b"".join(chunk))
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
-                fields = command_fields(await self._read_command())
+                fields = pdu.command_fields(await self._read_command())
             self.answered = time.monotonic()
         except (_Cut, OSError, asyncio.IncompleteReadError):
             self._close()
@@ -200,19 +197,10 @@ _RELEASE_RP = struct.pack(">BBII", pdu.RELEASE_RP, 0, 4, 0)
 _ABORT = struct.pack(">BBIBBBB", pdu.ABORT, 0, 4, 0, 0, 0, 0)
 
 
-def command_fields(command: bytes) -> dict[int, int]:
-    """The US elements of a command set (see `pdu.command_fields`)."""
-    return pdu.command_fields(command)
-
-
 async def _read_pdu(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     header = await reader.readexactly(6)
     kind, _, length = struct.unpack(">BBI", header)
     return kind, await reader.readexactly(length)
-
-
-class _CutShort(TransferError):
-    """The peer closed the connection before answering the association request."""
 
 
 async def open_link(
@@ -223,10 +211,10 @@ async def open_link(
     started = time.monotonic()
     try:
         return await _open_link(peer, side, contexts, timeouts)
-    except _CutShort:
+    except CutShort:
         # A peer that rejects and closes at once can have its A-ASSOCIATE-RJ lost with the
         # connection: asking once more learns the real answer (`peer.Connector.associate`).
-        if time.monotonic() - started > _QUICK_CUT:
+        if time.monotonic() - started > QUICK_CUT:
             raise
         await asyncio.sleep(0.05)
         return await _open_link(peer, side, contexts, timeouts)
@@ -255,7 +243,7 @@ async def _open_link(
         writer.close()
         if isinstance(exc, TimeoutError):
             raise TransferError(refused(None, True)) from None
-        raise _CutShort(refused(None, True)) from None
+        raise CutShort(refused(None, True)) from None
     except BaseException:
         # Cancelled (the pool closed while this one was being opened).
         writer.close()
@@ -265,7 +253,7 @@ async def _open_link(
         raise TransferError(refused((body[1], body[2], body[3]), True))
     if kind != pdu.ASSOCIATE_AC:
         writer.close()
-        raise _CutShort(refused(None, True))
+        raise CutShort(refused(None, True))
     answer = pdu.parse_accept(body)
     accepted: dict[int, tuple[str, str]] = {}
     rejected: set[tuple[str, str]] = set()

@@ -117,10 +117,10 @@ def _make_ae(calling: str, settings: Settings, acse_timeout: float) -> AE:
 
 # An association cut before any answer within this many seconds was cut by the peer, not
 # given up by our ACSE timeout.
-_QUICK_CUT = 1.0
+QUICK_CUT = 1.0
 
 
-class _CutShort(TransferError):
+class CutShort(TransferError):
     """The peer closed the connection before answering the association request."""
 
 
@@ -156,12 +156,12 @@ class Connector:
         started = time.monotonic()
         try:
             return self._associate(contexts, roles=roles, handlers=handlers, extra=extra)
-        except _CutShort:
+        except CutShort:
             # A peer that rejects and closes at once can have its A-ASSOCIATE-RJ lost with
             # the connection (seen with storescp --refuse on a loaded machine): the cut
             # looks like an abort. Asking once more learns the real answer; a peer that
             # merely timed out is not asked twice.
-            if extra or time.monotonic() - started > _QUICK_CUT:
+            if extra or time.monotonic() - started > QUICK_CUT:
                 raise
             time.sleep(0.05)
             return self._associate(contexts, roles=roles, handlers=handlers, extra=extra)
@@ -223,7 +223,7 @@ class Connector:
                 "contexts proposed",
             )
         if connected and not answered and not rejection:
-            raise _CutShort(verdict)
+            raise CutShort(verdict)
         raise TransferError(verdict)
 
     def interrupt(self) -> None:
