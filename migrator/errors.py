@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
@@ -140,9 +143,11 @@ def verdict_for_response(response: httpx.Response, *, side: str) -> Verdict:
 
 def classify_exception(exc: BaseException, *, side: str) -> Verdict:
     """Classify a transport-level exception (no HTTP answer was received)."""
-    if isinstance(exc, httpx.TimeoutException):
+    # httpx is loaded by the HTTP ends only: without it, no exception can be one of its.
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.TimeoutException):
         return Verdict(Kind.RETRYABLE, f"{side} timed out ({type(exc).__name__})")
-    if isinstance(exc, httpx.TransportError):
+    if httpx is not None and isinstance(exc, httpx.TransportError):
         detail = str(exc) or type(exc).__name__
         return Verdict(Kind.RETRYABLE, f"{side} network error: {detail}")
     if isinstance(exc, TransferError):
