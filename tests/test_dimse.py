@@ -525,3 +525,25 @@ def test_cmove_by_series(orthanc_factory, tmp_path, ledger_path, ledger_url):
     assert levels.count("SERIES") == len(series), levels
     # One instance moved alone: the one moved to ourselves at preflight.
     assert levels.count("IMAGE") == 1, levels
+
+
+def test_asynchronous_cmove_peer_is_named(orthanc_factory, tmp_path, ledger_path, ledger_url):
+    """A peer that answers a C-MOVE before moving anything (Orthanc with SynchronousCMove
+    false) stops the run with that reason, not as an unknown move destination."""
+    move_port = free_port()
+    pacs = _pacs(orthanc_factory, move_port, SynchronousCMove=False)
+    fill(pacs, 2, seed=64)
+    config = _config(tmp_path, retrieve="move", move_port=move_port)
+    result = run_cli(
+        "replicate",
+        _dicom_url(pacs),
+        orthanc_factory("target").url,
+        "--ledger",
+        ledger_url,
+        "--config",
+        config,
+    )
+    assert result.code == 3, result.stderr
+    result.assert_one_line_error()
+    assert "moves asynchronously" in result.stderr, result.stderr
+    assert not ledger_path.exists() or state_counts(ledger_path).get("sent", 0) == 0

@@ -57,6 +57,11 @@ class Arrivals:
             for uid in sop_uids:
                 self.expected[uid] = self.expected.get(uid, 0) + 1
 
+    def has(self, sop_uid: str) -> bool:
+        """Whether this expected instance arrived."""
+        with self.lock:
+            return sop_uid in self.received
+
     def take(self, sop_uids: list[str]) -> dict[str, bytes]:
         """What arrived of `sop_uids`; they are no longer expected."""
         with self.lock:

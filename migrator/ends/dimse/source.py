@@ -112,6 +112,8 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 LIST_AHEAD = 1
 # Series remembered as retrieved whole (not asked whole again in this run).
 SERIES_REMEMBERED = 10_000
+# Seconds the preflight's C-MOVE waits for an instance the peer said it moved.
+LATE_ARRIVAL = 3.0
 # The widest range a StudyDate split works with (an open bound is taken as this).
 FIRST_DAY = date(1900, 1, 1)
 
@@ -187,20 +189,40 @@ class DimseSource:
             return  # an empty peer: nothing will be moved either
         sop_uid = found.split("/")[2]
         self.arrivals.expect([sop_uid])
+        late = False
         try:
             async with self.pool.take() as assoc:
                 final = await self.connector.run(
                     _move, assoc, _image_query(found), self.peer.calling
                 )
+            status = int(final.Status) if final is not None and "Status" in final else None
+            if status == 0 and not self.arrivals.has(sop_uid):
+                late = await self._arrives_late(sop_uid)
         finally:
             arrived = self.arrivals.take([sop_uid])
+        if late:
+            # The peer answered before moving (Orthanc with SynchronousCMove false): its
+            # final answers would say nothing of what arrived, which a move's checks need.
+            raise FatalError(
+                f"source {self.display} answers a C-MOVE before moving the instances: it "
+                "moves asynchronously (Orthanc: set SynchronousCMove to true), or use C-GET "
+                '([dimse] retrieve = "get")'
+            )
         if sop_uid not in arrived:
-            status = int(final.Status) if final is not None and "Status" in final else None
             answer = f"status 0x{status:04X}" if status is not None else "no answer"
             raise FatalError(
                 f"source {self.display} did not move an instance to us ({answer}): it must "
                 f"know our AE title {self.peer.calling} at this host, port {port}"
             )
+
+    async def _arrives_late(self, sop_uid: str) -> bool:
+        """Whether an instance a C-MOVE said was moved arrives within a few seconds."""
+        deadline = asyncio.get_running_loop().time() + LATE_ARRIVAL
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            if self.arrivals.has(sop_uid):
+                return True
+        return False
 
     async def _first_instance(self) -> str | None:
         """The source key of one instance of the peer, None when it holds none."""
