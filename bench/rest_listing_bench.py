@@ -10,8 +10,8 @@ reused by the next run). Then, in interleaved rounds (A B, B A, A B, ...):
   does by default it accepts gzip (Orthanc then deflates every page); *bare_identity*
   asks for the pages as they are, as migrator does with a source on the same machine.
 - *migrator*: ``migrator replicate SRC TGT --dry-run`` into a fresh SQLite ledger (the
-  target is an empty Orthanc): listing pages requested ahead, study and series UIDs
-  looked up, the reconciliation and the change log, every row saved.
+  target is an empty Orthanc): the same pages (one request at a time), study and series
+  UIDs looked up, the reconciliation and the change log, every row saved.
 - *baseline* (with ``--baseline REV``): the same command run by the code of an older
   revision (``git archive``), e.g. the one before pages were requested ahead.
 

@@ -93,20 +93,12 @@ def test_replicate_lists_everything_when_listed_instances_are_deleted(
     assert counts.get("pending", 0) == 0 and counts.get("failed", 0) == 0
 
 
-async def _list_all(source: RestSource, cursor: str | None = None, hook=None) -> list[dict]:
-    """Every row the listing yields; `hook(page_number)` runs before each page is asked."""
+async def _list_all(source: RestSource, cursor: str | None = None) -> list[dict]:
+    """Every row the listing yields."""
     rows: list[dict] = []
-    number = 0
-    generator = source.listing(cursor)
-    while True:
-        number += 1
-        if hook is not None:
-            hook(number)
-        try:
-            page = await generator.__anext__()
-        except StopAsyncIteration:
-            return rows
+    async for page in source.listing(cursor):
         rows.extend(page.rows)
+    return rows
 
 
 def _rest_source(url: str, page_size: int, ahead: int = AHEAD) -> RestSource:
@@ -121,28 +113,26 @@ def test_listing_steps_back_to_the_anchor_instead_of_starting_over(orthanc_facto
     fill(server, 100)
     order = _listing_order(server)
     victims = order[:10]
-    # One page at a time: the offsets read are those of a sequential listing (pages
+    # No page requested ahead: the offsets read are those of a sequential listing (pages
     # requested ahead: tests/test_rest_listing.py).
-    source = _rest_source(server.url, 20, ahead=1)
-    # Which offsets the expanded pages were read from (the real client, only watched).
+    source = _rest_source(server.url, 20, ahead=0)
+    # Which offsets the expanded pages were read from (the real client, only watched);
+    # the victims are deleted just before the second page is read.
     offsets: list[int] = []
     list_instances = source.client.list_instances
 
     async def watched(since: int, limit: int) -> list[dict]:
         offsets.append(since)
+        if len(offsets) == 2:
+            for victim in victims:
+                server.delete_instance(victim)
         return await list_instances(since, limit)
 
     source.client.list_instances = watched  # type: ignore[method-assign]
 
-    def hook(number: int) -> None:
-        # Page 1 is the change-log position, page 2 the first offset page.
-        if number == 3:
-            for victim in victims:
-                server.delete_instance(victim)
-
     async def main() -> list[dict]:
         try:
-            return await _list_all(source, hook=hook)
+            return await _list_all(source)
         finally:
             await source.aclose()
 
@@ -151,7 +141,8 @@ def test_listing_steps_back_to_the_anchor_instead_of_starting_over(orthanc_facto
     # Offset 0 is read once: the anchors were found further back, not by starting over.
     assert offsets.count(0) == 1, offsets
     assert offsets[1] == 18  # the overlapping page, then the page from the moved anchor
-    assert offsets[2] == 9, offsets
+    # (the page after 18 may have been requested as 18's answer arrived, and dropped)
+    assert next(o for o in offsets[2:] if o != 36) == 9, offsets
 
 
 def test_reconcile_adds_what_the_offset_pages_missed(orthanc_factory):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -18,6 +17,14 @@ from typing import Any
 from migrator.config import RetryPolicy
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.orthanc.client import OrthancClient
+from migrator.ends.orthanc.offsets import (
+    AHEAD,
+    MERGE_PAGES,
+    MERGE_ROWS,
+    MERGE_SECONDS,
+    OVERLAP_MAX,
+    OffsetPages,
+)
 from migrator.ends.orthanc.uids import UidLookup
 from migrator.ends.retrying import with_retries
 from migrator.ends.streams import Chunks
@@ -28,17 +35,8 @@ __all__ = ["RestSource"]
 
 log = logging.getLogger("migrator")
 
-# Offset pages requested ahead of the one being saved (Orthanc answers several at once).
-AHEAD = 4
-# At most this many rows of offset pages go to the ledger in one transaction.
-MERGE_ROWS = 10_000
-# The most instances two consecutive offset pages share.
-OVERLAP_MAX = 32
-# An offset page as read, and its ledger rows.
-Read = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
-
-class RestSource:
+class RestSource(OffsetPages):
     """An Orthanc reached over REST.
 
     The listing has three phases, saved in the cursor:
@@ -52,12 +50,13 @@ class RestSource:
        further back (cheap ID-only pages) and the page is read again from there; when
        every anchor was deleted, the listing starts over from offset 0 (the ledger
        ignores rows it already has).
-       Several pages are requested ahead, each from where it starts if the pages before
-       it are full. They are checked in order, each against the anchors of the page
-       before it: the proof holds whichever of the two was read first, as each is one
-       snapshot of the index. A page that fails is read again as above and the pages
-       requested after it are dropped. Pages already read when the ledger is ready for
-       more are saved together, in one transaction.
+       The next page is requested before the one read is checked, from where it starts
+       if that one is full. Pages are checked in order, each against the anchors of the
+       page before it: the proof holds whichever of the two was read first, as each is
+       one snapshot of the index. A page that fails is read again as above and the page
+       requested after it is dropped. The pages are read by a task of their own, which
+       does not wait for the ledger; what it read within 0.3 s (the first page
+       at once) is saved together, in one transaction.
     2. ``reconcile``: one ``GET /instances`` (every ID, in one transaction of the
        source's index): whatever the offset pages missed, for any reason, is listed
        here. When this process read the offset pages from the first, only the IDs they
@@ -100,8 +99,11 @@ class RestSource:
         # Deletions before a page that the overlap absorbs (more: a step back); each
         # instance of the overlap is read twice.
         self.overlap = min(max(self.page_size // 10, 1), OVERLAP_MAX)
-        self.ahead = max(ahead, 1)
-        self.merge = max(self.page_size, MERGE_ROWS)
+        self.ahead = max(ahead, 0)
+        self.merge = max(self.page_size, min(MERGE_ROWS, MERGE_PAGES * self.page_size))
+        self.merge_seconds = MERGE_SECONDS
+        # Pages read and not yet taken by the ledger, at most: twice what one takes.
+        self.queued = 2 * max(self.merge // self.page_size, 1)
         # IDs per request when looking back for the anchors, and rows per ledger page of
         # the reconciliation: ID-only answers are cheap for Orthanc.
         self.scan = min(max(self.page_size * 10, 1000), 100_000)
@@ -111,6 +113,8 @@ class RestSource:
         # hashes: a collision would hide an instance from both.
         self._seen: set[str] = set()
         self._seen_all = False
+        # The reconciliation's `GET /instances`, once the last offset page is read.
+        self._snapshot: asyncio.Task[list[str]] | None = None
 
     async def preflight(self) -> str:
         info = await self.client.system()
@@ -247,59 +251,11 @@ class RestSource:
                 found.setdefault(item["ParentStudy"], set()).add(str(modality))
         return found
 
-    async def _offset_pages(self, state: dict[str, Any]) -> AsyncIterator[ListingPage]:
-        """The offset phase from `state` (updated page by page); the cursor of its last
-        page moves on to the reconciliation."""
-        self._seen_all = state["offset"] == 0
-        ahead: deque[tuple[int, asyncio.Task[Read]]] = deque()
-        rows: list[dict[str, Any]] = []
-        try:
-            while True:
-                offset, anchors = state["offset"], state.get("anchors") or []
-                start = max(offset - self.overlap, 0)
-                if ahead and ahead[0][0] != start:
-                    _drop(ahead)  # requested from where a full page would have ended
-                while len(ahead) < self.ahead:
-                    at = ahead[-1][0] + self.page_size - self.overlap if ahead else start
-                    ahead.append((at, asyncio.create_task(self._read(at))))
-                page, page_rows = await ahead.popleft()[1]
-                # Rows listed already: those of the overlap, or anywhere in a page read
-                # again from its anchors (the ledger ignores any other twice-listed row).
-                known = self.overlap
-                if not _holds_anchor(start, page, set(anchors)):
-                    _drop(ahead)
-                    page, start = await self._anchored_page(offset, anchors, page)
-                    page_rows = await self.uids.rows(page)
-                    known = len(page_rows)
-                ids = [item["ID"] for item in page]
-                seen = self._seen
-                rows.extend(r for r in page_rows[:known] if r["source_key"] not in seen)
-                rows.extend(page_rows[known:])
-                seen.update(ids)
-                state["offset"] = start + len(page)
-                state["anchors"] = _next_anchors(anchors, ids)
-                if len(page) < self.page_size:
-                    after = {"phase": "reconcile", "changes": state["changes"]}
-                    yield ListingPage(rows, json.dumps(after))
-                    return
-                if not (ahead and ahead[0][1].done() and len(rows) < self.merge):
-                    yield ListingPage(rows, json.dumps(state))
-                    rows = []
-        finally:
-            _drop(ahead)
-
-    async def _read(self, start: int) -> Read:
-        """One expanded page from `start` and its ledger rows."""
-        page = await with_retries(
-            lambda: self.client.list_instances(start, self.page_size),
-            self.retry,
-            "GET /instances",
-        )
-        return page, await self.uids.rows(page)
-
     async def _reconcile(self, changes: int) -> AsyncIterator[ListingPage]:
-        """The reconciliation: every ID the source holds now, against the offset pages."""
-        ids = await with_retries(self.client.instance_ids, self.retry, "GET /instances")
+        """The reconciliation: every ID the source holds now (asked for as the last offset
+        page was read, or now), against the offset pages."""
+        snapshot, self._snapshot = self._snapshot or self._take_snapshot(), None
+        ids = await snapshot
         after = json.dumps({"phase": "changes", "changes": changes})
         # Until the last chunk is saved, a resumed listing takes the snapshot again.
         during = json.dumps({"phase": "reconcile", "changes": changes})
@@ -318,53 +274,6 @@ class RestSource:
             yield ListingPage(rows, after if last else during)
         if not ids:
             yield ListingPage([], after)
-
-    async def _anchored_page(
-        self, offset: int, anchors: list[str], page: list[dict[str, Any]] | None = None
-    ) -> tuple[list[dict[str, Any]], int]:
-        """The next expanded page after `offset` and where it starts: a page holding one
-        of the anchors (or starting at 0, which misses nothing). `page` is the page
-        already read from the usual start, if any."""
-        start = max(offset - self.overlap, 0)
-        wanted = set(anchors)
-        while True:
-            if page is None:
-                page = await with_retries(
-                    lambda s=start: self.client.list_instances(s, self.page_size),
-                    self.retry,
-                    "GET /instances",
-                )
-            if _holds_anchor(start, page, wanted):
-                return page, start
-            page = None
-            found = await self._find_anchor(wanted, start + self.overlap)
-            if found is None:
-                log.warning(
-                    "source %s: instances listed last were deleted meanwhile; "
-                    "listing again from the start",
-                    self.display,
-                )
-                start = 0
-            else:
-                # Read again from the anchor: a later deletion is caught the same way.
-                start = found
-
-    async def _find_anchor(self, wanted: set[str], below: int) -> int | None:
-        """The position of the last anchor before `below`, from ID-only pages read
-        backwards (each a little over the previous one); None if none is left."""
-        end = below
-        while end > 0:
-            begin = max(end - self.scan, 0)
-            ids = await with_retries(
-                lambda b=begin, n=end - begin: self.client.instance_ids(b, n),
-                self.retry,
-                "GET /instances",
-            )
-            for index in range(len(ids) - 1, -1, -1):
-                if ids[index] in wanted:
-                    return begin + index
-            end = begin + self.overlap if begin > 0 else 0
-        return None
 
     async def fetch(self, item: Item) -> bytes:
         return await self.client.get_file(item.source_key)
@@ -417,34 +326,3 @@ def _study_fields(
             patient_id=(study.get("PatientMainDicomTags") or {}).get("PatientID"),
         )
     return found
-
-
-# How many IDs of the pages listed last the cursor keeps as anchors: the end of the last
-# page (what the next page overlaps) and a spread over it and the page before, so that
-# deleting the last few instances listed does not lose every anchor.
-ANCHORS_LAST = 8
-ANCHORS_SPREAD = 8
-ANCHORS_KEPT = 16
-
-
-def _next_anchors(previous: list[str], ids: list[str]) -> list[str]:
-    """Anchors after a page of `ids`: a few of `previous`, a spread of `ids`, its end."""
-    if not ids:
-        return previous
-    step = max(len(ids) // ANCHORS_SPREAD, 1)
-    fresh = ids[::step][:ANCHORS_SPREAD] + ids[-ANCHORS_LAST:]
-    return list(dict.fromkeys(previous[-ANCHORS_KEPT:] + fresh))
-
-
-def _holds_anchor(start: int, page: list[dict[str, Any]], wanted: set[str]) -> bool:
-    """Whether a page read from `start` misses nothing after the pages before it."""
-    return start == 0 or not wanted or any(item["ID"] in wanted for item in page)
-
-
-def _drop(ahead: deque[tuple[int, asyncio.Task[Read]]]) -> None:
-    """Cancel the pages requested ahead (their failures, if any, are not news)."""
-    while ahead:
-        task = ahead.popleft()[1]
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: a dropped page's failure is not reported
-        task.cancel()

@@ -58,6 +58,12 @@ class UidLookup:
             await self._learn(item.get("ParentSeries") for item in items)
             return self._rows(items)
 
+    async def learn(self, items: list[dict[str, Any]]) -> None:
+        """Look up the series and studies of expanded instances not known yet, so that
+        `rows` for them asks the server nothing."""
+        async with self._lock:
+            await self._learn(item.get("ParentSeries") for item in items)
+
     def _rows(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         uids, unknown, empty = self._uids, (None, None, None), {}
         rows = []
