@@ -19,12 +19,15 @@ unlike checking the MD5 in a first pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import queue
 import struct
+import threading
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from migrator.ends.compression import CorruptFile, is_zlib_with_size
@@ -34,11 +37,15 @@ from migrator.errors import Kind, TransferError, Verdict
 STREAM_ABOVE = 16 * 1024 * 1024
 # Bytes per chunk handed to the target's connection (and read from a file at a time).
 CHUNK = 1024 * 1024
-# What a streamed transfer holds, for the memory budget: the chunk being sent, the one
-# held back, the one being read, and the sockets' read-ahead.
-STREAM_BUFFERS = 4 * CHUNK
+# Chunks of a file read ahead of the one being sent, at most.
+READ_AHEAD = 4
+# Chunks sent whose hash is still to come, at most (the hash lags now and then).
+HASH_BEHIND = 4
+# What a streamed transfer holds, for the memory budget: the chunks read ahead and not
+# yet hashed, the one held back, and the sockets' read-ahead.
+STREAM_BUFFERS = (READ_AHEAD + HASH_BEHIND + 2) * CHUNK
 # Compressed input read at a time from an Orthanc "zlib with size" file.
-_COMPRESSED_READ = 256 * 1024
+_COMPRESSED_READ = 1024 * 1024
 
 __all__ = [
     "CHUNK",
@@ -179,22 +186,28 @@ class Body:
 
 
 class FileChunks:
-    """The DICOM bytes of a file, read in chunks in a thread, decompressed on the way when
-    it is an Orthanc "zlib with size" file (whose 8-byte prefix gives `length`).
+    """The DICOM bytes of a file, decompressed on the way when it is an Orthanc "zlib
+    with size" file (whose 8-byte prefix gives `length`).
 
-    Build it with `open_file_chunks`.
+    Reading, inflating, hashing and sending overlap, each at its own pace: a thread of
+    its own reads (and inflates) the chunks, another hashes them in order, and the event
+    loop sends them. The MD5 (~0.6 GB/s) is the slowest of the three and sets the pace;
+    the others keep up with it instead of taking turns with it (read, inflated, hashed
+    and sent a chunk at a time in lock step, a 600 MB compressed storage file took 2.7 s
+    to send, 2.0 s now, and 0.6 s less CPU). Memory stays bounded: at most `READ_AHEAD`
+    chunks read and not yet sent, and `HASH_BEHIND` waiting for the hash.
+
+    Build it with `open_file_chunks`; iterate it once.
     """
 
     def __init__(self, fh: object, length: int, compressed: bool, head: bytes) -> None:
         self._fh = fh
         self.length = length
         self.compressed = compressed
-        # Hashed in a thread of its own, beside the reading (and inflating) one: the MD5
-        # costs as much CPU as reading, so the two overlap. See `digest`.
+        # The MD5 is computed here, as the chunks are read (see `digest`).
         self.hashes = True
         self.md5: str | None = None
         self._digest = hashlib.md5(usedforsecurity=False)
-        self._hashing: asyncio.Future[None] | None = None
         # The first bytes of the file as stored (what sniffing it read).
         self.start = head if not compressed else b""
         # Bytes read while sniffing the file, handed out (or inflated) first.
@@ -202,42 +215,98 @@ class FileChunks:
         self._engine = zlib.decompressobj() if compressed else None
         self._pending = b""  # compressed input not yet inflated
         self._out = 0
+        # Set once the reader stopped and closed the file; None until it started.
+        self._closed: asyncio.Future[None] | None = None
+        self._hashed: asyncio.Future[None] | None = None
+        self._stop = threading.Event()
+        self._slots = threading.Semaphore(READ_AHEAD)
+        self._to_hash: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._hash_room = threading.Semaphore(HASH_BEHIND)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        # One chunk is read ahead, and the one before hashed (each in a worker thread),
-        # while that one goes out. One hash at a time, in order.
         loop = asyncio.get_running_loop()
-        ahead = loop.run_in_executor(None, self._next)
+        ready: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self._closed = loop.create_future()
+        self._hashed = loop.create_future()
+        threading.Thread(
+            target=self._hash_all, args=(loop, self._hashed), name="md5", daemon=True
+        ).start()
+        threading.Thread(
+            target=self._read_all, args=(loop, ready, self._closed), name="read", daemon=True
+        ).start()
         try:
             while True:
-                try:
-                    chunk = await ahead
-                except CorruptFile as exc:
-                    raise TransferError(Verdict(Kind.PERMANENT, f"corrupt file: {exc}")) from None
-                except OSError as exc:
-                    raise TransferError(
-                        Verdict(Kind.RETRYABLE, f"cannot read the file: {exc}")
-                    ) from None
-                if not chunk:
+                item = await ready.get()
+                if isinstance(item, CorruptFile):
+                    raise TransferError(Verdict(Kind.PERMANENT, f"corrupt file: {item}"))
+                if isinstance(item, OSError):
+                    raise TransferError(Verdict(Kind.RETRYABLE, f"cannot read the file: {item}"))
+                if isinstance(item, BaseException):
+                    raise item
+                if not item:
                     return
-                ahead = loop.run_in_executor(None, self._next)
-                if self._hashing is not None:
-                    await self._hashing
-                self._hashing = loop.run_in_executor(None, self._digest.update, chunk)
-                yield chunk
+                yield item
+                # Sent (the connection asks for the next): the reader may read one more.
+                self._slots.release()
         finally:
-            # Left unread (the upload failed): its outcome no longer matters.
-            ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._halt()
+
+    def _read_all(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ready: asyncio.Queue[bytes | BaseException],
+        closed: asyncio.Future[None],
+    ) -> None:
+        """The reader thread: every chunk, in order, to the hasher and to the sender,
+        then b"" (or the exception that stopped it); the file is closed at the end."""
+        try:
+            while True:
+                self._slots.acquire()
+                if self._stop.is_set():
+                    break
+                try:
+                    chunk = self._next()
+                except (OSError, CorruptFile) as exc:
+                    _hand(loop, ready.put_nowait, exc)
+                    break
+                if chunk:
+                    self._hash_room.acquire()
+                    self._to_hash.put(chunk)
+                _hand(loop, ready.put_nowait, chunk)
+                if not chunk:
+                    break
+        except BaseException as exc:  # handed to the loop, raised there
+            _hand(loop, ready.put_nowait, exc)
+        finally:
+            self._to_hash.put(None)
+            try:
+                self._fh.close()  # type: ignore[attr-defined]
+            finally:
+                _hand(loop, _settle, closed)
+
+    def _hash_all(self, loop: asyncio.AbstractEventLoop, hashed: asyncio.Future[None]) -> None:
+        """The hashing thread: the chunks in the order read, until the reader ends."""
+        try:
+            while (chunk := self._to_hash.get()) is not None:
+                self._hash_room.release()
+                self._digest.update(chunk)
+        finally:
+            _hand(loop, _settle, hashed)
+
+    def _halt(self) -> None:
+        """Stop the reader (iteration ended or was abandoned): wake it if it waits."""
+        self._stop.set()
+        for _ in range(READ_AHEAD):
+            self._slots.release()
 
     async def digest(self) -> str:
         """The MD5 of every chunk handed out (call it after the last one), also set as
         `md5`."""
-        if self._hashing is not None:
-            await self._hashing
-            self._hashing = None
+        assert self._hashed is not None, "digest() before the chunks were read"
+        await asyncio.shield(self._hashed)
         self.md5 = self._digest.hexdigest()
         return self.md5
 
@@ -279,8 +348,24 @@ class FileChunks:
         return b"".join(parts)
 
     async def aclose(self) -> None:
-        """Close the file."""
-        self._fh.close()  # type: ignore[attr-defined]
+        """Close the file (once the reader thread let go of it, when it was started)."""
+        if self._closed is None:
+            self._fh.close()  # type: ignore[attr-defined]
+            return
+        self._halt()
+        await asyncio.shield(self._closed)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _hand(loop: asyncio.AbstractEventLoop, call: Callable[..., object], *args: object) -> None:
+    """Run `call(*args)` in the event loop's thread (nothing, once the loop is closed: the
+    transfer that waited for it is gone)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(call, *args)
 
 
 def open_file_chunks(path: str) -> FileChunks | None:

@@ -1,0 +1,147 @@
+"""A large file read in chunks (`streams.FileChunks`): reading, inflating and hashing run
+in threads of their own beside the sending, and every path ends with the file closed and
+the threads gone."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+
+from migrator.ends.streams import CHUNK, STREAM_ABOVE, Body, FileChunks, open_file_chunks
+from migrator.errors import Kind, TransferError
+
+SIZE = STREAM_ABOVE + 3 * CHUNK + 12_345
+
+
+@pytest.fixture(scope="module")
+def data() -> bytes:
+    """Incompressible bytes, larger than the streaming threshold."""
+    return os.urandom(SIZE)
+
+
+def write_plain(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def write_compressed(path: Path, data: bytes) -> Path:
+    """An Orthanc "zlib with size" file: 8-byte little-endian size, then a zlib stream."""
+    path.write_bytes(struct.pack("<Q", len(data)) + zlib.compress(data, 1))
+    return path
+
+
+def stream_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name in ("read", "md5")]
+
+
+async def read_all(chunks: FileChunks) -> tuple[bytes, list[int]]:
+    parts = [chunk async for chunk in chunks]
+    await chunks.aclose()
+    return b"".join(parts), [len(part) for part in parts]
+
+
+@pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
+def test_every_byte_comes_once_in_order_with_its_md5(tmp_path, data, writer):
+    chunks = open_file_chunks(str(writer(tmp_path / "f", data)))
+    assert isinstance(chunks, FileChunks)
+    assert chunks.length == len(data)
+
+    async def run() -> tuple[bytes, list[int], str]:
+        body, sizes = await read_all(chunks)
+        return body, sizes, await chunks.digest()
+
+    body, sizes, md5 = asyncio.run(run())
+    assert body == data
+    assert max(sizes) <= CHUNK
+    assert md5 == chunks.md5 == hashlib.md5(data).hexdigest()
+    assert chunks._fh.closed  # type: ignore[attr-defined]
+    assert not stream_threads()
+
+
+@pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
+def test_abandoned_reading_closes_the_file_and_ends_its_threads(tmp_path, data, writer):
+    """An upload that fails after a few chunks: closing the chunks stops the reader (also
+    when it waits for room to read ahead) and closes the file."""
+    chunks = open_file_chunks(str(writer(tmp_path / "f", data)))
+    assert chunks is not None
+
+    async def run() -> None:
+        it = aiter(chunks)
+        await anext(it)
+        await anext(it)
+        await asyncio.sleep(0.05)  # the reader has filled its read-ahead and waits
+        await it.aclose()  # type: ignore[attr-defined]
+        await asyncio.wait_for(chunks.aclose(), 5)
+
+    asyncio.run(run())
+    assert chunks._fh.closed  # type: ignore[attr-defined]
+    for thread in stream_threads():
+        thread.join(5)
+    assert not stream_threads()
+
+
+def test_chunks_never_read_are_closed_at_once(tmp_path, data):
+    chunks = open_file_chunks(str(write_plain(tmp_path / "f", data)))
+    assert chunks is not None
+    asyncio.run(chunks.aclose())
+    assert chunks._fh.closed  # type: ignore[attr-defined]
+
+
+def test_truncated_compressed_file_is_a_permanent_failure(tmp_path, data):
+    path = write_compressed(tmp_path / "f", data)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - CHUNK])  # still larger than the threshold
+    chunks = open_file_chunks(str(path))
+    assert chunks is not None
+
+    with pytest.raises(TransferError) as caught:
+        asyncio.run(read_all(chunks))
+    assert caught.value.verdict.kind is Kind.PERMANENT
+    assert "truncated" in caught.value.verdict.reason
+    for thread in stream_threads():
+        thread.join(5)
+    assert chunks._fh.closed  # type: ignore[attr-defined]
+
+
+def test_md5_differing_from_the_expected_one_holds_the_last_chunk_back(tmp_path, data):
+    """With an MD5 to check (a storage index's), the body ends in a failure before its
+    last chunk: the target never receives the whole file."""
+    chunks = open_file_chunks(str(write_compressed(tmp_path / "f", data)))
+    assert chunks is not None
+    body = Body(chunks, "0" * 32, "f")
+    received: list[bytes] = []
+
+    async def run() -> None:
+        try:
+            async for chunk in body:
+                received.append(chunk)
+        finally:
+            await chunks.aclose()
+
+    with pytest.raises(TransferError):
+        asyncio.run(run())
+    assert body.failure is not None and "MD5" in body.failure.verdict.reason
+    assert sum(map(len, received)) < len(data)
+    assert not body.complete
+
+
+def test_expected_md5_passes_the_whole_body(tmp_path, data):
+    chunks = open_file_chunks(str(write_plain(tmp_path / "f", data)))
+    assert chunks is not None
+    body = Body(chunks, hashlib.md5(data).hexdigest(), "f")
+
+    async def run() -> bytes:
+        try:
+            return b"".join([chunk async for chunk in body])
+        finally:
+            await chunks.aclose()
+
+    assert asyncio.run(run()) == data
+    assert body.complete and body.md5 == hashlib.md5(data).hexdigest()
