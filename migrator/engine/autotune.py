@@ -38,9 +38,12 @@ log = logging.getLogger("migrator")
 WARMUP = 1.0
 WINDOW = 3.0
 MIN_WINDOW = 0.25
+# Startup's measured window, in latencies: short, as a doubling's effect is large, but
+# whole ones (the first transfers start together and finish in waves, one a latency:
+# 1.5 latencies hold one or two of them, and runs at 20 ms overshot to 64 batches).
+STARTUP_WINDOW = 2.0
 MIN_SAMPLES = 8
-# Outside startup, intervals are CALM times as long (and startup's window is a latency
-# shorter).
+# Outside startup, intervals are CALM times as long (and their window WINDOW latencies).
 CALM = 2
 # A startup doubling that brought this share of the proportional gain or more: the next
 # step quadruples.
@@ -136,8 +139,12 @@ class Tuner:
         """Feed one finished transfer (`latency` None: it failed without saying anything
         about the load); a new limit when this closes an interval with a change."""
         if latency is not None and not self.latency:
+            # The first answer: the limit has not changed since the transfers began, so
+            # the interval is measured from here on, without a warm-up (a latency sooner).
             self.latency = latency
             self.begin(self.limit, now)
+            self.start = self._stamp = now
+            return None
         if now < self.start:
             return None
         self.done += 1
@@ -146,7 +153,7 @@ class Tuner:
         # Startup wants to be quick; probes and cruise measure longer (less noise), the
         # differences they judge being smaller.
         calm = 1 if self.phase == "startup" else CALM
-        window = max(MIN_WINDOW, (WINDOW - 1 if calm == 1 else WINDOW) * self.latency) * calm
+        window = max(MIN_WINDOW, (STARTUP_WINDOW if calm == 1 else WINDOW) * self.latency) * calm
         if now - self.start < window or len(self.samples) < calm * MIN_SAMPLES:
             return None
         self.use(now, self._in_use)

@@ -27,8 +27,8 @@ through the one-instance path, so that a request refused as a whole never refuse
 neighbour. A failure of the whole request is handled as a ZIP POST's.
 
 `BatchPolicy` decides the size: ``--batch N`` forces it, ``--batch 1`` turns batching
-off, and by default the round trips to both ends, measured as the run starts, decide
-(the first transfers go one at a time meanwhile).
+off, and by default what an instance costs alone and in a batch decides, from the round
+trips to both ends measured as the run starts (the first transfers wait for it).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import time
 import zipfile
 import zlib
@@ -62,36 +63,51 @@ log = logging.getLogger("migrator")
 SMALL = 2 * 1024 * 1024
 # Bytes of instance data in one batch, at most (and a quarter of the memory budget).
 MAX_BATCH_BYTES = 16 * 1024 * 1024
-# Automatic choice: each end's round trip is timed (`OrthancClient.round_trip`: the
-# fastest of PROBES `GET /system`, which the server answers at once, so the time is the
-# network's, not the server's load). When a transfer's round trips (source + target) add
-# up to BATCH_FROM seconds or more, batches of one instance per BATCH_STEP seconds of them.
-# From a 17.5 ms link on: at 20 ms (2,000 small instances, a shared 2-CPU machine),
-# batches of 16 took 5 s where one instance per request took 12-16 s, fewer requests
-# costing both Orthancs and this process less CPU. (Lower, a busy machine's local link
-# can measure that slow: 5 to 15 ms per end. Five probes instead of three cost a 100 ms
-# link more than they brought: the first transfers wait for them.) At 100 ms, batches of
-# 64 were slower than of 32 (7.5-8.5 s against 6.1-6.5 s: fewer, larger transfers fill
-# a capped link less evenly).
+# Automatic choice, from what an instance costs. Each end's round trip is timed
+# (`OrthancClient.round_trip`: the fastest of PROBES `GET /system`, which the server
+# answers at once, so the time is the network's, not the server's load). An instance sent
+# alone waits for both round trips; in a batch of k, for 1/k of them, plus what its ZIP
+# member costs more (MEMBER: read, matched and hashed here). The size is the smallest
+# that brings the round trips' share of an instance down to AMORTISED seconds (between
+# AUTO_MIN and AUTO_MAX), and batches are used when they save an instance WORTH seconds
+# or more. Measured on a shared 2-CPU machine, 2,000 small instances, -c 16/32:
+# - 20 ms RTT (40 ms of round trips): one instance per request 5.2-6.9 s; batches of 8
+#   4.5-5.9 s, of 16 4.2-4.6 s, of 32 4.0-4.5 s;
+# - 100 ms: batches of 64 were slower than of 32 (7.5-8.5 s against 6.1-6.5 s: fewer,
+#   larger transfers fill a capped link less evenly);
+# - 0 ms: batches of 16 pay as well (this process's CPU 2.9 s -> 1.0 s, wall 4.1-9.9 s
+#   -> 2.9-4.9 s: fewer requests), but a busy machine's loopback, through a Python test
+#   proxy, can measure 5 to 15 ms per end, so WORTH stays above what that noise can
+#   fake (batches from about 33 ms of round trips): on a local link, `--batch 16`.
+# (Five probes instead of three cost a 100 ms link more than they brought: the first
+# transfers wait for them.)
 PROBES = 3
 # Seconds the first transfers wait for the measure at most.
 PROBE_WAIT = 5.0
-BATCH_FROM = 0.035
-BATCH_STEP = 0.0025
-AUTO_MIN, AUTO_MAX = 4, 32
+MEMBER = 0.0005
+AMORTISED = 0.0025
+WORTH = 0.030
+AUTO_MIN, AUTO_MAX = 16, 32
 # A STOW-RS request costs its server far more than the instances in it (Orthanc's plugin:
 # about what two single stores cost for 20 small instances), so batches pay from a
-# shorter round trip, and larger ones: STOW_FROM seconds of round trips, one instance per
-# STOW_STEP seconds of them.
-STOW_FROM = 0.010
-STOW_STEP = 0.001
+# shorter round trip (from about 10 ms), in sizes of one instance per STOW_AMORTISED
+# seconds of round trips, from STOW_MIN.
+STOW_WORTH = 0.008
+STOW_AMORTISED = 0.001
+STOW_MIN = 4
 # Credentials refused: the one-instance path reports it the same way, as a fatal error.
 _AUTH = (401, 403, 407)
 
 
+def batch_saving(round_trips: float, size: int) -> float:
+    """Seconds an instance saves in a batch of `size` rather than alone: the round trips
+    (`round_trips`, both ends) it no longer waits for, less what its ZIP member costs."""
+    return round_trips * (1 - 1 / size) - MEMBER
+
+
 class BatchPolicy:
     """How many instances go in one request: `forced` (> 0) from ``--batch``, otherwise
-    decided from the measured round trips (one at a time until then)."""
+    decided from the measured round trips (`planned` rows per transfer until then)."""
 
     def __init__(self, forced: int = 0, *, memory_limit: int | None = None) -> None:
         self.forced = forced
@@ -101,20 +117,37 @@ class BatchPolicy:
         self.max_bytes = max(cap, 1)
 
     def decide(
-        self, round_trips: float, *, start: float = BATCH_FROM, step: float = BATCH_STEP
+        self,
+        round_trips: float,
+        *,
+        worth: float = WORTH,
+        amortised: float = AMORTISED,
+        smallest: int = AUTO_MIN,
     ) -> None:
-        """Choose the size from the seconds of a transfer's round trips (both ends):
-        batches from `start` seconds on, of one instance per `step` seconds."""
+        """Choose the size from the seconds of a transfer's round trips (both ends): the
+        smallest size (from `smallest`) that leaves `amortised` seconds of round trips per
+        instance, if batches of it save each instance `worth` seconds or more."""
         if self.decided:
             return
         self.decided = True
-        if round_trips >= start:
-            self.size = max(AUTO_MIN, min(AUTO_MAX, int(round_trips / step)))
+        size = max(smallest, min(AUTO_MAX, math.ceil(round_trips / amortised)))
+        saved = batch_saving(round_trips, size)
+        if saved >= worth:
+            self.size = size
             log.info(
-                "round trips take %.0f ms: sending %d small instances per request",
+                "round trips take %.0f ms: sending %d small instances per request "
+                "(%.0f ms less per instance)",
                 round_trips * 1000,
                 self.size,
+                saved * 1000,
             )
+
+    @property
+    def planned(self) -> int:
+        """Rows one transfer may take: the size, or while the round trips are being
+        measured the smallest automatic one (the first batches then find their rows
+        leased already, rather than a queue sized for one instance per transfer)."""
+        return self.size if self.decided else AUTO_MIN
 
     def turn_off(self, reason: str) -> None:
         """Send one instance per request from now on."""
@@ -246,7 +279,7 @@ class Batcher:
             log.debug("round trips not measured (%s): one instance per request", exc)
             total = 0.0
         if self.many:
-            self.policy.decide(total, start=STOW_FROM, step=STOW_STEP)
+            self.policy.decide(total, worth=STOW_WORTH, amortised=STOW_AMORTISED, smallest=STOW_MIN)
         else:
             self.policy.decide(total)
 
