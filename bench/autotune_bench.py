@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -40,7 +41,9 @@ from replicate_bench import REPLICATE_PY, REPLICATE_PYTHON, bare_copy
 from migrator.testkit import OrthancProcess, Proxy, iter_dataset, upload_all
 
 SETTLES = re.compile(r"concurrency settles at (\d+) transfers")
+BATCH = re.compile(r"sending (\d+) small instances per request")
 AUTO = "no flag"
+NOTES = re.compile(r"concurren|per request|batched")
 
 
 def run_one(
@@ -63,15 +66,20 @@ def run_one(
         *flags,
     ]
     try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
+        # Only the migrator process ends (and is reaped) inside this span.
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         count = target.count()
     finally:
         proxy.stop()
         target.stop()
     out = proc.stdout + proc.stderr
     settles = [int(x) for x in SETTLES.findall(out)]
+    batch = BATCH.search(out)
     final = None
     if ledger.exists():
         with sqlite3.connect(ledger) as db:
@@ -83,10 +91,14 @@ def run_one(
     return {
         "label": label,
         "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
         "ok": ok,
         "settles": settles,
+        "batch": int(batch.group(1)) if batch else 1,
         "final_concurrency": final,
         "progress": [line for line in out.splitlines() if " progress " in line][-3:],
+        # What the run decided for itself: batch size, settle point, cuts.
+        "lines": [line for line in out.splitlines() if NOTES.search(line)][:12],
     }
 
 
@@ -119,13 +131,16 @@ def run_replicate_py(
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median, min and max seconds of one configuration's runs; settle points."""
     secs = [r["seconds"] for r in runs if r["ok"]]
+    cpus = [r["cpu_seconds"] for r in runs if r["ok"]]
     return {
         "median": round(statistics.median(secs), 2) if secs else None,
+        "cpu_median": round(statistics.median(cpus), 2) if cpus else None,
         "min": min(secs, default=None),
         "max": max(secs, default=None),
         "runs": len(runs),
         "failed": sum(not r["ok"] for r in runs),
         "settles": [r["settles"][:1] for r in runs],
+        "batch": sorted({r["batch"] for r in runs}),
         "final_concurrency": [r["final_concurrency"] for r in runs],
     }
 
@@ -170,7 +185,8 @@ def main() -> None:
                             runs[label].append(r)
                             print(
                                 f"rtt {rtt * 1000:.0f} ms round {rnd + 1} {label}: "
-                                f"{r['seconds']:.2f} s settles {r['settles'][:1]} "
+                                f"{r['seconds']:.2f} s (CPU {r['cpu_seconds']:.2f} s) "
+                                f"batch {r['batch']} settles {r['settles'][:1]} "
                                 f"final {r['final_concurrency']}",
                                 flush=True,
                             )
@@ -199,9 +215,10 @@ def main() -> None:
             extra = ""
             if label == AUTO:
                 extra = f"  settles {v['settles']} final {v['final_concurrency']}"
+            extra += f"  batch {v['batch']}"
             print(
-                f"  {label:>14}: {v['median']:7.2f} s ({v['min']:.2f}-{v['max']:.2f}) "
-                f"x{ratio:.2f} of best ({best[1]}){extra}"
+                f"  {label:>14}: {v['median']:7.2f} s ({v['min']:.2f}-{v['max']:.2f}, "
+                f"CPU {v['cpu_median']} s) x{ratio:.2f} of best ({best[1]}){extra}"
             )
         if f"replicate.py@{rtt}" in results:
             rp = results[f"replicate.py@{rtt}"]
