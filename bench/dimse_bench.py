@@ -45,20 +45,9 @@ from migrator.ends.dimse.peer import parse_dicom_url
 from migrator.ends.dimse.source import DimseSource
 from migrator.testkit import OrthancProcess, upload_all
 from migrator.testkit.fastgen import fast_dataset, iter_fast_dataset
-from migrator.testkit.orthanc import free_port
+from migrator.testkit.orthanc import free_port, wait_port
 
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def _wait_port(port: int) -> None:
-    import socket
-
-    for _ in range(200):
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def _storescp(folder: Path, fork: bool) -> tuple[subprocess.Popen[bytes], int]:
@@ -68,7 +57,7 @@ def _storescp(folder: Path, fork: bool) -> tuple[subprocess.Popen[bytes], int]:
     if fork:
         cmd.insert(1, "--fork")
     proc = subprocess.Popen(cmd, cwd=folder, env=NODELAY, stdout=subprocess.DEVNULL)
-    _wait_port(port)
+    wait_port(port)
     return proc, port
 
 

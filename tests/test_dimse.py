@@ -19,7 +19,7 @@ from pydicom.uid import RLELossless
 
 from migrator.errors import Kind, verdict_for_association, verdict_for_dimse_status
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
-from migrator.testkit.orthanc import free_port
+from migrator.testkit.orthanc import free_port, wait_port
 
 N = 16
 PACS_AET = "PACS"
@@ -76,7 +76,7 @@ def _dcmtk(port: int, *cmd: str) -> Iterator[None]:
     """A DCMTK server (`cmd`) listening on `port` while the block runs."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        wait_port(port)
         yield
     finally:
         proc.terminate()
@@ -108,18 +108,6 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
     with _dcmtk(port, "storescp", "-aet", "STORESCP", "+xa", "-od", str(folder), str(port)):
         yield port, folder
-
-
-def _wait_port(port: int, timeout: float = 10) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 def _received_uids(folder: Path) -> list[str]:

@@ -21,7 +21,7 @@ from migrator.ends.dimse.peer import parse_dicom_url
 from migrator.ends.dimse.target import DimseTarget
 from migrator.errors import Kind, TransferError
 from migrator.testkit import make_dataset
-from migrator.testkit.orthanc import free_port
+from migrator.testkit.orthanc import free_port, wait_port
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -211,7 +211,7 @@ def test_implicit_only_peer_gets_files_re_encoded(tmp_path: Path, ledger_path, l
     cmd = ["storescp", "-aet", "STORESCP", "+xi", "-od", str(received), str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(port)
+        wait_port(port)
         url = f"dicom://STORESCP@127.0.0.1:{port}"
         result = run_cli("import", str(folder), url, "--ledger", ledger_url)
     finally:
@@ -227,15 +227,3 @@ def test_implicit_only_peer_gets_files_re_encoded(tmp_path: Path, ledger_path, l
     for inst in instances:
         want = pydicom.dcmread(io.BytesIO(inst.data))
         assert got[str(want.SOPInstanceUID)] == want.PixelData
-
-
-def _wait(port: int) -> None:
-    import socket
-    import time
-
-    for _ in range(200):
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
