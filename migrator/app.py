@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -375,87 +374,46 @@ def _run_with_ledger(
     source: Source | None = None,
     source_checked: bool = False,
     deletions: DeletionPolicy | None = None,
+    ledger: Ledger | None = None,
 ) -> JobReport:
-    """Open and preflight both ends, then open (or create) the ledger and run the job, in
-    one event loop: an end that does not answer leaves no new ledger behind, and each end
-    is asked once."""
+    """Open and preflight both ends, then run the job in `ledger` (a worker joining it),
+    or in the settings' ledger, opened (or created) only then; all in one event loop: an
+    end that does not answer leaves no new ledger behind, and each end is asked once."""
 
-    async def with_ledger(src: Source, target: Target) -> JobReport:
-        await preflight_ends(src, target, source_checked=source_checked)
-        ledger = await asyncio.to_thread(Ledger.open, settings.ledger, create=True)
+    async def main() -> JobReport:
+        src = source or open_source(source_url, settings, options=options)
         try:
-            return await run_job(
-                ledger,
-                src,
-                target,
-                settings,
-                job_name=name,
-                options=options,
-                dry_run=dry_run,
-                show_progress=show_progress,
-                follow=follow,
-                deletions=deletions,
-            )
+            target = open_target(target_url, settings)
+        except BaseException:
+            await src.aclose()
+            raise
+        try:
+            if options.get("selection") and getattr(src, "selection", None) is None:
+                # A source that would list everything must not fill a job that says otherwise.
+                raise UsageError(f"{src.display} cannot select studies: give no selection for it")
+            await preflight_ends(src, target, source_checked=source_checked)
+            used = ledger or await asyncio.to_thread(Ledger.open, settings.ledger, create=True)
+            try:
+                return await run_job(
+                    used,
+                    src,
+                    target,
+                    settings,
+                    job_name=name,
+                    options=options,
+                    dry_run=dry_run,
+                    show_progress=show_progress,
+                    follow=follow,
+                    deletions=deletions,
+                )
+            finally:
+                if ledger is None:
+                    used.close()
         finally:
-            ledger.close()
+            await src.aclose()
+            await target.aclose()
 
-    return asyncio.run(_with_ends(settings, source_url, target_url, options, source, with_ledger))
-
-
-async def _with_ends(
-    settings: Settings,
-    source_url: str,
-    target_url: str,
-    options: dict[str, Any],
-    source: Source | None,
-    body: Callable[[Source, Target], Awaitable[JobReport]],
-) -> JobReport:
-    """Run `body` on the job's two ends, opened here (the source unless given), and close
-    them afterwards whatever happens."""
-    src = source or open_source(source_url, settings, options=options)
-    try:
-        target = open_target(target_url, settings)
-    except BaseException:
-        await src.aclose()
-        raise
-    if options.get("selection") and getattr(src, "selection", None) is None:
-        await src.aclose()
-        await target.aclose()
-        # A source that would list everything must not fill a job that says otherwise.
-        raise UsageError(f"{src.display} cannot select studies: give no selection for it")
-    try:
-        return await body(src, target)
-    finally:
-        await src.aclose()
-        await target.aclose()
-
-
-def _run(
-    ledger: Ledger,
-    settings: Settings,
-    source_url: str,
-    target_url: str,
-    *,
-    name: str,
-    options: dict[str, Any],
-    show_progress: bool = True,
-    source: Source | None = None,
-) -> JobReport:
-    """Run a job of an open ledger (a worker joining it)."""
-
-    async def on_ends(src: Source, target: Target) -> JobReport:
-        await preflight_ends(src, target)
-        return await run_job(
-            ledger,
-            src,
-            target,
-            settings,
-            job_name=name,
-            options=options,
-            show_progress=show_progress,
-        )
-
-    return asyncio.run(_with_ends(settings, source_url, target_url, options, source, on_ends))
+    return asyncio.run(main())
 
 
 def mirror(
@@ -528,8 +486,7 @@ def work(
         if job.options.get("only_missing"):
             # Should the listing still be under way, this worker lists the delta too.
             source = open_delta_source(job.source, job.target, settings)
-        return _run(
-            ledger,
+        return _run_with_ledger(
             settings,
             job.source,
             job.target,
@@ -537,6 +494,7 @@ def work(
             options=job.options,
             show_progress=show_progress,
             source=source,
+            ledger=ledger,
         )
     finally:
         ledger.close()
