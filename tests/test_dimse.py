@@ -396,7 +396,7 @@ def test_store_request_pdus_are_pynetdicoms(max_length):
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu import P_DATA_TF
 
-    from migrator.ends.dimse.wire import pdata_pdus, store_rq_command
+    from migrator.ends.dimse.pdu import pdata_pdus, store_rq_command
 
     dataset = bytes(range(256)) * 40 + b"odd"
     req = C_STORE()

@@ -7,24 +7,19 @@ C-STOREs do without pynetdicom (`migrator.ends.dimse.link`, `migrator.ends.dimse
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from migrator.ends.dimse.pdu import pdata_pdus, store_rq_command
-from migrator.errors import Kind, TransferError, Verdict, verdict_for_dimse_status
+from migrator.errors import Kind, Verdict, verdict_for_dimse_status
 
 __all__ = [
     "FIND_MODEL",
     "find",
     "pause_reactor",
-    "pdata_pdus",
     "query",
     "settle",
-    "store_rq_command",
     "usable",
 ]
 
@@ -110,15 +105,3 @@ def text(ds: Dataset, keyword: str) -> str:
     if value is None:
         return ""
     return str(value).strip("\0 ")
-
-
-def raise_on(verdict: Verdict | None) -> None:
-    """Raise the TransferError of a failed operation."""
-    if verdict is not None:
-        raise TransferError(verdict)
-
-
-def iter_chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """`items` in lists of at most `size`."""
-    for at in range(0, len(items), size):
-        yield items[at : at + size]
