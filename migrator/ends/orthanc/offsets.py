@@ -253,11 +253,7 @@ class OffsetPages:
         wanted = set(anchors)
         while True:
             if page is None:
-                page = await with_retries(
-                    lambda s=start: self.client.list_instances(s, self.page_size),
-                    self.retry,
-                    "GET /instances",
-                )
+                page = await self._read(start)
             if _holds_anchor(start, page, wanted):
                 return page, start
             page = None
