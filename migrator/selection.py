@@ -34,6 +34,8 @@ def study_date_key(value: object) -> str:
     study's date)."""
     if not isinstance(value, str):
         return ""
+    if len(value) == 8 and value.isdigit():
+        return value  # the usual form, as it is (a listing asks this for every row)
     digits = value.strip().replace(".", "").replace("-", "")
     if len(digits) != 8 or not digits.isdigit():
         return ""

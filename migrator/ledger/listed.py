@@ -43,9 +43,6 @@ ROWS_PER_INSERT = 1000
 def listed_values(row: dict[str, Any]) -> tuple[Any, ...]:
     """A listed row's `LISTED_COLUMNS`, its study date as the ledger keeps it."""
     get = row.get
-    date = get("study_date")
-    if not (date.__class__ is str and len(date) == 8 and date.isdigit()):
-        date = study_date_key(date)  # else it is kept as it is
     return (
         get("source_key"),
         get("orthanc_id"),
@@ -56,7 +53,7 @@ def listed_values(row: dict[str, Any]) -> tuple[Any, ...]:
         get("size"),
         get("md5"),
         get("has_pixels"),
-        date,
+        study_date_key(get("study_date")),
     )
 
 
