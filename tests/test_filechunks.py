@@ -145,3 +145,85 @@ def test_expected_md5_passes_the_whole_body(tmp_path, data):
 
     assert asyncio.run(run()) == data
     assert body.complete and body.md5 == hashlib.md5(data).hexdigest()
+
+
+async def send_body(body: Body, chunks: FileChunks) -> bytes:
+    try:
+        return b"".join([chunk async for chunk in body])
+    finally:
+        await chunks.aclose()
+
+
+@pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
+def test_without_an_md5_to_check_the_file_is_hashed_apart(tmp_path, data, writer):
+    """Nothing to check the MD5 against: the hasher reads the file itself, so the body
+    goes at the file's pace; the MD5 recorded is still the DICOM bytes'."""
+    chunks = open_file_chunks(str(writer(tmp_path / "f", data)))
+    assert chunks is not None
+    body = Body(chunks, None, "f")
+
+    assert asyncio.run(send_body(body, chunks)) == data
+    assert chunks._apart  # the hasher read the file on its own
+    assert body.complete and body.md5 == hashlib.md5(data).hexdigest()
+    assert chunks._fh.closed  # type: ignore[attr-defined]
+    for thread in stream_threads():
+        thread.join(5)
+    assert not stream_threads()
+
+
+def test_a_file_that_grows_while_sent_apart_is_not_recorded(tmp_path, data):
+    """More bytes than announced: the transfer fails (retried) rather than recording an
+    MD5 of other bytes than those sent, whichever of the two reads finds them first."""
+    path = write_plain(tmp_path / "f", data)
+    chunks = open_file_chunks(str(path))
+    assert chunks is not None
+    with path.open("ab") as fh:
+        fh.write(b"appended after the size was taken")
+    body = Body(chunks, None, "f")
+
+    with pytest.raises(TransferError) as caught:
+        asyncio.run(send_body(body, chunks))
+    assert caught.value.verdict.kind is Kind.RETRYABLE
+    assert body.failure is caught.value and not body.complete and body.md5 is None
+
+
+@pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
+def test_the_apart_hasher_refuses_bytes_that_do_not_add_up(tmp_path, data, writer):
+    """What the hasher's own read finds is checked against the length the sender had."""
+    chunks = open_file_chunks(str(writer(tmp_path / "f", data)))
+    assert chunks is not None
+    other = writer(tmp_path / "g", data + b"more")
+    fd = os.open(other, os.O_RDONLY)
+    try:
+        failure = chunks._hash_from(fd)
+    finally:
+        os.close(fd)
+        asyncio.run(chunks.aclose())
+    assert failure is not None and "longer than" in str(failure)
+
+
+def test_an_expected_md5_is_checked_on_the_bytes_sent(tmp_path, data):
+    """With an MD5 to check, the hasher takes the chunks sent, not a read of its own."""
+    chunks = open_file_chunks(str(write_plain(tmp_path / "f", data)))
+    assert chunks is not None
+    body = Body(chunks, hashlib.md5(data).hexdigest(), "f")
+    assert asyncio.run(send_body(body, chunks)) == data
+    assert not chunks._apart and body.complete
+
+
+def test_abandoned_upload_stops_the_apart_hasher(tmp_path, data):
+    chunks = open_file_chunks(str(write_plain(tmp_path / "f", data)))
+    assert chunks is not None
+    assert chunks.hash_apart()
+
+    async def run() -> None:
+        it = aiter(chunks)
+        await anext(it)
+        await it.aclose()  # type: ignore[attr-defined]
+        await asyncio.wait_for(chunks.aclose(), 5)
+
+    asyncio.run(run())
+    for thread in stream_threads():
+        thread.join(5)
+    assert not stream_threads()
+    assert chunks._fh.closed  # type: ignore[attr-defined]
