@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,9 +26,7 @@ from migrator.ends.factory import (
     open_target,
     orthanc_client,
 )
-from migrator.ends.orthanc.identity import same_orthanc
 from migrator.engine.deletions import DeletionPolicy
-from migrator.engine.diff import Diff, diff_servers, open_delta_source
 from migrator.engine.progress import NullProgress, make_progress
 from migrator.engine.scheduler import RunResult, Scheduler
 from migrator.errors import (
@@ -45,6 +43,9 @@ from migrator.ledger.queries import job_counts
 from migrator.ledger.store import Job, Ledger, make_owner
 from migrator.selection import ORDERS, Selection, SelectionFlags
 from migrator.units import human_bytes
+
+if TYPE_CHECKING:
+    from migrator.engine.diff import Diff
 
 log = logging.getLogger("migrator")
 
@@ -139,7 +140,12 @@ async def preflight_ends(source: Source, target: Target, *, source_checked: bool
     log.info(await target.preflight())
     client = getattr(source, "client", None)
     same = client is not None and target.kind == "orthanc"
-    if same and await same_orthanc(client, target.client):  # type: ignore[attr-defined]
+    if same:
+        # Imported here: the HTTP client is not needed by runs between other ends.
+        from migrator.ends.orthanc.identity import same_orthanc
+
+        same = await same_orthanc(client, target.client)  # type: ignore[attr-defined]
+    if same:
         raise UsageError(
             f"source {source.display} and target {target.display} are the same Orthanc: "
             "give another target"
@@ -234,6 +240,8 @@ def replicate(
     name = _checked_job_name(kind, source_url, target_url, settings, job_name)
     choose_selection(settings, name, options, selection, order)
     if only_missing:
+        from migrator.engine.diff import open_delta_source
+
         source = open_delta_source(source_url, target_url, settings)
     return _run_with_ledger(
         settings,
@@ -328,6 +336,8 @@ def diff(
     source_url = _require(source_url, "source", settings)
     target_url = _require(target_url, "target", settings)
     _both_orthanc(source_url, target_url, "diff")
+
+    from migrator.engine.diff import diff_servers
 
     async def main() -> Diff:
         source = orthanc_client(endpoint_from(source_url, "source", settings), "source", settings)
@@ -485,6 +495,8 @@ def work(
         source = None
         if job.options.get("only_missing"):
             # Should the listing still be under way, this worker lists the delta too.
+            from migrator.engine.diff import open_delta_source
+
             source = open_delta_source(job.source, job.target, settings)
         return _run_with_ledger(
             settings,

@@ -19,6 +19,7 @@ Kinds of end, by URL (`migrator.ends.factory`):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,7 +35,13 @@ __all__ = [
     "Source",
     "Stored",
     "Target",
+    "md5_hex",
 ]
+
+
+def md5_hex(data: bytes) -> str:
+    """MD5 of a byte string, as Orthanc prints it (and as every row records it)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class Item(Protocol):

@@ -45,10 +45,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from migrator.ends.base import Stored
+from migrator.ends.base import Stored, md5_hex
 from migrator.ends.dicomid import orthanc_id_from_dataset, orthanc_instance_id
 from migrator.ends.folder.dicomhead import read_header
-from migrator.ends.orthanc.client import md5_hex
 from migrator.engine.throttle import Legs
 from migrator.errors import FatalError, Kind, TransferError, Verdict, verdict_for_store_status
 from migrator.ledger.store import Lease, Outcome

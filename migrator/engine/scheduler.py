@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from migrator.config import RetryPolicy, Settings
-from migrator.ends.base import Source, Stored, Target
+from migrator.ends.base import Source, Stored, Target, md5_hex
 from migrator.ends.folder.fileclass import HELD_REASONS
-from migrator.ends.orthanc.client import md5_hex
 from migrator.ends.streams import Body, Chunks, memory_need, streamable
 from migrator.engine.batching import Batcher, BatchPolicy
 from migrator.engine.deletions import DeletionPolicy, DeletionWatch

@@ -21,7 +21,7 @@ from typing import Any
 
 from migrator.config import RetryPolicy
 from migrator.ends.base import Target
-from migrator.ends.orthanc.source import with_retries
+from migrator.ends.retrying import with_retries
 from migrator.errors import (
     FatalError,
     Kind,

@@ -14,11 +14,10 @@ refused or unsupported) a QIDO-RS search by UID says whether the instance is the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
-from migrator.ends.base import Checked, SentRow, Stored
+from migrator.ends.base import Checked, SentRow, Stored, md5_hex
 from migrator.ends.dicomweb.batches import StowBatches
 from migrator.ends.dicomweb.client import DicomWebClient, sop_uid_of, tag_value, tag_values
 from migrator.ends.retrying import check_with_retries
@@ -158,7 +157,7 @@ class DicomWebTarget:
         if isinstance(got, bytes):
             if not row.md5:
                 return VerifyResult.PRESENT, "no MD5 was recorded when it was sent"
-            digest = hashlib.md5(got, usedforsecurity=False).hexdigest()
+            digest = md5_hex(got)
             if digest == row.md5.lower():
                 return VerifyResult.MATCH, None
             return VerifyResult.DIFFER, (

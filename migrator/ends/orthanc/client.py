@@ -7,7 +7,6 @@ instance) or a `FatalError` (per run) by `migrator.errors`, never interpreted he
 from __future__ import annotations
 
 import base64
-import hashlib
 import ipaddress
 import itertools
 import json
@@ -631,11 +630,6 @@ def _basic_auth_header(auth: tuple[str, str] | None) -> dict[str, str]:
         return {}
     token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
     return {"Authorization": f"Basic {token}"}
-
-
-def md5_hex(data: bytes) -> str:
-    """MD5 of a byte string, as Orthanc prints it."""
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def unreachable(exc: httpx.TransportError, role: str, where: str) -> FatalError:

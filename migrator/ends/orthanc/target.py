@@ -7,12 +7,11 @@ not keep MD5s; the per-study count: ``/tools/lookup`` then ``/studies/{id}/stati
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import httpx
 
-from migrator.ends.base import Checked, SentRow, Stored
+from migrator.ends.base import Checked, SentRow, Stored, md5_hex
 from migrator.ends.orthanc.client import OrthancClient
 from migrator.ends.orthanc.preflight import warn_about_target
 from migrator.ends.retrying import check_with_retries
@@ -93,7 +92,7 @@ class OrthancTarget:
                 return VerifyResult.ERROR, response.reason
             if response.status_code == 404:
                 return VerifyResult.MISSING, "not on the target"
-            digest = hashlib.md5(response.content, usedforsecurity=False).hexdigest()
+            digest = md5_hex(response.content)
             how = " (target stores no MD5s: compared the downloaded file)"
         else:
             digest = response.text.strip().strip('"').lower()
