@@ -45,8 +45,10 @@ AHEAD = 0
 # At most this many rows (or pages) of offset pages go to the ledger in one transaction.
 MERGE_ROWS = 10_000
 MERGE_PAGES = 10
-# The most instances two consecutive offset pages share.
-OVERLAP_MAX = 32
+# The most instances two consecutive offset pages share: more deletions between two
+# pages cost a step back to the anchors (an ID-only page, and the page read again),
+# each shared instance is read twice on every page (32 made 104 pages of 100,000).
+OVERLAP_MAX = 8
 # Offset pages whose series and studies are looked up together, at most.
 LOOKUP_PAGES = 8
 # Seconds of offset pages that go to the ledger together (the first page goes at once).
