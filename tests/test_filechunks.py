@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from migrator.ends.compression import CorruptFile
 from migrator.ends.streams import CHUNK, STREAM_ABOVE, Body, FileChunks, open_file_chunks
 from migrator.errors import Kind, TransferError
 
@@ -227,3 +228,27 @@ def test_abandoned_upload_stops_the_apart_hasher(tmp_path, data):
         thread.join(5)
     assert not stream_threads()
     assert chunks._fh.closed  # type: ignore[attr-defined]
+
+
+def test_a_failed_apart_hash_fails_the_transfer_after_the_last_chunk(tmp_path, data):
+    """The hasher's read did not add up after the body went out whole: the row must not
+    be `sent` with that MD5, so the body ends in a retryable failure instead."""
+    chunks = open_file_chunks(str(write_plain(tmp_path / "f", data)))
+    assert chunks is not None
+    chunks._hash_from = lambda fd: CorruptFile("7 bytes, not the 8 read before")  # type: ignore[method-assign]
+    body = Body(chunks, None, "f")
+    received: list[bytes] = []
+
+    async def run() -> None:
+        try:
+            async for chunk in body:
+                received.append(chunk)
+        finally:
+            await chunks.aclose()
+
+    with pytest.raises(TransferError) as caught:
+        asyncio.run(run())
+    assert caught.value.verdict.kind is Kind.RETRYABLE
+    assert "changed while it was sent" in caught.value.verdict.reason
+    assert b"".join(received) == data  # the target got it whole: the answer decides nothing
+    assert body.failure is caught.value and not body.complete and body.md5 is None
