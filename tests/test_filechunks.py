@@ -48,6 +48,18 @@ async def read_all(chunks: FileChunks) -> tuple[bytes, list[int]]:
     return b"".join(parts), [len(part) for part in parts]
 
 
+async def send_body(body: Body, chunks: FileChunks, received: list[bytes] | None = None) -> bytes:
+    """Read `body` as a target's connection does, each chunk kept in `received` as it
+    comes (what the target got when the body fails), then close `chunks`."""
+    received = [] if received is None else received
+    try:
+        async for chunk in body:
+            received.append(chunk)
+    finally:
+        await chunks.aclose()
+    return b"".join(received)
+
+
 @pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
 def test_every_byte_comes_once_in_order_with_its_md5(tmp_path, data, writer):
     chunks = open_file_chunks(str(writer(tmp_path / "f", data)))
@@ -119,15 +131,8 @@ def test_md5_differing_from_the_expected_one_holds_the_last_chunk_back(tmp_path,
     body = Body(chunks, "0" * 32, "f")
     received: list[bytes] = []
 
-    async def run() -> None:
-        try:
-            async for chunk in body:
-                received.append(chunk)
-        finally:
-            await chunks.aclose()
-
     with pytest.raises(TransferError):
-        asyncio.run(run())
+        asyncio.run(send_body(body, chunks, received))
     assert body.failure is not None and "MD5" in body.failure.verdict.reason
     assert sum(map(len, received)) < len(data)
     assert not body.complete
@@ -138,21 +143,8 @@ def test_expected_md5_passes_the_whole_body(tmp_path, data):
     assert chunks is not None
     body = Body(chunks, hashlib.md5(data).hexdigest(), "f")
 
-    async def run() -> bytes:
-        try:
-            return b"".join([chunk async for chunk in body])
-        finally:
-            await chunks.aclose()
-
-    assert asyncio.run(run()) == data
+    assert asyncio.run(send_body(body, chunks)) == data
     assert body.complete and body.md5 == hashlib.md5(data).hexdigest()
-
-
-async def send_body(body: Body, chunks: FileChunks) -> bytes:
-    try:
-        return b"".join([chunk async for chunk in body])
-    finally:
-        await chunks.aclose()
 
 
 @pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
@@ -239,15 +231,8 @@ def test_a_failed_apart_hash_fails_the_transfer_after_the_last_chunk(tmp_path, d
     body = Body(chunks, None, "f")
     received: list[bytes] = []
 
-    async def run() -> None:
-        try:
-            async for chunk in body:
-                received.append(chunk)
-        finally:
-            await chunks.aclose()
-
     with pytest.raises(TransferError) as caught:
-        asyncio.run(run())
+        asyncio.run(send_body(body, chunks, received))
     assert caught.value.verdict.kind is Kind.RETRYABLE
     assert "changed while it was sent" in caught.value.verdict.reason
     assert b"".join(received) == data  # the target got it whole: the answer decides nothing
