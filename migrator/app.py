@@ -139,13 +139,12 @@ async def preflight_ends(source: Source, target: Target, *, source_checked: bool
         log.info(await source.preflight())
     log.info(await target.preflight())
     client = getattr(source, "client", None)
-    same = client is not None and target.kind == "orthanc"
-    if same:
-        # Imported here: the HTTP client is not needed by runs between other ends.
-        from migrator.ends.orthanc.identity import same_orthanc
+    if client is None or target.kind != "orthanc":
+        return
+    # Imported here: the HTTP client is not needed by runs between other ends.
+    from migrator.ends.orthanc.identity import same_orthanc
 
-        same = await same_orthanc(client, target.client)  # type: ignore[attr-defined]
-    if same:
+    if await same_orthanc(client, target.client):  # type: ignore[attr-defined]
         raise UsageError(
             f"source {source.display} and target {target.display} are the same Orthanc: "
             "give another target"
