@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -211,6 +212,41 @@ def test_orthanc_rest_to_storescp(orthanc_factory, storescp, ledger_path, ledger
     assert result.code == 0, result.stderr
     assert _received_uids(folder) == sorted(i.sop_uid for i in instances)
     assert state_counts(ledger_path) == {"sent": N}
+    # A peer that wraps the dataset in a file meta of its own cannot be compared by MD5:
+    # none is computed to be recorded.
+    assert ledger_rows(ledger_path, "SELECT COUNT(md5) FROM instances") == [(0,)]
+
+
+def test_storage_file_unlike_its_index_md5_is_never_stored(tmp_path, ledger_path, ledger_url):
+    """Without an MD5 to record, the one in an Orthanc storage index is still checked before
+    a C-STORE: a file swapped for other bytes is rejected and never reaches the peer."""
+    instances = make_dataset(4, seed=173)
+    with OrthancProcess(tmp_path / "old") as old:
+        upload_all(old, instances)
+    storage = tmp_path / "old" / "storage"
+    with sqlite3.connect(storage / "index") as index:
+        files = dict(
+            index.execute(
+                "SELECT r.publicId, a.uuid FROM Resources r JOIN AttachedFiles a "
+                "ON a.id = r.internalId AND a.fileType = 1"
+            ).fetchall()
+        )
+    swapped = instances[1]
+    uuid = files[swapped.orthanc_id]
+    (storage / uuid[:2] / uuid[2:4] / uuid).write_bytes(make_dataset(1, seed=174)[0].data)
+    received = tmp_path / "received"
+    received.mkdir()
+    result = _import_to_storescp(storage, ledger_url, "+xa", "-od", str(received))
+    assert result.code == 1, result.stderr
+    assert state_counts(ledger_path) == {"sent": 3, "rejected": 1}
+    assert _received_uids(received) == sorted(i.sop_uid for i in instances if i is not swapped)
+    ((key, error),) = ledger_rows(
+        ledger_path, "SELECT source_key, last_error FROM instances WHERE state = 'rejected'"
+    )
+    assert swapped.orthanc_id in key and "differs from expected" in error
+    # What was checked is recorded: the index's MD5 of each file sent.
+    sent = ledger_rows(ledger_path, "SELECT md5 FROM instances WHERE state = 'sent'")
+    assert len(sent) == 3 and all(len(md5 or "") == 32 for (md5,) in sent)
 
 
 def _rle(data: bytes) -> bytes:
