@@ -21,6 +21,7 @@ import hashlib
 import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from migrator.ends.compression import (
@@ -176,12 +177,14 @@ def read_cached(path: str, limit: int) -> bytes | None:
     if _NOWAIT is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # Non-blocking: a pipe put in the file's place must not hold the event loop.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        if size > limit:
+        info = os.fstat(fd)
+        size = info.st_size
+        if size > limit or not stat.S_ISREG(info.st_mode):
             return None
         # One byte more than the size: a file that grew since is left to the thread.
         buffer = bytearray(size + 1)
