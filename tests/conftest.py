@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from migrator.testkit.dicomgen import SyntheticInstance, make_dataset, upload_all
-from migrator.testkit.orthanc import OrthancProcess
+from migrator.testkit.orthanc import OrthancProcess, wait_port
 
 MIGRATOR = [sys.executable, "-m", "migrator"]
 
@@ -181,3 +182,15 @@ def self_signed(folder: Path) -> tuple[Path, ssl.SSLContext]:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
     return cert, server
+
+
+@contextmanager
+def dcmtk(port: int, *cmd: str) -> Iterator[None]:
+    """A DCMTK server (`cmd`: storescp, dcmqrscp) listening on `port` while the block runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -10,17 +10,25 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import CliResult, fill, ledger_rows, run_cli, start_cli, state_counts, wait_for_sent
+from conftest import (
+    CliResult,
+    dcmtk,
+    fill,
+    ledger_rows,
+    run_cli,
+    start_cli,
+    state_counts,
+    wait_for_sent,
+)
 from pydicom.uid import RLELossless
 
 from migrator.errors import Kind, verdict_for_association, verdict_for_dimse_status
 from migrator.testkit import OrthancProcess, SyntheticInstance, make_dataset, upload_all
-from migrator.testkit.orthanc import free_port, wait_port
+from migrator.testkit.orthanc import free_port
 
 N = 16
 PACS_AET = "PACS"
@@ -72,18 +80,6 @@ def _same_instances(target: OrthancProcess, expected: list[SyntheticInstance]) -
         assert got.PixelData == want.PixelData
 
 
-@contextmanager
-def _dcmtk(port: int, *cmd: str) -> Iterator[None]:
-    """A DCMTK server (`cmd`) listening on `port` while the block runs."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def _files(folder: Path, instances: list[SyntheticInstance], first: bytes | None = None) -> Path:
     """The instances as files in `folder` (the first one's bytes replaced by `first`)."""
     folder.mkdir()
@@ -95,7 +91,7 @@ def _files(folder: Path, instances: list[SyntheticInstance], first: bytes | None
 def _import_to_storescp(folder: Path, ledger_url: str, *options: str) -> CliResult:
     """`migrator import FOLDER dicom://ANY@...` into a storescp run with `options`."""
     port = free_port()
-    with _dcmtk(port, "storescp", *options, str(port)):
+    with dcmtk(port, "storescp", *options, str(port)):
         return run_cli(
             "import", str(folder), f"dicom://ANY@127.0.0.1:{port}", "--ledger", ledger_url
         )
@@ -107,7 +103,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     folder = tmp_path / "storescp"
     folder.mkdir()
     port = free_port()
-    with _dcmtk(port, "storescp", "-aet", "STORESCP", "+xa", "-od", str(folder), str(port)):
+    with dcmtk(port, "storescp", "-aet", "STORESCP", "+xa", "-od", str(folder), str(port)):
         yield port, folder
 
 
@@ -163,7 +159,7 @@ def test_dcmqrscp_source(retrieve, orthanc_factory, tmp_path, ledger_path, ledge
     )
     instances = make_dataset(N, seed=72)
     files = _files(tmp_path / "files", instances)
-    with _dcmtk(port, "dcmqrscp", "-c", str(config)):
+    with dcmtk(port, "dcmqrscp", "-c", str(config)):
         subprocess.run(
             ["storescu", "-aec", "QRSCP", "+sd", "127.0.0.1", str(port), str(files)],
             check=True,
@@ -477,11 +473,11 @@ def test_association_the_peer_dropped_while_idle_is_replaced(tmp_path):
 
     loop = asyncio.new_event_loop()
     try:
-        with _dcmtk(port, *cmd):
+        with dcmtk(port, *cmd):
             loop.run_until_complete(store(instances[0].data))
             (held,) = target.stores.idle
         time.sleep(0.3)
-        with _dcmtk(port, *cmd):
+        with dcmtk(port, *cmd):
             assert loop.run_until_complete(store(instances[1].data)) < 3.0
             assert target.stores.idle and target.stores.idle[0] is not held
             loop.run_until_complete(target.aclose())
@@ -514,7 +510,7 @@ def test_operations_go_on_while_one_more_association_waits(tmp_path):
         await target.aclose()
         return middle - began, time.monotonic() - middle
 
-    with _dcmtk(port, "storescp", "-aet", "STORESCP", "-od", str(tmp_path), str(port)):
+    with dcmtk(port, "storescp", "-aet", "STORESCP", "-od", str(tmp_path), str(port)):
         storing, closing = asyncio.run(run())
     assert storing < EXTRA_WAIT / 2
     assert closing < EXTRA_WAIT / 2
