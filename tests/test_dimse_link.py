@@ -170,6 +170,35 @@ def files() -> list[bytes]:
     return [i.data for i in make_dataset(4, seed=81)]
 
 
+@pytest.mark.parametrize("max_length", [16384, 0])
+def test_streamed_dataset_pdus_as_pynetdicom_reads_them(max_length):
+    """A dataset sent as its chunks come (`pdu.dataset_parts`): P-DATA-TF PDUs that
+    pynetdicom decodes to data fragments within the peer's maximum, in order, the whole
+    dataset, only the very last one flagged last, whatever the chunks' sizes."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    dataset = bytes(range(256)) * 300 + b"odd"
+    chunks = [dataset[:1000], dataset[1000:1000], dataset[1000:50_001], dataset[50_001:]]
+    raw, sent = b"", 0
+    for chunk in chunks:
+        raw += b"".join(pdu.dataset_parts(5, memoryview(chunk), sent, len(dataset), max_length))
+        sent += len(chunk)
+    fragments, pos = [], 0
+    while pos < len(raw):
+        (length,) = struct.unpack_from(">I", raw, pos + 2)
+        decoded = P_DATA_TF()
+        decoded.decode(raw[pos : pos + 6 + length])
+        [item] = decoded.presentation_data_value_items
+        control = item.data[0]
+        assert item.context_id == 5 and control & 0x01 == 0  # a dataset fragment
+        fragments.append((item.data[1:], bool(control & 0x02)))
+        pos += 6 + length
+    assert b"".join(f for f, _ in fragments) == dataset
+    assert [last for _, last in fragments] == [False] * (len(fragments) - 1) + [True]
+    if max_length:
+        assert all(len(f) <= max_length - 6 for f, _ in fragments)
+
+
 def test_statuses_are_classified(files):
     """Success and a warning store the instance; 0xA700 refuses it (permanent) and the
     association goes on serving the next one."""

@@ -164,6 +164,28 @@ def test_without_an_md5_to_check_the_file_is_hashed_apart(tmp_path, data, writer
     assert not stream_threads()
 
 
+@pytest.mark.parametrize("writer", [write_plain, write_compressed], ids=["plain", "compressed"])
+def test_nothing_to_check_or_record_hashes_nothing(tmp_path, data, writer):
+    """No MD5 to check and none to record (a target without byte proof): the body is
+    the file's DICOM bytes, and no hashing thread ever runs."""
+    chunks = open_file_chunks(str(writer(tmp_path / "f", data)))
+    assert chunks is not None
+    body = Body(chunks, None, "f", record=False)
+    hashers: list[str] = []
+
+    async def send() -> bytes:
+        received: list[bytes] = []
+        async for chunk in body:
+            received.append(chunk)
+            hashers.extend(t.name for t in threading.enumerate() if t.name == "md5")
+        await chunks.aclose()
+        return b"".join(received)
+
+    assert asyncio.run(send()) == data
+    assert body.complete and body.md5 is None
+    assert hashers == []
+
+
 def test_a_file_that_grows_while_sent_apart_is_not_recorded(tmp_path, data):
     """More bytes than announced: the transfer fails (retried) rather than recording an
     MD5 of other bytes than those sent, whichever of the two reads finds them first."""

@@ -16,16 +16,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
-from conftest import CliResult, ledger_rows, state_counts
+from conftest import CliResult, dcmtk, ledger_rows, state_counts
 from faultkit import md5_of, write_config
 
 from migrator.ends.dicomid import orthanc_instance_id
+from migrator.ends.dimse.pdu import read_meta
 from migrator.testkit.dicomgen import SyntheticInstance, make_instance
 from migrator.testkit.faults import TruncateResponse
-from migrator.testkit.orthanc import OrthancProcess
+from migrator.testkit.orthanc import OrthancProcess, free_port
 from migrator.testkit.proxy import Proxy
 
 # Larger than the memory budget of these runs (4 MiB) and than the streaming threshold.
@@ -283,3 +285,68 @@ def test_source_cut_mid_body_is_never_sent(
         assert result.code == 0, result.stderr
     assert state_counts(ledger_path) == {"sent": 1}
     assert_on_target(target, inst)
+
+
+def _storescp(port: int, folder: Path) -> AbstractContextManager[None]:
+    """DCMTK's storescp writing what it receives into `folder` bit for bit (``+B``)."""
+    folder.mkdir(exist_ok=True)
+    return dcmtk(port, "storescp", "-aet", "STORESCP", "+xa", "+B", "-od", str(folder), str(port))
+
+
+def _dataset(data: bytes) -> bytes:
+    """A Part-10 file's dataset: what follows its file meta."""
+    meta = read_meta(data)
+    assert meta is not None
+    return data[meta.offset :]
+
+
+def test_streamed_c_store_of_a_large_file(
+    tmp_path: Path, ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file larger than the memory budget goes to a DICOM peer chunk by chunk: the
+    peer receives the same dataset, and the process never holds the file."""
+    monkeypatch.setenv("TCP_NODELAY", "1")  # for storescp (see test_dimse)
+    inst = big_instance(8)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "big.dcm").write_bytes(inst.data)
+    port, received = free_port(), tmp_path / "received"
+    with _storescp(port, received):
+        result, peak = run_measured(
+            "import", str(folder), f"dicom://STORESCP@127.0.0.1:{port}",
+            "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
+        )  # fmt: skip
+    assert result.code == 0, result.stderr
+    # Nothing to check, and no byte proof to record: the file was not hashed.
+    assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [("sent", None)]
+    [stored] = received.iterdir()
+    assert _dataset(stored.read_bytes()) == _dataset(inst.data)
+    assert_streamed(peak, len(inst.data))
+
+
+def test_corrupt_storage_file_never_reaches_the_dicom_peer(
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streamed by C-STORE, a storage file whose MD5 no longer matches its index is found
+    out before the dataset's last fragment: the association is aborted, the peer keeps
+    nothing of it, and the next instance is stored."""
+    monkeypatch.setenv("TCP_NODELAY", "1")
+    storage, [bad, good], [stored, _] = _storage(orthanc_factory, tmp_path, [9, 10], False)
+    _flip_a_byte(stored)
+    port, received = free_port(), tmp_path / "received"
+    with _storescp(port, received):
+        result, _ = run_measured(
+            "import", str(storage), f"dicom://STORESCP@127.0.0.1:{port}",
+            "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
+        )  # fmt: skip
+    assert result.code != 0
+    rows = dict(ledger_rows(ledger_path, "SELECT orthanc_id, state FROM instances"))
+    assert rows == {bad.orthanc_id: "rejected", good.orthanc_id: "sent"}
+    # The index's MD5, checked on the way, is recorded.
+    [(md5,)] = ledger_rows(ledger_path, "SELECT md5 FROM instances WHERE state = 'sent'")
+    assert md5 == md5_of(good.data)
+    [kept] = received.iterdir()
+    assert _dataset(kept.read_bytes()) == _dataset(good.data)

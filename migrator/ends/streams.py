@@ -105,13 +105,19 @@ class Body:
     Without an MD5 to check, one the source already knows (``source.md5``) is taken as
     the body's rather than computed: the target receives a body whole before parsing it,
     and hashing on the way (~0.6 GB/s) held the upload back (600 MB: 1.1 s of 5 s).
+    Nor is one computed when it is not to be recorded either (`record` False: a target
+    without byte proof); `md5` is then the source's, if any.
     """
 
-    def __init__(self, source: Chunks, expected_md5: str | None, name: str) -> None:
+    def __init__(
+        self, source: Chunks, expected_md5: str | None, name: str, record: bool = True
+    ) -> None:
         self.source = source
         self.length = source.length
         self.expected_md5 = expected_md5
         self.name = name
+        # Whether an MD5 is computed only to be recorded (when none is to be checked).
+        self.record = record
         self.md5: str | None = None
         self.complete = False
         self.failure: TransferError | None = None
@@ -123,12 +129,17 @@ class Body:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         known = None if self.expected_md5 else getattr(self.source, "md5", None)
-        if known is None and not self.expected_md5:
+        unwanted = not (self.expected_md5 or self.record)
+        if unwanted:
+            skip = getattr(self.source, "skip_hash", None)
+            if skip is not None:
+                skip()
+        elif known is None and not self.expected_md5:
             # Only recorded: the source may hash apart from what it hands out.
             apart = getattr(self.source, "hash_apart", None)
             if apart is not None:
                 apart()
-        hashed = known is not None or getattr(self.source, "hashes", False)
+        hashed = unwanted or known is not None or getattr(self.source, "hashes", False)
         digest = None if hashed else hashlib.md5(usedforsecurity=False)
         count = 0
         held = b""
@@ -159,7 +170,9 @@ class Body:
             raise self._fail(
                 Kind.RETRYABLE, f"ended after {count} of the {self.length} bytes announced"
             )
-        finish = getattr(self.source, "digest", None) if digest is None and known is None else None
+        finish = None
+        if digest is None and known is None and not unwanted:
+            finish = getattr(self.source, "digest", None)
         if finish is not None and not self.expected_md5:
             # Nothing to check the MD5 against, only to record: the last byte goes at
             # once, and the source's hashing of the last chunks ends while the target
@@ -239,8 +252,10 @@ class FileChunks:
         self._slots = threading.Semaphore(READ_AHEAD)
         self._to_hash: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._hash_room = threading.Semaphore(HASH_BEHIND)
-        # Whether the hasher reads the file apart (`hash_apart`), and what stopped it.
+        # Whether the hasher reads the file apart (`hash_apart`), whether nothing is
+        # hashed (`skip_hash`), and what stopped the hasher.
         self._apart = False
+        self._unhashed = False
         self._abandoned = threading.Event()
         self._hash_failure: Exception | None = None
 
@@ -257,6 +272,12 @@ class FileChunks:
         self._apart = True
         return True
 
+    def skip_hash(self) -> None:
+        """Hash nothing: there is no MD5 to check or to record (`digest` must not be
+        asked for)."""
+        if self._closed is None:
+            self._unhashed = True
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
@@ -266,7 +287,9 @@ class FileChunks:
         finished = False
         self._closed = loop.create_future()
         self._hashed = loop.create_future()
-        if self._apart:
+        if self._unhashed:
+            self._hashed.set_result(None)
+        elif self._apart:
             # Its own descriptor: the reader closes the file when it is done.
             fd = os.dup(self._fh.fileno())  # type: ignore[attr-defined]
             threading.Thread(
@@ -317,7 +340,7 @@ class FileChunks:
                 except (OSError, CorruptFile) as exc:
                     _hand(loop, ready.put_nowait, exc)
                     break
-                if chunk and not self._apart:
+                if chunk and not (self._apart or self._unhashed):
                     self._hash_room.acquire()
                     self._to_hash.put(chunk)
                 _hand(loop, ready.put_nowait, chunk)

@@ -462,7 +462,9 @@ class Scheduler:
             legs = Legs()
             self.transferring += 1
             try:
-                async with self.gate.memory.hold(memory_need(lease.size)):
+                # A target that takes instances only whole holds a large one whole too.
+                need = memory_need(lease.size) if self.target.streams else lease.size
+                async with self.gate.memory.hold(need):
                     outcome = await self._transfer(lease, legs)
                 self._add_outcome(outcome, legs)
             finally:
@@ -522,7 +524,7 @@ class Scheduler:
         corrupt or cut source fails the transfer and nothing is stored."""
         legs.fetch = time.monotonic() - started
         self.breaker.success("source")
-        body = Body(chunks, lease.md5, lease.source_key)
+        body = Body(chunks, lease.md5, lease.source_key, record=self.target.byte_proof)
         try:
             if self.target.streams:
                 stored = await self.target.store_stream(body)
@@ -546,7 +548,6 @@ class Scheduler:
         legs.fetch += body.source_seconds
         legs.store = max(time.monotonic() - started - legs.fetch, 0.0)
         self.breaker.success("target")
-        assert body.md5 is not None  # set when the body is complete
         return self._sent(lease, stored, body.md5, body.length)
 
     def _sent(self, lease: Lease, stored: Stored, digest: str | None, size: int) -> Outcome:

@@ -19,6 +19,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from migrator.ends.dimse import pdu
@@ -103,6 +104,50 @@ class Link:
         command = pdu.store_rq_command(msg_id, sop_class, sop_uid)
         return await self._exchange(context_id, command, dataset, msg_id, pdu.C_STORE_RSP, timeout)
 
+    async def store_stream(self, context_id: int, sop_class: str, sop_uid: str,
+                           first: memoryview, rest: AsyncIterator[bytes], length: int,
+                           timeout: float) -> int | None:  # fmt: skip
+        """C-STORE a dataset of `length` bytes that comes in chunks (`first`, then those
+        of `rest`), each written as it comes: what is held is a chunk, not the dataset.
+        A source that fails (a TransferError from `rest`, which holds its last chunk back
+        until the source checked out) aborts the association before the dataset's last
+        fragment, so that the peer stores nothing; the error is raised. Otherwise as
+        `store`."""
+        msg_id = next(_message_ids) % 65536
+        command = pdu.store_rq_command(msg_id, sop_class, sop_uid)
+        try:
+            self.writer.write(b"".join(pdu.pdata_parts(context_id, command, None, self.max_length)))
+            sent, chunk = 0, first
+            while True:
+                if len(chunk):
+                    parts = pdu.dataset_parts(context_id, chunk, sent, length, self.max_length)
+                    self.writer.write(b"".join(parts))
+                    sent += len(chunk)
+                    async with asyncio.timeout(timeout):
+                        await self.writer.drain()
+                if sent >= length:
+                    break
+                try:
+                    chunk = memoryview(await anext(rest))
+                except StopAsyncIteration:
+                    reason = f"{self.side}: the source ended after {sent} of {length} bytes"
+                    raise TransferError(Verdict(Kind.RETRYABLE, reason)) from None
+            async for _ in rest:  # the source's last checks, once its last chunk went
+                raise TransferError(Verdict(Kind.RETRYABLE, f"{self.side}: more than announced"))
+            async with asyncio.timeout(timeout):
+                fields = pdu.command_fields(await self._read_command())
+            self.answered = time.monotonic()
+        except TransferError:
+            self.abort()
+            raise
+        except (_Cut, OSError, asyncio.IncompleteReadError):
+            self._close()
+            return None
+        except TimeoutError:
+            self.abort()
+            return None
+        return self._status(fields, msg_id, pdu.C_STORE_RSP)
+
     async def echo(self, timeout: float) -> int | None:
         """C-ECHO over the Verification context (None: no answer, the association ended)."""
         context_id = self.context_id(pdu.VERIFICATION, pdu.IMPLICIT_LE)
@@ -138,6 +183,11 @@ class Link:
             # aborts it too), and the store is retried on another.
             self.abort()
             return None
+        return self._status(fields, msg_id, expected)
+
+    def _status(self, fields: dict[int, int], msg_id: int, expected: int) -> int:
+        """The status of the response `fields` to request `msg_id`; a response that is
+        not the one expected aborts the association (retryable)."""
         if fields.get(0x0100) != expected or fields.get(0x0120) != msg_id or 0x0900 not in fields:
             self.abort()
             reason = f"{self.side}: the peer's response does not match the request"

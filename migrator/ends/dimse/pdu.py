@@ -256,18 +256,31 @@ def pdata_parts(
             fragment = payload[at : at + step]
             at += len(fragment)
             last = at >= len(payload)
-            yield struct.pack(
-                ">BBIIBB",
-                0x04,
-                0x00,
-                len(fragment) + 6,
-                len(fragment) + 2,
-                context_id,
-                command_bit | (0x02 if last else 0x00),
-            )
+            yield pdv_header(context_id, len(fragment), command_bit | (0x02 if last else 0x00))
             yield fragment
             if last:
                 break
+
+
+def pdv_header(context_id: int, length: int, control: int) -> bytes:
+    """The header of a P-DATA-TF PDU of one PDV of `length` bytes: PDU type and length,
+    PDV length, context ID and the control byte (0x01 command, 0x02 last fragment)."""
+    return struct.pack(">BBIIBB", 0x04, 0x00, length + 6, length + 2, context_id, control)
+
+
+def dataset_parts(
+    context_id: int, chunk: memoryview, sent: int, length: int, max_length: int
+) -> Iterator[bytes | memoryview]:
+    """`pdata_parts` for a part of a dataset of `length` bytes that comes in chunks:
+    `chunk` follows the `sent` bytes before it. Its fragments end with it (a PDV may be
+    shorter than the peer's maximum), the last fragment of the dataset flagged last."""
+    step = max_length - 6 if max_length > 6 else max(len(chunk), 1)
+    at = 0
+    while at < len(chunk):
+        fragment = chunk[at : at + step]
+        at += len(fragment)
+        yield pdv_header(context_id, len(fragment), 0x02 if sent + at >= length else 0x00)
+        yield fragment
 
 
 def command_fields(command: bytes) -> dict[int, int]:

@@ -10,7 +10,8 @@ the files that need it (`rejected`). C-STORE statuses are classified in
 the SOP Instance UID (`present`), not compare bytes.
 
 The store associations are `link.Link`s, on the event loop; the C-FIND associations of
-`check` are pynetdicom's, imported when first asked.
+`check` are pynetdicom's, imported when first asked. A large instance is sent as its
+chunks come (`store_stream`), so that memory does not grow with it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from migrator.config import Settings
@@ -53,6 +55,8 @@ from migrator.states import VerifyResult
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
+    from migrator.ends.streams import Body
+
 __all__ = ["DimseTarget"]
 
 log = logging.getLogger("migrator")
@@ -66,7 +70,7 @@ class DimseTarget:
     """A C-STORE SCP receiving instances."""
 
     kind = "dimse"
-    streams = False
+    streams = True
     byte_proof = False
 
     def __init__(self, peer: Peer, settings: Settings) -> None:
@@ -125,6 +129,49 @@ class DimseTarget:
     async def store(self, data: bytes) -> Stored:
         """C-STORE one instance over a pooled association."""
         meta = read_meta(data)
+        return await self._store(meta, lambda link: self._store_on(link, data, meta))
+
+    async def store_stream(self, body: Body) -> Stored:
+        """C-STORE a large instance as its chunks come: memory holds a few chunks, not the
+        instance. One that cannot go as it is (no file meta in its first chunk, or a
+        transfer syntax the peer accepted only re-encoded) is gathered whole and stored
+        as `store` does."""
+        chunks = aiter(body)
+        try:
+            head = await anext(chunks)
+        except StopAsyncIteration:
+            head = b""
+        meta = read_meta(head)
+
+        async def whole() -> bytes:
+            return head + b"".join([chunk async for chunk in chunks])
+
+        if meta is None:
+            return await self.store(await whole())
+
+        async def send(link: Link) -> int | None:
+            assert meta is not None
+            context_id = link.context_id(meta.sop_class, meta.transfer_syntax)
+            if context_id is None:
+                return await self._store_on(link, await whole(), meta)
+            dataset = memoryview(head)[meta.offset :]
+            return await link.store_stream(
+                context_id,
+                meta.sop_class,
+                meta.sop_uid,
+                dataset,
+                chunks,
+                body.length - meta.offset,
+                self.settings.timeout,
+            )
+
+        return await self._store(meta, send)
+
+    async def _store(
+        self, meta: FileMeta | None, send: Callable[[Link], Awaitable[int | None]]
+    ) -> Stored:
+        """Send one instance with `send` over a pooled association that proposed its
+        context, and classify the peer's status."""
         key = context_key(meta.sop_class, meta.transfer_syntax) if meta else None
         if key is not None:
             if key not in self.wanted:
@@ -136,7 +183,7 @@ class DimseTarget:
                     # Opened before this file's context was wanted: open one that has it.
                     await link.release()
                     continue
-                status = await self._store_on(link, data, meta)
+                status = await send(link)
                 if status is None:
                     raise TransferError(
                         Verdict(Kind.RETRYABLE, "target C-STORE: association aborted by the peer")
