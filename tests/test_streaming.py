@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import CliResult, dcmtk, ledger_rows, state_counts
 from faultkit import md5_of, write_config
+from test_dicomweb import DICOMWEB, dw
 
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.pdu import read_meta
@@ -350,3 +351,43 @@ def test_corrupt_storage_file_never_reaches_the_dicom_peer(
     assert md5 == md5_of(good.data)
     [kept] = received.iterdir()
     assert _dataset(kept.read_bytes()) == _dataset(good.data)
+
+
+def test_streamed_stow_of_a_large_file(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    """A file larger than the memory budget goes by STOW-RS as a multipart body of
+    announced length around its chunks: stored byte-identical, never held whole."""
+    inst = big_instance(11)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "big.dcm").write_bytes(inst.data)
+    target = orthanc_factory("target", extra=DICOMWEB)
+    result, peak = run_measured(
+        "import", str(folder), dw(target.url),
+        "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [
+        ("sent", md5_of(inst.data))
+    ]
+    assert_on_target(target, inst)
+    assert_streamed(peak, len(inst.data))
+
+
+def test_corrupt_storage_file_never_reaches_the_stow_target(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    """Streamed by STOW-RS, a storage file whose MD5 no longer matches its index ends the
+    request before the body's end: the server stores nothing of it."""
+    storage, [bad, good], [stored, _] = _storage(orthanc_factory, tmp_path, [12, 13], False)
+    _flip_a_byte(stored)
+    target = orthanc_factory("target", extra=DICOMWEB)
+    result, _ = run_measured(
+        "import", str(storage), dw(target.url),
+        "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
+    )  # fmt: skip
+    assert result.code != 0
+    rows = dict(ledger_rows(ledger_path, "SELECT orthanc_id, state FROM instances"))
+    assert rows == {bad.orthanc_id: "rejected", good.orthanc_id: "sent"}
+    assert target.instance_ids() == [good.orthanc_id]

@@ -10,13 +10,26 @@ multipart cut short is retryable; 404 on a retrieve means the instance vanished.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from migrator.endpoints import Endpoint
-from migrator.ends.dicomweb.multipart import Truncated, boundary_of, related_body, split_related
-from migrator.ends.orthanc.client import USER_AGENT, _tls_context, _transport, unreachable
+from migrator.ends.dicomweb.multipart import (
+    Truncated,
+    boundary_of,
+    related_body,
+    related_frame,
+    split_related,
+)
+from migrator.ends.orthanc.client import (
+    LARGE_FILE_RATE,
+    USER_AGENT,
+    _tls_context,
+    _transport,
+    unreachable,
+)
 from migrator.errors import (
     FatalError,
     Kind,
@@ -25,6 +38,9 @@ from migrator.errors import (
     classify_exception,
     verdict_for_response,
 )
+
+if TYPE_CHECKING:
+    from migrator.ends.streams import Body
 
 __all__ = ["PREFIX", "DicomWebClient", "tag_value"]
 
@@ -252,11 +268,48 @@ class DicomWebClient:
         JSON (empty when it has none). Raises TransferError for statuses that say nothing
         per instance (network errors, 5xx, 401...)."""
         body, content_type = related_body(datas)
+        return await self._stow(body, {"Content-Type": content_type})
+
+    async def store_stream(self, body: Body) -> tuple[int, dict[str, Any]]:
+        """`store` of one large instance read from `body` as it is sent (a multipart
+        body of announced length around its chunks). A failure of the source while it is
+        read is raised as is (and kept in `body.failure`): the request ends before the
+        body's end, and the server stores nothing."""
+        head, end, content_type = related_frame()
+        tail = b"\r\n" + end
+
+        async def content() -> AsyncIterator[bytes]:
+            yield head
+            async for chunk in body:
+                yield chunk
+            yield tail
+
+        length = len(head) + body.length + len(tail)
+        # The wait for the answer grows with the file, which the server reads whole.
+        timeout = self.http.timeout
+        if timeout.read is not None:
+            timeout = httpx.Timeout(
+                connect=timeout.connect,
+                read=timeout.read + body.length / LARGE_FILE_RATE,
+                write=timeout.write,
+                pool=timeout.pool,
+            )
+        headers = {"Content-Type": content_type, "Content-Length": str(length)}
+        return await self._stow(content(), headers, timeout)
+
+    async def _stow(
+        self,
+        content: bytes | AsyncIterator[bytes],
+        headers: dict[str, str],
+        timeout: httpx.Timeout | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """POST a STOW-RS body; the HTTP status and the answer's DICOM JSON."""
         try:
             response = await self.http.post(
                 "studies",
-                content=body,
-                headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+                content=content,
+                headers={**headers, "Accept": "application/dicom+json"},
+                timeout=timeout or self.http.timeout,
             )
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None

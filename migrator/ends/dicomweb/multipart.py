@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable
 
-__all__ = ["Truncated", "boundary_of", "related_body", "split_related"]
+__all__ = ["Truncated", "boundary_of", "related_body", "related_frame", "split_related"]
 
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
@@ -85,11 +85,19 @@ def related_body(
     parts: Iterable[bytes], media_type: str = "application/dicom"
 ) -> tuple[bytes, str]:
     """A multipart/related body of `parts` and its Content-Type header."""
-    boundary = uuid.uuid4().hex
-    head = f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode("latin-1")
+    head, end, content_type = related_frame(media_type)
     chunks: list[bytes] = []
     for part in parts:
         chunks += [head, part, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode("latin-1"))
-    content_type = f'multipart/related; type="{media_type}"; boundary={boundary}'
+    chunks.append(end)
     return b"".join(chunks), content_type
+
+
+def related_frame(media_type: str = "application/dicom") -> tuple[bytes, bytes, str]:
+    """The frame of a multipart/related body with a boundary of its own: what goes before
+    each part (each part is followed by CRLF), what ends the body, and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    head = f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode("latin-1")
+    end = f"--{boundary}--\r\n".encode("latin-1")
+    content_type = f'multipart/related; type="{media_type}"; boundary={boundary}'
+    return head, end, content_type

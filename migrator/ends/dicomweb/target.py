@@ -3,7 +3,8 @@
 Each instance's outcome is read from the STOW-RS answer: listed in the
 ReferencedSOPSequence it is stored (with its WarningReason, if any); listed in the
 FailedSOPSequence its FailureReason decides (`errors.verdict_for_stow_failure`); named
-in neither, the HTTP status does (`errors.verdict_for_stow_silence`).
+in neither, the HTTP status does (`errors.verdict_for_stow_silence`). A large instance
+goes alone, streamed from its source (`store_stream`).
 
 `check` (verify) retrieves the stored file by WADO-RS with ``transfer-syntax=*`` and
 compares its MD5 with the one sent: between servers that keep files as received (two
@@ -15,7 +16,7 @@ refused or unsupported) a QIDO-RS search by UID says whether the instance is the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrator.ends.base import Checked, SentRow, Stored, md5_hex
 from migrator.ends.dicomweb.batches import StowBatches
@@ -29,6 +30,9 @@ from migrator.errors import (
     verdict_for_stow_silence,
 )
 from migrator.states import VerifyResult
+
+if TYPE_CHECKING:
+    from migrator.ends.streams import Body
 
 __all__ = ["DicomWebTarget"]
 
@@ -52,7 +56,7 @@ class DicomWebTarget:
     """A DICOMweb service root receiving instances by STOW-RS."""
 
     kind = "dicomweb"
-    streams = False
+    streams = True
     byte_proof = True
 
     def __init__(
@@ -108,38 +112,22 @@ class DicomWebTarget:
             out.append(outcome)
         return out
 
+    async def store_stream(self, body: Body) -> Stored:
+        """Store one large instance by STOW-RS as its chunks come from the source (a
+        request of its own)."""
+        status, answer = await self.web.store_stream(body)
+        [outcome] = _outcomes(answer, status, None)
+        if outcome is None:
+            raise TransferError(verdict_for_stow_silence(status))
+        if isinstance(outcome, TransferError):
+            raise outcome
+        return outcome
+
     async def _stow(self, datas: list[bytes]) -> tuple[list[Outcome | None], int]:
         """One STOW-RS request: each instance's outcome (None when the answer names it
         neither as stored nor as failed) and the HTTP status."""
         status, answer = await self.web.store(datas)
-        stored = {
-            str(tag_value(item, SOP_INSTANCE)): item
-            for item in tag_values(answer, REFERENCED_SOPS)
-            if isinstance(item, dict)
-        }
-        failed = {
-            str(tag_value(item, SOP_INSTANCE)): item
-            for item in tag_values(answer, FAILED_SOPS)
-            if isinstance(item, dict)
-        }
-        warning = tag_value(answer, WARNING_REASON)
-        if len(datas) == 1:
-            # One instance: the answer is about it, whatever UID it names.
-            item = next(iter(stored.values()), None)
-            if item is not None:
-                return [_stored(item, warning)], status
-            failure = next(iter(failed.values()), None)
-            return [None if failure is None else _failed(failure, status)], status
-        out: list[Outcome | None] = []
-        for data in datas:
-            uid = sop_uid_of(data)
-            if uid in stored:
-                out.append(_stored(stored[uid], warning))
-            elif uid in failed:
-                out.append(_failed(failed[uid], status))
-            else:
-                out.append(None)
-        return out, status
+        return _outcomes(answer, status, datas), status
 
     async def probe(self) -> bool:
         """Whether QIDO-RS answers again."""
@@ -217,3 +205,39 @@ def _failed(item: dict[str, Any], http_status: int) -> Outcome:
     if verdict is None:
         return Stored("AlreadyStored", None)
     return TransferError(Verdict(verdict.kind, verdict.reason, http_status))
+
+
+def _outcomes(
+    answer: dict[str, Any], status: int, datas: list[bytes] | None
+) -> list[Outcome | None]:
+    """Each instance's outcome read from a STOW-RS answer (None when it names it neither
+    as stored nor as failed): those of `datas`, matched by SOP Instance UID, or of the
+    one instance (None) the request carried."""
+    stored = {
+        str(tag_value(item, SOP_INSTANCE)): item
+        for item in tag_values(answer, REFERENCED_SOPS)
+        if isinstance(item, dict)
+    }
+    failed = {
+        str(tag_value(item, SOP_INSTANCE)): item
+        for item in tag_values(answer, FAILED_SOPS)
+        if isinstance(item, dict)
+    }
+    warning = tag_value(answer, WARNING_REASON)
+    if datas is None or len(datas) == 1:
+        # One instance: the answer is about it, whatever UID it names.
+        item = next(iter(stored.values()), None)
+        if item is not None:
+            return [_stored(item, warning)]
+        failure = next(iter(failed.values()), None)
+        return [None if failure is None else _failed(failure, status)]
+    out: list[Outcome | None] = []
+    for data in datas:
+        uid = sop_uid_of(data)
+        if uid in stored:
+            out.append(_stored(stored[uid], warning))
+        elif uid in failed:
+            out.append(_failed(failed[uid], status))
+        else:
+            out.append(None)
+    return out
