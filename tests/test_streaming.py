@@ -391,3 +391,43 @@ def test_corrupt_storage_file_never_reaches_the_stow_target(
     rows = dict(ledger_rows(ledger_path, "SELECT orthanc_id, state FROM instances"))
     assert rows == {bad.orthanc_id: "rejected", good.orthanc_id: "sent"}
     assert target.instance_ids() == [good.orthanc_id]
+
+
+def test_streamed_wado_retrieve_of_a_large_instance(
+    orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_path: Path
+) -> None:
+    """From a DICOMweb source, an instance whose WADO-RS part announces more than the
+    streaming threshold (its series too large to be read whole) is handed on as it
+    arrives: byte-identical on the target, never held whole. An answer cut short on the
+    way is never stored, and is sent whole once the source answers whole again."""
+    source = orthanc_factory("source", extra=DICOMWEB)
+    target = orthanc_factory("target")
+    ids = ("WADO", "1.2.3.779", "1.2.3.779.1", "1.2.3.779.1.1")
+    # Beyond the 64 MiB a series is read whole up to (`dicomweb.series`).
+    data = make_instance(*ids, extra_bytes=70_000_000, seed=14)
+    inst = SyntheticInstance(orthanc_instance_id(*ids), *ids, data=data)
+    source.upload(data)
+    config = tmp_path / "migrator.toml"
+    config.write_text(
+        "[retry]\nmax_attempts = 2\nbackoff_initial = 0.05\nbackoff_max = 0.1\n"
+        '[throttle]\nmax_memory = "4Mi"\n'
+    )
+    args = ("--ledger", f"sqlite:///{ledger_path}", "--config", str(config))
+    with Proxy("127.0.0.1", source.http_port) as proxy:
+        proxy.set_faults(
+            lambda method, path, _: (
+                TruncateResponse(30_000_000) if path.endswith(inst.sop_uid) else None
+            )
+        )
+        result, _ = run_measured("replicate", dw(proxy.url), target.url, *args)
+        assert result.code != 0
+        [(state, error)] = ledger_rows(ledger_path, "SELECT state, last_error FROM instances")
+        assert state == "failed" and error.startswith("source"), error
+        assert target.count() == 0
+        proxy.set_faults(None)
+        assert run_measured("retry", "--state", "failed", *args)[0].code == 0
+        result, peak = run_measured("replicate", dw(proxy.url), target.url, *args)
+    assert result.code == 0, result.stderr
+    assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [("sent", md5_of(data))]
+    assert_on_target(target, inst)
+    assert_streamed(peak, len(data))

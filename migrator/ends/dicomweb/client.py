@@ -23,6 +23,7 @@ from migrator.ends.dicomweb.multipart import (
     related_frame,
     split_related,
 )
+from migrator.ends.dicomweb.parts import PartChunks, first_part
 from migrator.ends.orthanc.client import (
     LARGE_FILE_RATE,
     USER_AGENT,
@@ -188,21 +189,45 @@ class DicomWebClient:
     async def retrieve(self, study: str, series: str, sop: str) -> bytes:
         """The stored file of one instance, unchanged. Raises TransferError: vanished on
         404, retryable when the answer was cut short."""
+        data = await self.open_instance(study, series, sop)
+        assert isinstance(data, bytes)
+        return data
+
+    async def open_instance(
+        self, study: str, series: str, sop: str, stream_above: int | None = None
+    ) -> bytes | PartChunks:
+        """`retrieve`, except that a part announced larger than `stream_above` bytes is
+        handed out as it arrives (`PartChunks`), not read whole first."""
         path = f"studies/{study}/series/{series}/instances/{sop}"
+        # No gzip: DICOM pixel data rarely compresses, and the bytes are hashed as is.
+        headers = {"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"}
+        response: httpx.Response | None = None
         try:
-            # No gzip: DICOM pixel data rarely compresses, and the bytes are hashed as is.
-            response = await self.http.get(
-                path, headers={"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"}
-            )
+            request = self.http.build_request("GET", path, headers=headers)
+            response = await self.http.send(request, stream=True)
+            if response.status_code != 200:
+                await response.aread()
+                raise TransferError(verdict_for_response(response, side=self.role))
+            content_type = response.headers.get("Content-Type", "")
+            boundary = boundary_of(content_type)
+            pieces = response.aiter_bytes()
+            read = b""
+            if boundary is not None and stream_above is not None:
+                read, part = await first_part(pieces, boundary)
+                if part is not None and part[1] > stream_above:
+                    begin, length = part
+                    chunks = PartChunks(response, pieces, read[begin:], length, boundary, self.role)
+                    response = None  # the chunks' now
+                    return chunks
+            content = read + b"".join([piece async for piece in pieces])
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
-        if response.status_code != 200:
-            raise TransferError(verdict_for_response(response, side=self.role))
-        content_type = response.headers.get("Content-Type", "")
-        boundary = boundary_of(content_type)
+        finally:
+            if response is not None:
+                await response.aclose()
         if boundary is None:
             if content_type.split(";")[0].strip().lower() == "application/dicom":
-                return response.content  # a server answering the single part bare
+                return content  # a server answering the single part bare
             raise TransferError(
                 Verdict(
                     Kind.FATAL,
@@ -211,7 +236,7 @@ class DicomWebClient:
                 )
             )
         try:
-            parts = split_related(response.content, boundary)
+            parts = split_related(content, boundary)
         except Truncated as exc:
             raise TransferError(
                 Verdict(Kind.RETRYABLE, f"{self.role} WADO-RS answer cut short: {exc}")

@@ -13,7 +13,14 @@ import re
 import uuid
 from collections.abc import Iterable
 
-__all__ = ["Truncated", "boundary_of", "related_body", "related_frame", "split_related"]
+__all__ = [
+    "Truncated",
+    "boundary_of",
+    "part_length",
+    "related_body",
+    "related_frame",
+    "split_related",
+]
 
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 
@@ -52,7 +59,7 @@ def split_related(body: bytes, boundary: str) -> list[bytes]:
         if head_end < 0:
             raise Truncated("a part's headers end early")
         begin = head_end + 4
-        declared = _content_length(body[pos:head_end])
+        declared = part_length(body[pos:head_end])
         closing = b"\r\n" + delimiter
         if declared is not None:
             # The announced length spares searching the whole part for the delimiter.
@@ -70,7 +77,8 @@ def split_related(body: bytes, boundary: str) -> list[bytes]:
         pos = end + 2 + len(delimiter)
 
 
-def _content_length(head: bytes) -> int | None:
+def part_length(head: bytes) -> int | None:
+    """The Content-Length among a part's headers (None: absent or unreadable)."""
     for line in head.split(b"\r\n"):
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":

@@ -9,7 +9,8 @@ of one per instance is most of the source's work saved. Bounded: a series answer
 at once (a fetch finding them busy retrieves its instance alone), and the cache is
 `migrator.ends.series.SeriesCache` (256 MiB, 5 minutes). A series is read whole at
 most once per run; an instance its answer did not bring, or any failure of the series
-read, falls back to the instance's own retrieve, which decides the row's outcome.
+read, falls back to the instance's own retrieve, which decides the row's outcome; one whose
+part announces a large file is then streamed (`parts.PartChunks`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import OrderedDict
 
 from migrator.ends.dicomweb.client import DicomWebClient
 from migrator.ends.series import SERIES_BUDGET, SeriesCache
+from migrator.ends.streams import STREAM_ABOVE, Chunks
 from migrator.errors import TransferError
 
 __all__ = ["SeriesReads"]
@@ -44,20 +46,30 @@ class SeriesReads:
     async def fetch(self, study: str, series: str, sop: str) -> bytes:
         """The stored file of one instance: from its series' answer when one is (being)
         read, else by its own retrieve."""
+        data = await self._from_series(study, series, sop)
+        return data if data is not None else await self.web.retrieve(study, series, sop)
+
+    async def open(self, study: str, series: str, sop: str) -> bytes | Chunks:
+        """`fetch`, except that an instance retrieved alone and announced larger than
+        `streams.STREAM_ABOVE` comes in chunks as it arrives."""
+        data = await self._from_series(study, series, sop)
+        if data is not None:
+            return data
+        return await self.web.open_instance(study, series, sop, STREAM_ABOVE)
+
+    async def _from_series(self, study: str, series: str, sop: str) -> bytes | None:
+        """The file from its series' answer, when one is (being) read or can be read
+        now; None: to be retrieved alone."""
         data = self.cache.take(series, sop)
         if data is not None:
             return data
         pending = self._reading.get(series)
         if pending is not None:
             await asyncio.shield(pending)
-            data = self.cache.take(series, sop)
-            if data is not None:
-                return data
-        elif series not in self._read and len(self._reading) < READS_AT_ONCE:
-            data = await self._read_series(study, series, sop)
-            if data is not None:
-                return data
-        return await self.web.retrieve(study, series, sop)
+            return self.cache.take(series, sop)
+        if series not in self._read and len(self._reading) < READS_AT_ONCE:
+            return await self._read_series(study, series, sop)
+        return None
 
     async def _read_series(self, study: str, series: str, sop: str) -> bytes | None:
         """Read the series whole: `sop`'s file (None when the answer lacks it, was too

@@ -297,8 +297,10 @@ class DicomWebSource:
         return await self.series.fetch(study, series, sop)
 
     async def open(self, item: Item) -> bytes | Chunks:
-        """The whole file: QIDO-RS gives no sizes, and a WADO-RS part is read whole."""
-        return await self.fetch(item)
+        """The file, whole (QIDO-RS gives no sizes) unless it was retrieved alone and its
+        part announced a large one: then in chunks as it arrives (`parts.PartChunks`)."""
+        study, series, sop = split_key(item.source_key)
+        return await self.series.open(study, series, sop)
 
     async def probe(self) -> bool:
         """Whether QIDO-RS answers again."""
