@@ -397,15 +397,14 @@ def test_streamed_wado_retrieve_of_a_large_instance(
     orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_path: Path
 ) -> None:
     """From a DICOMweb source, an instance whose WADO-RS part announces more than the
-    streaming threshold (its series too large to be read whole) is handed on as it
-    arrives: byte-identical on the target, never held whole. An answer cut short on the
-    way is never stored, and is sent whole once the source answers whole again."""
+    streaming threshold is handed on as it arrives: byte-identical on the target, never
+    held whole (nor read with its series: a series is read whole up to a sixteenth of the
+    memory budget). An answer cut short on the way is never stored, and is sent whole
+    once the source answers whole again."""
     source = orthanc_factory("source", extra=DICOMWEB)
     target = orthanc_factory("target")
-    ids = ("WADO", "1.2.3.779", "1.2.3.779.1", "1.2.3.779.1.1")
-    # Beyond the 64 MiB a series is read whole up to (`dicomweb.series`).
-    data = make_instance(*ids, extra_bytes=70_000_000, seed=14)
-    inst = SyntheticInstance(orthanc_instance_id(*ids), *ids, data=data)
+    inst = big_instance(14)
+    data = inst.data
     source.upload(data)
     config = tmp_path / "migrator.toml"
     config.write_text(
@@ -416,7 +415,7 @@ def test_streamed_wado_retrieve_of_a_large_instance(
     with Proxy("127.0.0.1", source.http_port) as proxy:
         proxy.set_faults(
             lambda method, path, _: (
-                TruncateResponse(30_000_000) if path.endswith(inst.sop_uid) else None
+                TruncateResponse(20_000_000) if path.endswith(inst.sop_uid) else None
             )
         )
         result, _ = run_measured("replicate", dw(proxy.url), target.url, *args)

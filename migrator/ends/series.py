@@ -8,13 +8,29 @@ from collections import OrderedDict
 
 from migrator.errors import Kind, TransferError, Verdict
 
-__all__ = ["CACHE_BUDGET", "CACHE_SECONDS", "SERIES_BUDGET", "SeriesCache", "split_key"]
+__all__ = [
+    "CACHE_BUDGET",
+    "CACHE_SECONDS",
+    "SERIES_BUDGET",
+    "SeriesCache",
+    "series_budgets",
+    "split_key",
+]
 
 # Bytes one series retrieval keeps; the instances past it are retrieved one by one.
 SERIES_BUDGET = 64 * 1024 * 1024
 # Bytes of retrieved instances waiting for their fetch, and for how long at most.
 CACHE_BUDGET = 256 * 1024 * 1024
 CACHE_SECONDS = 300.0
+
+
+def series_budgets(memory: int | None) -> tuple[int, int]:
+    """Bytes one series retrieval keeps and bytes the cache keeps, within the run's memory
+    budget (``[throttle] max_memory``, None: unlimited): a sixteenth and a quarter of it,
+    `SERIES_BUDGET` and `CACHE_BUDGET` at most (which the 1 GiB default gives)."""
+    if memory is None:
+        return SERIES_BUDGET, CACHE_BUDGET
+    return min(SERIES_BUDGET, memory // 16), min(CACHE_BUDGET, memory // 4)
 
 
 def split_key(source_key: str) -> tuple[str, str, str]:
@@ -35,9 +51,10 @@ class SeriesCache:
     """Instances a series retrieval brought, until their own fetch takes them (bounded in
     bytes and age: what no fetch takes is dropped, and fetched again if ever asked)."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = CACHE_BUDGET) -> None:
         self.series: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
         self.bytes = 0
+        self.budget = budget
 
     def put(self, series_uid: str, found: dict[str, bytes]) -> None:
         """Keep what one series retrieval brought."""
@@ -46,7 +63,7 @@ class SeriesCache:
         self.bytes += sum(len(v) for v in found.values())
         limit = time.monotonic() - CACHE_SECONDS
         while self.series and (
-            self.bytes > CACHE_BUDGET or next(iter(self.series.values()))[0] < limit
+            self.bytes > self.budget or next(iter(self.series.values()))[0] < limit
         ):
             self._drop(next(iter(self.series)))
 

@@ -28,15 +28,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from migrator.errors import UsageError
-from migrator.units import human_bytes
+from migrator.units import SIZE_RE, human_bytes, parse_bandwidth, parse_memory
 
 if TYPE_CHECKING:
     from migrator.config import Settings
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _PER = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)(?:/s)?$", re.IGNORECASE)
 _RATE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([a-z]+))?$", re.IGNORECASE)
 _TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
 
@@ -57,43 +55,8 @@ def parse_rate(text: str | float | int) -> float | None:
     return value
 
 
-def parse_bandwidth(text: str | float | int) -> float | None:
-    """Bytes per second from ``10M`` (10 MB/s), ``500K``, ``1Gi``, ``10MB/s``, ``123``;
-    None for ``unlimited``. K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024."""
-    return _parse_bytes(
-        text, "bandwidth", "10M (10 MB/s), 500K, 1Gi", "at least 1 byte/s", per_second=True
-    )
-
-
-def parse_memory(text: str | float | int) -> int | None:
-    """Bytes from ``1Gi``, ``500M``, ``2G``, ``123``; None for ``unlimited``."""
-    value = _parse_bytes(text, "memory limit", "1Gi, 500M", "at least 1 byte")
-    return None if value is None else int(value)
-
-
-def _parse_bytes(
-    text: str | float | int, what: str, examples: str, minimum: str, *, per_second: bool = False
-) -> float | None:
-    raw = str(text).strip()
-    if raw.lower() in ("unlimited", "none", "off"):
-        return None
-    match = _SIZE_RE.match(raw)
-    if (
-        match is None
-        or (match.group(3) and not match.group(2))
-        or (raw.lower().endswith("/s") and not per_second)
-    ):
-        raise UsageError(f"bad {what} {raw!r}: use e.g. {examples} or unlimited")
-    unit, binary = match.group(2).lower(), bool(match.group(3))
-    scale = 1024 ** "kmgt".index(unit) * 1024 if binary else _UNITS[unit]
-    value = float(match.group(1)) * scale
-    if not math.isfinite(value) or value < 1:
-        raise UsageError(f"bad {what} {raw!r}: must be {minimum} (or unlimited)")
-    return value
-
-
 def _is_bandwidth(text: str) -> bool:
-    match = _SIZE_RE.match(text.strip())
+    match = SIZE_RE.match(text.strip())
     return bool(match and (match.group(2) or match.group(4)))
 
 

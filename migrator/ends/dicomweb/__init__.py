@@ -46,10 +46,15 @@ def open_dicomweb_source(url: str, settings: Settings, options: dict[str, Any]) 
     """A DICOMweb source (QIDO-RS listing, WADO-RS fetch), with the job's selection."""
     from migrator.ends.dicomweb.source import DicomWebSource
     from migrator.selection import Selection
+    from migrator.units import parse_memory
 
     selection = Selection.from_options(options.get("selection"))
     return DicomWebSource(
-        _client(url, "source", settings), settings.retry, settings.page_size, selection
+        _client(url, "source", settings),
+        settings.retry,
+        settings.page_size,
+        selection,
+        memory=parse_memory(settings.max_memory),
     )
 
 

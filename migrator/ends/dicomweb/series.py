@@ -7,7 +7,8 @@ and the engine leases the rows of a study together, so one request per series in
 of one per instance is most of the source's work saved. Bounded: a series answer over
 64 MiB is abandoned (its instances are retrieved one by one), at most 4 series are read
 at once (a fetch finding them busy retrieves its instance alone), and the cache is
-`migrator.ends.series.SeriesCache` (256 MiB, 5 minutes). A series is read whole at
+`migrator.ends.series.SeriesCache` (256 MiB, 5 minutes); both budgets are lower under a
+smaller ``max_memory`` (`series.series_budgets`). A series is read whole at
 most once per run; an instance its answer did not bring, or any failure of the series
 read, falls back to the instance's own retrieve, which decides the row's outcome; one whose
 part announces a large file is then streamed (`parts.PartChunks`).
@@ -19,7 +20,7 @@ import asyncio
 from collections import OrderedDict
 
 from migrator.ends.dicomweb.client import DicomWebClient
-from migrator.ends.series import SERIES_BUDGET, SeriesCache
+from migrator.ends.series import CACHE_BUDGET, SERIES_BUDGET, SeriesCache
 from migrator.ends.streams import STREAM_ABOVE, Chunks
 from migrator.errors import TransferError
 
@@ -34,9 +35,13 @@ REMEMBERED = 100_000
 class SeriesReads:
     """The fetches of one source, by series."""
 
-    def __init__(self, web: DicomWebClient) -> None:
+    def __init__(
+        self, web: DicomWebClient, most: int = SERIES_BUDGET, cache: int = CACHE_BUDGET
+    ) -> None:
         self.web = web
-        self.cache = SeriesCache()
+        # Bytes of one series answer read whole, at most.
+        self.most = most
+        self.cache = SeriesCache(cache)
         self._reading: dict[str, asyncio.Future[None]] = {}
         self._read: OrderedDict[str, None] = OrderedDict()
         # Series requests made and instances they brought (for the benchmark).
@@ -80,7 +85,7 @@ class SeriesReads:
         if len(self._read) > REMEMBERED:
             self._read.popitem(last=False)
         try:
-            found = await self.web.retrieve_series(study, series, SERIES_BUDGET)
+            found = await self.web.retrieve_series(study, series, self.most)
         except TransferError:
             found = None  # the instance's own retrieve tells what is wrong, if anything
         finally:

@@ -37,7 +37,7 @@ from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dicomweb.client import DicomWebClient, tag_value, tag_values
 from migrator.ends.dicomweb.series import SeriesReads
 from migrator.ends.retrying import with_retries
-from migrator.ends.series import split_key
+from migrator.ends.series import series_budgets, split_key
 from migrator.ends.streams import Chunks
 from migrator.selection import Selection, StudyFields
 
@@ -73,10 +73,13 @@ class DicomWebSource:
         retry: RetryPolicy,
         page_size: int = 1000,
         selection: Selection | None = None,
+        memory: int | None = None,
     ) -> None:
         # Not `client`: to the engine that names an Orthanc REST client.
         self.web = client
-        self.series = SeriesReads(client)
+        # Series read whole and kept for their instances' fetches, within `memory` (the
+        # run's budget, `series.series_budgets`).
+        self.series = SeriesReads(client, *series_budgets(memory))
         self.display = client.display
         self.retry = retry
         self.page_size = max(page_size, OVERLAP + 1)

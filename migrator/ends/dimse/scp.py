@@ -34,7 +34,9 @@ class Arrivals:
     """Instances received for the retrievals under way, by SOP Instance UID (thread-safe:
     pynetdicom calls `on_store` from its association threads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = SERIES_BUDGET) -> None:
+        # Bytes of one series retrieved whole kept at most (the rest is retrieved alone).
+        self.most = most
         self.lock = threading.Lock()
         self.expected: dict[str, int] = {}
         self.received: dict[str, bytes] = {}
@@ -42,7 +44,7 @@ class Arrivals:
         self.series: dict[str, dict[str, bytes]] = {}
 
     def expect_series(self, series_uid: str) -> None:
-        """Keep every instance of this series that arrives (up to `SERIES_BUDGET`)."""
+        """Keep every instance of this series that arrives (up to `most` bytes)."""
         with self.lock:
             self.series.setdefault(series_uid, {})
 
@@ -80,10 +82,10 @@ class Arrivals:
 
     def on_store(self, event: Any) -> int:
         """pynetdicom's EVT_C_STORE handler. On an association retrieving a whole series
-        (`bucket` set on it) every instance is kept there, up to `SERIES_BUDGET` bytes."""
+        (`bucket` set on it) every instance is kept there, up to `most` bytes."""
         bucket = getattr(event.assoc, "bucket", None)
         if bucket is not None:
-            return _into_bucket(event, bucket)
+            return _into_bucket(event, bucket, self.most)
         try:
             uid = str(event.request.AffectedSOPInstanceUID)
             with self.lock:
@@ -111,14 +113,14 @@ class Arrivals:
             return
         data = event.encoded_dataset()
         with self.lock:
-            if sum(len(v) for v in bucket.values()) + len(data) <= SERIES_BUDGET:
+            if sum(len(v) for v in bucket.values()) + len(data) <= self.most:
                 bucket[uid] = data
 
 
-def _into_bucket(event: Any, bucket: dict[str, bytes]) -> int:
+def _into_bucket(event: Any, bucket: dict[str, bytes], most: int) -> int:
     try:
         data = event.encoded_dataset()
-        if sum(len(v) for v in bucket.values()) + len(data) <= SERIES_BUDGET:
+        if sum(len(v) for v in bucket.values()) + len(data) <= most:
             bucket[str(event.request.AffectedSOPInstanceUID)] = data
     except Exception as exc:
         log.warning("could not take a received instance: %s", exc)

@@ -74,7 +74,7 @@ from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connecto
 from migrator.ends.dimse.scp import Arrivals, StorageSCP
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
-from migrator.ends.series import SeriesCache, split_key
+from migrator.ends.series import SeriesCache, series_budgets, split_key
 from migrator.ends.streams import Chunks
 from migrator.errors import (
     FatalError,
@@ -84,6 +84,7 @@ from migrator.errors import (
     verdict_for_dimse_status,
 )
 from migrator.selection import Selection, StudyFields
+from migrator.units import parse_memory
 
 __all__ = ["DimseSource"]
 
@@ -134,14 +135,17 @@ class DimseSource:
         # One association of the peer's few is the listing's while it runs.
         size = max(1, min(settings.concurrency, MAX_ASSOCIATIONS - LIST_AHEAD))
         self.connector = Connector(peer, settings, "source", threads=size + 3)
-        self.arrivals = Arrivals()
+        # Series retrieved whole and kept for their instances' fetches, within the run's
+        # memory budget (`series.series_budgets`).
+        most, cached = series_budgets(parse_memory(settings.max_memory))
+        self.arrivals = Arrivals(most)
         opener = self._open_get if self.retrieve == "get" else self._open_move
         self.pool = AssociationPool(self.connector, opener, size)
         self.finds = AssociationPool(self.connector, self._open_find, LIST_AHEAD)
         self.scp: StorageSCP | None = None
         # Retrieval by series: instances brought and not yet taken, retrievals under way, and
         # the series retrieved whole already (most recent last).
-        self.cache = SeriesCache()
+        self.cache = SeriesCache(cached)
         self.series_tasks: dict[str, asyncio.Future[None]] = {}
         self.series_done: dict[str, None] = {}
         # SOP classes seen by the listing, most recent last (C-GET contexts).
