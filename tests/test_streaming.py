@@ -140,11 +140,23 @@ def test_instance_of_unknown_size_is_streamed_by_its_announced_length(
     assert_streamed(peak, len(inst.data))
 
 
+def _big_file(tmp_path: Path, seed: int) -> tuple[Path, SyntheticInstance]:
+    """A folder holding one large instance's file."""
+    inst = big_instance(seed)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "big.dcm").write_bytes(inst.data)
+    return folder, inst
+
+
 def _folder_import(
-    folder: Path, tmp_path: Path, ledger_path: Path, target: OrthancProcess
+    folder: Path, tmp_path: Path, ledger_path: Path, target: OrthancProcess | str
 ) -> tuple[CliResult, int]:
+    """`migrator import FOLDER TARGET` under a small memory budget; TARGET an Orthanc
+    (its REST URL) or any target URL."""
+    url = target if isinstance(target, str) else target.url
     return run_measured(
-        "import", str(folder), target.url, "--ledger", f"sqlite:///{ledger_path}",
+        "import", str(folder), url, "--ledger", f"sqlite:///{ledger_path}",
         "--config", str(small_budget(tmp_path)),
     )  # fmt: skip
 
@@ -152,10 +164,7 @@ def _folder_import(
 def test_streamed_import_of_a_large_plain_file(
     orthanc_factory: Callable[..., OrthancProcess], tmp_path: Path, ledger_path: Path
 ) -> None:
-    inst = big_instance(2)
-    folder = tmp_path / "files"
-    folder.mkdir()
-    (folder / "big.dcm").write_bytes(inst.data)
+    folder, inst = _big_file(tmp_path, 2)
     target = orthanc_factory("target")
     result, peak = _folder_import(folder, tmp_path, ledger_path, target)
     assert result.code == 0, result.stderr
@@ -307,16 +316,12 @@ def test_streamed_c_store_of_a_large_file(
     """A file larger than the memory budget goes to a DICOM peer chunk by chunk: the
     peer receives the same dataset, and the process never holds the file."""
     monkeypatch.setenv("TCP_NODELAY", "1")  # for storescp (see test_dimse)
-    inst = big_instance(8)
-    folder = tmp_path / "files"
-    folder.mkdir()
-    (folder / "big.dcm").write_bytes(inst.data)
+    folder, inst = _big_file(tmp_path, 8)
     port, received = free_port(), tmp_path / "received"
     with _storescp(port, received):
-        result, peak = run_measured(
-            "import", str(folder), f"dicom://STORESCP@127.0.0.1:{port}",
-            "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
-        )  # fmt: skip
+        result, peak = _folder_import(
+            folder, tmp_path, ledger_path, f"dicom://STORESCP@127.0.0.1:{port}"
+        )
     assert result.code == 0, result.stderr
     # Nothing to check, and no byte proof to record: the file was not hashed.
     assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [("sent", None)]
@@ -339,10 +344,9 @@ def test_corrupt_storage_file_never_reaches_the_dicom_peer(
     _flip_a_byte(stored)
     port, received = free_port(), tmp_path / "received"
     with _storescp(port, received):
-        result, _ = run_measured(
-            "import", str(storage), f"dicom://STORESCP@127.0.0.1:{port}",
-            "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
-        )  # fmt: skip
+        result, _ = _folder_import(
+            storage, tmp_path, ledger_path, f"dicom://STORESCP@127.0.0.1:{port}"
+        )
     assert result.code != 0
     rows = dict(ledger_rows(ledger_path, "SELECT orthanc_id, state FROM instances"))
     assert rows == {bad.orthanc_id: "rejected", good.orthanc_id: "sent"}
@@ -358,15 +362,9 @@ def test_streamed_stow_of_a_large_file(
 ) -> None:
     """A file larger than the memory budget goes by STOW-RS as a multipart body of
     announced length around its chunks: stored byte-identical, never held whole."""
-    inst = big_instance(11)
-    folder = tmp_path / "files"
-    folder.mkdir()
-    (folder / "big.dcm").write_bytes(inst.data)
+    folder, inst = _big_file(tmp_path, 11)
     target = orthanc_factory("target", extra=DICOMWEB)
-    result, peak = run_measured(
-        "import", str(folder), dw(target.url),
-        "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
-    )  # fmt: skip
+    result, peak = _folder_import(folder, tmp_path, ledger_path, dw(target.url))
     assert result.code == 0, result.stderr
     assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [
         ("sent", md5_of(inst.data))
@@ -383,10 +381,7 @@ def test_corrupt_storage_file_never_reaches_the_stow_target(
     storage, [bad, good], [stored, _] = _storage(orthanc_factory, tmp_path, [12, 13], False)
     _flip_a_byte(stored)
     target = orthanc_factory("target", extra=DICOMWEB)
-    result, _ = run_measured(
-        "import", str(storage), dw(target.url),
-        "--ledger", f"sqlite:///{ledger_path}", "--config", str(small_budget(tmp_path)),
-    )  # fmt: skip
+    result, _ = _folder_import(storage, tmp_path, ledger_path, dw(target.url))
     assert result.code != 0
     rows = dict(ledger_rows(ledger_path, "SELECT orthanc_id, state FROM instances"))
     assert rows == {bad.orthanc_id: "rejected", good.orthanc_id: "sent"}

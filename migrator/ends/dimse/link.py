@@ -19,7 +19,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from migrator.ends.dimse import pdu
@@ -102,7 +102,9 @@ class Link:
         status, None when the association ended first (it is then down)."""
         msg_id = next(_message_ids) % 65536
         command = pdu.store_rq_command(msg_id, sop_class, sop_uid)
-        return await self._exchange(context_id, command, dataset, msg_id, pdu.C_STORE_RSP, timeout)
+        return await self._exchange(
+            lambda: self._write(context_id, command, dataset), msg_id, pdu.C_STORE_RSP, timeout
+        )
 
     async def store_stream(self, context_id: int, sop_class: str, sop_uid: str,
                            first: memoryview, rest: AsyncIterator[bytes], length: int,
@@ -115,7 +117,8 @@ class Link:
         `store`."""
         msg_id = next(_message_ids) % 65536
         command = pdu.store_rq_command(msg_id, sop_class, sop_uid)
-        try:
+
+        async def write() -> None:
             self.writer.write(b"".join(pdu.pdata_parts(context_id, command, None, self.max_length)))
             sent, chunk = 0, first
             while True:
@@ -134,19 +137,8 @@ class Link:
                     raise TransferError(Verdict(Kind.RETRYABLE, reason)) from None
             async for _ in rest:  # the source's last checks, once its last chunk went
                 raise TransferError(Verdict(Kind.RETRYABLE, f"{self.side}: more than announced"))
-            async with asyncio.timeout(timeout):
-                fields = pdu.command_fields(await self._read_command())
-            self.answered = time.monotonic()
-        except TransferError:
-            self.abort()
-            raise
-        except (_Cut, OSError, asyncio.IncompleteReadError):
-            self._close()
-            return None
-        except TimeoutError:
-            self.abort()
-            return None
-        return self._status(fields, msg_id, pdu.C_STORE_RSP)
+
+        return await self._exchange(write, msg_id, pdu.C_STORE_RSP, timeout)
 
     async def echo(self, timeout: float) -> int | None:
         """C-ECHO over the Verification context (None: no answer, the association ended)."""
@@ -155,26 +147,39 @@ class Link:
             return None
         msg_id = next(_message_ids) % 65536
         command = pdu.echo_rq_command(msg_id)
-        return await self._exchange(context_id, command, None, msg_id, pdu.C_ECHO_RSP, timeout)
+        return await self._exchange(
+            lambda: self._write(context_id, command, None), msg_id, pdu.C_ECHO_RSP, timeout
+        )
 
-    async def _exchange(self, context_id: int, command: bytes, dataset: memoryview | None,
-                        msg_id: int, expected: int, timeout: float) -> int | None:  # fmt: skip
-        try:
-            chunk: list[bytes | memoryview] = []
-            size = 0
-            for part in pdu.pdata_parts(context_id, command, dataset, self.max_length):
-                chunk.append(part)
-                size += len(part)
-                if size >= _WRITE_SIZE:
-                    self.writer.write(b"".join(chunk))
-                    chunk, size = [], 0
-                    await self.writer.drain()
-            if chunk:
+    async def _write(self, context_id: int, command: bytes, dataset: memoryview | None) -> None:
+        """Write one message: its command, then its dataset (None: none), in PDUs."""
+        chunk: list[bytes | memoryview] = []
+        size = 0
+        for part in pdu.pdata_parts(context_id, command, dataset, self.max_length):
+            chunk.append(part)
+            size += len(part)
+            if size >= _WRITE_SIZE:
                 self.writer.write(b"".join(chunk))
+                chunk, size = [], 0
+                await self.writer.drain()
+        if chunk:
+            self.writer.write(b"".join(chunk))
+
+    async def _exchange(self, write: Callable[[], Awaitable[None]], msg_id: int, expected: int,
+                        timeout: float) -> int | None:  # fmt: skip
+        """Send a request with `write`, then read its response: the status, None when
+        the association ended (or was given up) on the way."""
+        try:
+            await write()
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
                 fields = pdu.command_fields(await self._read_command())
             self.answered = time.monotonic()
+        except TransferError:
+            # The source failed while its dataset was written: the peer must never take
+            # what it received for the whole of it.
+            self.abort()
+            raise
         except (_Cut, OSError, asyncio.IncompleteReadError):
             self._close()
             return None
