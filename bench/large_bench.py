@@ -16,17 +16,25 @@ POST of the file, `migrator import` of the file's folder, `migrator import` of t
 compressed storage; the target's copy is deleted after each, so every store is new.
 Times are whole processes (the migrator's include its interpreter start, ~0.5 s); peak
 RSS is the process's VmHWM. Medians over rounds, with min-max.
+
+With ``--ends``, the other ends too, each against what a plain tool does with the same
+file: `migrator import` of the file into DCMTK's ``storescp`` (C-STORE) against
+``storescu``; into the target by STOW-RS (Orthanc's DICOMweb plugin) against curl POST of
+the file; and `migrator replicate` from the source by WADO-RS against curl GET of the
+same WADO-RS answer + curl POST of the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +55,15 @@ from benchkit import (
 
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.testkit.dicomgen import make_instance
-from migrator.testkit.orthanc import OrthancProcess
+from migrator.testkit.orthanc import OrthancProcess, free_port, wait_port
 
 MARK = 4096  # size of the placeholder private element that the big one replaces
+DICOMWEB = {
+    "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+}
+# DCMTK keeps Nagle's algorithm on unless told otherwise (40 ms per DIMSE message).
+NODELAY = {"TCP_NODELAY": "1"}
 
 
 def parse_size(text: str) -> int:
@@ -61,10 +75,10 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def write_large_instance(path: Path, size: int, seed: int) -> tuple[str, str]:
+def write_large_instance(path: Path, size: int, seed: int) -> tuple[str, str, tuple[str, ...]]:
     """Write a valid Part-10 file of about `size` bytes without holding it in memory: a
     small instance whose private OB element is replaced by `size` random bytes. Returns
-    the Orthanc ID and the file's MD5."""
+    the Orthanc ID, the file's MD5 and its patient, study, series and SOP UIDs."""
     ids = (f"LARGE{seed}", f"1.2.3.888.{seed}", f"1.2.3.888.{seed}.1", f"1.2.3.888.{seed}.1.1")
     small = make_instance(*ids, extra_bytes=MARK, seed=seed)
     # Explicit VR little endian: (0009,1001) OB, two reserved bytes, 32-bit length.
@@ -86,7 +100,7 @@ def write_large_instance(path: Path, size: int, seed: int) -> tuple[str, str]:
             left -= len(block)
         out.write(after)
         digest.update(after)
-    return orthanc_instance_id(*ids), digest.hexdigest()
+    return orthanc_instance_id(*ids), digest.hexdigest(), ids
 
 
 def curl(*args: str, out: str = "/dev/null") -> float:
@@ -118,19 +132,74 @@ def check_and_clear(target: OrthancProcess, orthanc_id: str, md5: str) -> None:
     target.delete_instance(orthanc_id)
 
 
-def one_size(size: int, rounds: int, work: Path) -> dict[str, Any]:
+def storescu(port: int, path: Path) -> float:
+    """DCMTK's storescu sending the file to our storescp; its wall time."""
+    started = time.monotonic()
+    cmd = ["storescu", "-aec", "STORESCP", "127.0.0.1", str(port), str(path)]
+    subprocess.run(cmd, check=True, env={**os.environ, **NODELAY})
+    return time.monotonic() - started
+
+
+def other_ends(
+    runs: dict[str, list[Any]],
+    r: int,
+    work: Path,
+    folder: Path,
+    source: OrthancProcess,
+    target: OrthancProcess,
+    port: int,
+    ids: tuple[str, ...],
+    check: Callable[[], None],
+) -> None:
+    """One round of `--ends`: C-STORE, STOW-RS and WADO-RS, each beside its plain tool."""
+    big = next(folder.iterdir())
+    runs.setdefault("storescu -> storescp", []).append((storescu(port, big), None, None))
+    name = f"import-dimse-{r}"
+    runs.setdefault("migrator import -> storescp", []).append(
+        run_migrator(
+            ["import", str(folder), f"dicom://STORESCP@127.0.0.1:{port}",
+             "--ledger", f"sqlite:///{work}/{name}.db"],
+            work / f"{name}.log",
+        )
+    )  # fmt: skip
+    name = f"import-stow-{r}"
+    runs.setdefault("migrator import -> STOW-RS", []).append(
+        run_migrator(
+            ["import", str(folder), f"dicomweb+{target.url}dicom-web",
+             "--ledger", f"sqlite:///{work}/{name}.db"],
+            work / f"{name}.log",
+        )
+    )  # fmt: skip
+    check()
+    # What the source's WADO-RS answer alone takes (Orthanc's plugin builds it whole).
+    wado = f"{source.url}dicom-web/studies/{ids[1]}/series/{ids[2]}/instances/{ids[3]}"
+    accept = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
+    runs.setdefault("  curl GET (WADO-RS)", []).append((curl("-H", accept, wado), None, None))
+    name = f"replicate-wado-{r}"
+    runs.setdefault("migrator replicate WADO-RS ->", []).append(
+        run_migrator(
+            ["replicate", f"dicomweb+{source.url}dicom-web", target.url,
+             "--ledger", f"sqlite:///{work}/{name}.db"],
+            work / f"{name}.log",
+        )
+    )  # fmt: skip
+    check()
+
+
+def one_size(size: int, rounds: int, work: Path, ends: bool = False) -> dict[str, Any]:
     """Every measurement for one instance size."""
     folder = work / "files"
     folder.mkdir()
     big = folder / "large.dcm"
     started = time.monotonic()
-    orthanc_id, md5 = write_large_instance(big, size, seed=size % 997)
+    orthanc_id, md5, ids = write_large_instance(big, size, seed=size % 997)
     print(f"{big.stat().st_size / 1e6:.0f} MB file written in {time.monotonic() - started:.1f} s")
+    web = {"extra": DICOMWEB} if ends else {}
     servers = {
         name: OrthancProcess(work / name, name=name, **kwargs)
         for name, kwargs in (
-            ("source", {}),
-            ("target", {}),
+            ("source", web),
+            ("target", web),
             ("compressed", {"extra": {"StorageCompression": True}}),
         )
     }
@@ -138,6 +207,15 @@ def one_size(size: int, rounds: int, work: Path) -> dict[str, Any]:
         (work / name).mkdir()
         server.start()
     source, target, compressed = servers["source"], servers["target"], servers["compressed"]
+    scp = None
+    if ends:
+        port = free_port()
+        scp = subprocess.Popen(
+            ["storescp", "--fork", "-aet", "STORESCP", "+xa", "--ignore", str(port)],
+            env={**os.environ, **NODELAY},
+            stdout=subprocess.DEVNULL,
+        )
+        wait_port(port)
     try:
         curl_post(source.url, big)
         curl_post(compressed.url, big)
@@ -183,7 +261,15 @@ def one_size(size: int, rounds: int, work: Path) -> dict[str, Any]:
                     )
                 )
                 check_and_clear(target, orthanc_id, md5)
+            if ends:
+                other_ends(
+                    runs, r, work, folder, source, target, port, ids,
+                    lambda: check_and_clear(target, orthanc_id, md5),
+                )  # fmt: skip
     finally:
+        if scp is not None:
+            scp.terminate()
+            scp.wait(10)
         for server in servers.values():
             server.stop(graceful=False)
     return {"size": big.stat().st_size, "rounds": rounds, "runs": runs}
@@ -194,12 +280,19 @@ def summarize(result: dict[str, Any]) -> list[list[Any]]:
     rows = []
     base = statistics.median(run[0] for run in result["runs"]["curl GET + curl POST"])
     post = statistics.median(run[0] for run in result["runs"]["curl POST of the file"])
+    scu = result["runs"].get("storescu -> storescp")
+    dimse = statistics.median(run[0] for run in scu) if scu else None
     for what, runs in result["runs"].items():
         times = [run[0] for run in runs]
         median = statistics.median(times)
         rss = [run[1] for run in runs if run[1] is not None]
         cpu = [run[2] for run in runs if run[2] is not None]
         ref = post if "import" in what else base
+        if "storescp" in what and dimse:
+            ref = dimse
+        if "WADO-RS ->" in what and "  curl GET (WADO-RS)" in result["runs"]:
+            wado = [run[0] for run in result["runs"]["  curl GET (WADO-RS)"]]
+            ref = statistics.median(wado) + post
         rows.append([
             f"{result['size'] / 1e6:.0f} MB",
             what,
@@ -217,18 +310,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="600M,2G", help="instance sizes, e.g. 600M,2G")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ends", action="store_true", help="DIMSE and DICOMweb ends too")
     args = parser.parse_args()
     facts = machine_facts()
     print_facts(facts)
     results = []
     for text in args.sizes.split(","):
         with work_folder("large-bench-") as work:
-            results.append(one_size(parse_size(text), args.rounds, work))
+            results.append(one_size(parse_size(text), args.rounds, work, args.ends))
         head = [
             "size",
             "what",
             "seconds median (min-max)",
-            "vs curl",
+            "vs curl (storescu)",
             "MB/s",
             "peak RSS MB",
             "CPU s",
