@@ -152,37 +152,26 @@ def other_ends(
     check: Callable[[], None],
 ) -> None:
     """One round of `--ends`: C-STORE, STOW-RS and WADO-RS, each beside its plain tool."""
+
+    def migrator(what: str, name: str, *args: str) -> None:
+        ledger = f"sqlite:///{work}/{name}-{r}.db"
+        runs.setdefault(what, []).append(
+            run_migrator([*args, "--ledger", ledger], work / f"{name}-{r}.log")
+        )
+
     big = next(folder.iterdir())
     runs.setdefault("storescu -> storescp", []).append((storescu(port, big), None, None))
-    name = f"import-dimse-{r}"
-    runs.setdefault("migrator import -> storescp", []).append(
-        run_migrator(
-            ["import", str(folder), f"dicom://STORESCP@127.0.0.1:{port}",
-             "--ledger", f"sqlite:///{work}/{name}.db"],
-            work / f"{name}.log",
-        )
-    )  # fmt: skip
-    name = f"import-stow-{r}"
-    runs.setdefault("migrator import -> STOW-RS", []).append(
-        run_migrator(
-            ["import", str(folder), f"dicomweb+{target.url}dicom-web",
-             "--ledger", f"sqlite:///{work}/{name}.db"],
-            work / f"{name}.log",
-        )
-    )  # fmt: skip
+    dimse = f"dicom://STORESCP@127.0.0.1:{port}"
+    migrator("migrator import -> storescp", "import-dimse", "import", str(folder), dimse)
+    stow = f"dicomweb+{target.url}dicom-web"
+    migrator("migrator import -> STOW-RS", "import-stow", "import", str(folder), stow)
     check()
     # What the source's WADO-RS answer alone takes (Orthanc's plugin builds it whole).
     wado = f"{source.url}dicom-web/studies/{ids[1]}/series/{ids[2]}/instances/{ids[3]}"
     accept = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
     runs.setdefault("  curl GET (WADO-RS)", []).append((curl("-H", accept, wado), None, None))
-    name = f"replicate-wado-{r}"
-    runs.setdefault("migrator replicate WADO-RS ->", []).append(
-        run_migrator(
-            ["replicate", f"dicomweb+{source.url}dicom-web", target.url,
-             "--ledger", f"sqlite:///{work}/{name}.db"],
-            work / f"{name}.log",
-        )
-    )  # fmt: skip
+    web = f"dicomweb+{source.url}dicom-web"
+    migrator("migrator replicate WADO-RS ->", "replicate-wado", "replicate", web, target.url)
     check()
 
 
