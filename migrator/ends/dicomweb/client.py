@@ -25,10 +25,10 @@ from migrator.ends.dicomweb.multipart import (
 )
 from migrator.ends.dicomweb.parts import PartChunks, first_part
 from migrator.ends.orthanc.client import (
-    LARGE_FILE_RATE,
     USER_AGENT,
     _tls_context,
     _transport,
+    grown_timeout,
     unreachable,
 )
 from migrator.errors import (
@@ -310,17 +310,8 @@ class DicomWebClient:
             yield tail
 
         length = len(head) + body.length + len(tail)
-        # The wait for the answer grows with the file, which the server reads whole.
-        timeout = self.http.timeout
-        if timeout.read is not None:
-            timeout = httpx.Timeout(
-                connect=timeout.connect,
-                read=timeout.read + body.length / LARGE_FILE_RATE,
-                write=timeout.write,
-                pool=timeout.pool,
-            )
         headers = {"Content-Type": content_type, "Content-Length": str(length)}
-        return await self._stow(content(), headers, timeout)
+        return await self._stow(content(), headers, grown_timeout(self.http.timeout, body.length))
 
     async def _stow(
         self,

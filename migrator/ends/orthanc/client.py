@@ -416,12 +416,9 @@ class OrthancClient:
         return self._stored(response)
 
     def _large_extensions(self, size: int | None) -> dict[str, Any]:
-        # The wait for an answer grows with the file: Orthanc parses and writes all of
-        # it before answering a store (and reads all of it before answering a GET).
-        timeout = self._timeout.as_dict()
-        if timeout.get("read") is not None:
-            timeout["read"] += (size or 0) / LARGE_FILE_RATE
-        return {"timeout": timeout}
+        # Orthanc parses and writes all of a file before answering a store (and reads
+        # all of it before answering a GET).
+        return {"timeout": grown_timeout(self._timeout, size).as_dict()}
 
     async def store(self, data: bytes) -> Stored:
         """POST one DICOM file; returns only when the target confirmed it holds it."""
@@ -630,6 +627,19 @@ def _basic_auth_header(auth: tuple[str, str] | None) -> dict[str, str]:
         return {}
     token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
     return {"Authorization": f"Basic {token}"}
+
+
+def grown_timeout(timeout: httpx.Timeout, size: int | None) -> httpx.Timeout:
+    """`timeout` with the wait for an answer grown with a file of `size` bytes, which
+    the server handles whole before it answers (`LARGE_FILE_RATE`)."""
+    if timeout.read is None:
+        return timeout
+    return httpx.Timeout(
+        connect=timeout.connect,
+        read=timeout.read + (size or 0) / LARGE_FILE_RATE,
+        write=timeout.write,
+        pool=timeout.pool,
+    )
 
 
 def unreachable(exc: httpx.TransportError, role: str, where: str) -> FatalError:
