@@ -161,9 +161,6 @@ class Target(Protocol):
 
     kind: str
     display: str
-    # True when `store_stream` takes a body of any size without holding it whole; the
-    # engine hands any other target a large instance whole, through `store`.
-    streams: bool
     # True when `check` compares bytes (MD5); False when it can only say `present`.
     byte_proof: bool
 
@@ -178,8 +175,8 @@ class Target(Protocol):
         ...
 
     async def store_stream(self, body: Body) -> Stored:
-        """Store one instance read from `body` (its length is known); called only when
-        `streams` is True."""
+        """Store one large instance read from `body` (its length is known) as its chunks
+        come, without holding it whole; called for the instances the source streams."""
         ...
 
     async def probe(self) -> bool:

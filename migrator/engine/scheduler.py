@@ -462,9 +462,7 @@ class Scheduler:
             legs = Legs()
             self.transferring += 1
             try:
-                # A target that takes instances only whole holds a large one whole too.
-                need = memory_need(lease.size) if self.target.streams else lease.size
-                async with self.gate.memory.hold(need):
+                async with self.gate.memory.hold(memory_need(lease.size)):
                     outcome = await self._transfer(lease, legs)
                 self._add_outcome(outcome, legs)
             finally:
@@ -526,12 +524,7 @@ class Scheduler:
         self.breaker.success("source")
         body = Body(chunks, lease.md5, lease.source_key, record=self.target.byte_proof)
         try:
-            if self.target.streams:
-                stored = await self.target.store_stream(body)
-            else:
-                # A target taking one message per instance gets it whole, once the
-                # source's length and MD5 checked out.
-                stored = await self.target.store(b"".join([chunk async for chunk in body]))
+            stored = await self.target.store_stream(body)
             if not body.complete:
                 # An answer before the whole body was sent confirms nothing.
                 raise TransferError(

@@ -56,7 +56,6 @@ class DicomWebTarget:
     """A DICOMweb service root receiving instances by STOW-RS."""
 
     kind = "dicomweb"
-    streams = True
     byte_proof = True
 
     def __init__(

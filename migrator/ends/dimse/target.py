@@ -70,7 +70,6 @@ class DimseTarget:
     """A C-STORE SCP receiving instances."""
 
     kind = "dimse"
-    streams = True
     byte_proof = False
 
     def __init__(self, peer: Peer, settings: Settings) -> None:

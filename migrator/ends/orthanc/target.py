@@ -36,7 +36,6 @@ class OrthancTarget:
     """An Orthanc REST API receiving instances."""
 
     kind = "orthanc"
-    streams = True
     byte_proof = True
 
     def __init__(self, client: OrthancClient) -> None:
