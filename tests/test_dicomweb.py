@@ -23,7 +23,7 @@ from migrator.ends.dicomweb import open_dicomweb_source, open_dicomweb_target
 from migrator.ends.dicomweb.multipart import Truncated, related_body, split_related
 from migrator.ends.dicomweb.target import DicomWebTarget
 from migrator.errors import Kind, TransferError
-from migrator.testkit.dicomgen import SyntheticInstance, upload_all
+from migrator.testkit.dicomgen import SyntheticInstance, make_dataset, upload_all
 from migrator.testkit.fastgen import fast_dataset
 from migrator.testkit.faults import Status, TruncateResponse
 from migrator.testkit.orthanc import OrthancProcess
@@ -389,6 +389,26 @@ def test_bearer_token_from_the_environment(orthanc_factory, ledger_path, ledger_
     assert target.count() == 10
     for path in ledger_path.parent.glob(ledger_path.name + "*"):  # the WAL too
         assert b"tok-7f3a" not in path.read_bytes()
+
+
+def test_single_instance_series_are_retrieved_alone(orthanc_factory, ledger_path, ledger_url):
+    # A series of one instance is retrieved by that instance's own WADO-RS request (the
+    # one that streams a large file); a series of several is read whole, once.
+    source = dicomweb_orthanc(orthanc_factory, "source")
+    target = orthanc_factory("target")
+    singles = make_dataset(4, studies=2, series_per_study=2, seed=41)
+    several = fast_dataset(20, seed=42)
+    assert len({i.series_uid for i in singles}) == 4
+    fill(source, singles + several)
+    with Proxy("127.0.0.1", source.http_port) as proxy:
+        result = invoke("replicate", dw(proxy.url), target.url, "--ledger", ledger_url)
+        paths = [p.split("?")[0].rstrip("/").split("/") for m, p in proxy.requests()]
+    assert result.code == 0, result.stderr[-2000:]
+    assert_converged(ledger_path, singles + several, target)
+    series_reads = [p[-1] for p in paths if p[-2] == "series"]
+    alone = {p[-1] for p in paths if p[-2] == "instances"}
+    assert sorted(series_reads) == sorted({i.series_uid for i in several})
+    assert {i.sop_uid for i in singles} <= alone
 
 
 def test_wado_answer_cut_short_is_never_sent(orthanc_factory, tmp_path, ledger_path, ledger_url):

@@ -11,7 +11,8 @@ at once (a fetch finding them busy retrieves its instance alone), and the cache 
 smaller ``max_memory`` (`series.series_budgets`). A series is read whole at
 most once per run; an instance its answer did not bring, or any failure of the series
 read, falls back to the instance's own retrieve, which decides the row's outcome; one whose
-part announces a large file is then streamed (`parts.PartChunks`).
+part announces a large file is then streamed (`parts.PartChunks`). A series the listing
+found to hold a single instance is never read whole (`SeriesReads.alone`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ class SeriesReads:
         self.series_reads = 0
         self.instances_brought = 0
 
+    def alone(self, series: str) -> None:
+        """The listing found `series` to hold one instance: it is retrieved by that
+        instance's own retrieve, never read whole. Both requests bring the same file, but
+        only the instance's streams one larger than `streams.STREAM_ABOVE`: a series
+        answer over the budget is abandoned after the server built it (Orthanc's plugin
+        spends seconds on a 600 MB file before the first byte), then retrieved again."""
+        self._remember(series)
+
+    def _remember(self, series: str) -> None:
+        self._read[series] = None
+        if len(self._read) > REMEMBERED:
+            self._read.popitem(last=False)
+
     async def fetch(self, study: str, series: str, sop: str) -> bytes:
         """The stored file of one instance: from its series' answer when one is (being)
         read, else by its own retrieve."""
@@ -81,9 +95,7 @@ class SeriesReads:
         large or failed), the others kept in the cache."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reading[series] = done
-        self._read[series] = None
-        if len(self._read) > REMEMBERED:
-            self._read.popitem(last=False)
+        self._remember(series)
         try:
             found = await self.web.retrieve_series(study, series, self.most)
         except TransferError:

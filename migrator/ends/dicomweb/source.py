@@ -243,6 +243,8 @@ class DicomWebSource:
             )
             where = f"series {series_uid}: instances"
             _check_count(one, SERIES_INSTANCES, len(instances), where, notes)
+            if len(instances) == 1:
+                self.series.alone(str(series_uid))
             for inst in instances:
                 sop = tag_value(inst, SOP_UID)
                 if not sop:
