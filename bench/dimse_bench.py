@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import resource
 import statistics
@@ -39,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import machine_facts, migrator_cmd, print_table, work_folder, write_results
+from pynetdicom import _config, dimse_messages
 
 from migrator.config import Settings
 from migrator.ends.dimse.peer import parse_dicom_url
@@ -334,6 +336,10 @@ def main() -> None:
         try:
             upload_all(pacs, data)
             ours = asyncio.run(ours_get(pacs, n, args.concurrency))
+            # pynetdicom as it comes for the PacsMigrator-style SCP below: migrator's source
+            # turned off its standard logging handlers and made its dataset buffers spill.
+            _config.LOG_HANDLER_LEVEL = "standard"
+            dimse_messages.BytesIO = io.BytesIO
             theirs = pacs_migrator_move(pacs, n)
         finally:
             pacs.stop()

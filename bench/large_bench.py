@@ -21,7 +21,9 @@ With ``--ends``, the other ends too, each against what a plain tool does with th
 file: `migrator import` of the file into DCMTK's ``storescp`` (C-STORE) against
 ``storescu``; into the target by STOW-RS (Orthanc's DICOMweb plugin) against curl POST of
 the file; and `migrator replicate` from the source by WADO-RS against curl GET of the
-same WADO-RS answer + curl POST of the file.
+same WADO-RS answer + curl POST of the file; and `migrator replicate` from the source's
+DICOM port by C-GET against DCMTK's ``getscu`` of the instance into a folder + curl POST
+of the file.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from benchkit import (
 )
 
 from migrator.ends.dicomid import orthanc_instance_id
+from migrator.ends.dimse.pdu import read_meta
 from migrator.testkit.dicomgen import make_instance
 from migrator.testkit.orthanc import OrthancProcess, free_port, wait_port
 
@@ -62,6 +65,9 @@ DICOMWEB = {
     "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
     "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
 }
+# The source's DICOM port, for the C-GET runs of `--ends`.
+SOURCE_AET = "SOURCE"
+DIMSE_SOURCE = {"DicomAet": SOURCE_AET, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True}
 # DCMTK keeps Nagle's algorithm on unless told otherwise (40 ms per DIMSE message).
 NODELAY = {"TCP_NODELAY": "1"}
 
@@ -173,6 +179,49 @@ def other_ends(
     web = f"dicomweb+{source.url}dicom-web"
     migrator("migrator replicate WADO-RS ->", "replicate-wado", "replicate", web, target.url)
     check()
+    runs.setdefault("  getscu (C-GET)", []).append((getscu(source, ids, work), None, None))
+    peer = f"dicom://{SOURCE_AET}@127.0.0.1:{source.dicom_port}"
+    migrator("migrator replicate C-GET ->", "replicate-cget", "replicate", peer, target.url)
+    # The peer sends the dataset behind a file meta of its own: the dataset must match.
+    copy = work / "cget.dcm"
+    curl(f"{target.url}instances/{orthanc_id(ids)}/file", out=str(copy))
+    assert dataset_md5(copy) == dataset_md5(big), "the C-GET copy's dataset differs"
+    copy.unlink()
+    target.delete_instance(orthanc_id(ids))
+
+
+def orthanc_id(ids: tuple[str, ...]) -> str:
+    return orthanc_instance_id(*ids)
+
+
+def dataset_md5(path: Path) -> str:
+    """MD5 of a Part-10 file's dataset (what follows its file meta), read in blocks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+        meta = read_meta(head)
+        assert meta is not None, f"{path} is not a Part-10 file"
+        digest.update(head[meta.offset :])
+        while block := fh.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def getscu(source: OrthancProcess, ids: tuple[str, ...], work: Path) -> float:
+    """DCMTK's getscu retrieving the instance from the source's DICOM port into a
+    folder (study root, IMAGE level); its wall time. The folder is emptied after."""
+    out = work / "getscu"
+    out.mkdir(exist_ok=True)
+    keys = {"0008,0052": "IMAGE", "0020,000D": ids[1], "0020,000E": ids[2], "0008,0018": ids[3]}
+    cmd = ["getscu", "-S", "-aec", SOURCE_AET, "-od", str(out), "127.0.0.1", str(source.dicom_port)]
+    cmd += [arg for key, value in keys.items() for arg in ("-k", f"{key}={value}")]
+    started = time.monotonic()
+    subprocess.run(cmd, check=True, env={**os.environ, **NODELAY})
+    seconds = time.monotonic() - started
+    got = list(out.iterdir())
+    assert len(got) == 1, f"getscu brought {len(got)} files"
+    got[0].unlink()
+    return seconds
 
 
 def one_size(size: int, rounds: int, work: Path, ends: bool = False) -> dict[str, Any]:
@@ -183,7 +232,7 @@ def one_size(size: int, rounds: int, work: Path, ends: bool = False) -> dict[str
     started = time.monotonic()
     orthanc_id, md5, ids = write_large_instance(big, size, seed=size % 997)
     print(f"{big.stat().st_size / 1e6:.0f} MB file written in {time.monotonic() - started:.1f} s")
-    web = {"extra": DICOMWEB} if ends else {}
+    web = {"extra": {**DICOMWEB, **DIMSE_SOURCE}} if ends else {}
     servers = {
         name: OrthancProcess(work / name, name=name, **kwargs)
         for name, kwargs in (
@@ -279,9 +328,9 @@ def summarize(result: dict[str, Any]) -> list[list[Any]]:
         ref = post if "import" in what else base
         if "storescp" in what and dimse:
             ref = dimse
-        if "WADO-RS ->" in what and "  curl GET (WADO-RS)" in result["runs"]:
-            wado = [run[0] for run in result["runs"]["  curl GET (WADO-RS)"]]
-            ref = statistics.median(wado) + post
+        for leg, get in (("WADO-RS ->", "  curl GET (WADO-RS)"), ("C-GET ->", "  getscu (C-GET)")):
+            if leg in what and get in result["runs"]:
+                ref = statistics.median(run[0] for run in result["runs"][get]) + post
         rows.append([
             f"{result['size'] / 1e6:.0f} MB",
             what,

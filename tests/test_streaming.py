@@ -9,6 +9,8 @@ times over).
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import shutil
 import sqlite3
@@ -17,15 +19,22 @@ import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import CliResult, dcmtk, ledger_rows, state_counts
 from faultkit import md5_of, write_config
 from test_dicomweb import DICOMWEB, dw
+from test_dimse import PACS_AET, _pacs
 
+from migrator.config import Settings
 from migrator.ends.dicomid import orthanc_instance_id
+from migrator.ends.dimse import scp
 from migrator.ends.dimse.pdu import read_meta
+from migrator.ends.dimse.peer import parse_dicom_url
+from migrator.ends.dimse.scp import SPILL_ABOVE
+from migrator.ends.dimse.source import DimseSource
 from migrator.testkit.dicomgen import SyntheticInstance, make_instance
 from migrator.testkit.faults import TruncateResponse
 from migrator.testkit.orthanc import OrthancProcess, free_port
@@ -425,3 +434,116 @@ def test_streamed_wado_retrieve_of_a_large_instance(
     assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances") == [("sent", md5_of(data))]
     assert_on_target(target, inst)
     assert_streamed(peak, len(data))
+
+
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_dimse_retrieve_of_a_large_instance_is_streamed_from_its_file(
+    retrieve: str,
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An instance a DICOM peer sends by C-GET or C-MOVE goes on in a file once past the
+    spill threshold, then is streamed from a file into the target: the process holds the
+    threshold's worth of it, never the whole, and no file is left behind. The same run
+    with a small instance gives the process's own peak to compare with."""
+    move_port = free_port()
+    pacs = _pacs(orthanc_factory, move_port)
+    target = orthanc_factory("target")
+    config = tmp_path / "migrator.toml"
+    config.write_text(
+        f'[throttle]\nmax_memory = "4Mi"\n[dimse]\nretrieve = "{retrieve}"\n'
+        f"move_port = {move_port}\n"
+    )
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+
+    def replicate(name: str) -> tuple[CliResult, int]:
+        ledger = tmp_path / f"{name}.db"
+        return run_measured(
+            "replicate", f"dicom://{PACS_AET}@127.0.0.1:{pacs.dicom_port}", target.url,
+            "--ledger", f"sqlite:///{ledger}", "--config", str(config),
+        )  # fmt: skip
+
+    small = make_instance("SMALL", "1.2.3.778", "1.2.3.778.1", "1.2.3.778.1.1", seed=2)
+    pacs.upload(small)
+    result, base = replicate("small")
+    assert result.code == 0, result.stderr
+    inst = big_instance(16)
+    pacs.upload(inst.data)
+    result, peak = replicate("big")
+    assert result.code == 0, result.stderr
+    # The peer wraps the dataset in a file meta of its own; the dataset is the same.
+    assert inst.orthanc_id in target.instance_ids()
+    assert _dataset(target.file(inst.orthanc_id)) == _dataset(inst.data)
+    # Whole, it would add two to three times its size (185-198 MiB in all).
+    grown = peak - base
+    assert grown < SPILL_ABOVE + len(inst.data) // 4, f"{grown / MiB:.0f} MiB over {base / MiB:.0f}"
+    assert list(temp.iterdir()) == []
+
+
+def test_spilling_buffer_moves_to_a_file_past_its_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scp, "SPILL_ABOVE", 10)
+    buffer = scp.SpillingBuffer()
+    buffer.write(b"0123")
+    buffer.write(b"4567")
+    assert buffer.spilled is None and buffer.getvalue() == b"01234567"
+    buffer.write(b"89abcdef")  # past 10 bytes: all of it goes to a file
+    assert buffer.spilled is not None and buffer.spilled_size() == 16
+    assert len(bytes(buffer.getbuffer())) == 0  # nothing left in memory
+    buffer.write(b"!")
+    assert buffer.getvalue() == b"0123456789abcdef!"
+    buffer.seek(0)
+    with pytest.raises(io.UnsupportedOperation):
+        buffer.read()  # a decoder would see nothing of the dataset
+    spilled = buffer.spilled
+    buffer.close()
+    assert spilled.closed
+
+
+@dataclass
+class _Row:
+    """What a source is asked for (as the ledger's lease carries it)."""
+
+    source_key: str
+    path: str | None = None
+    size: int | None = None
+    md5: str | None = None
+    orthanc_id: str | None = None
+
+
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_series_retrieval_keeps_what_spilled_within_its_budget(
+    retrieve: str, orthanc_factory: Callable[..., OrthancProcess]
+) -> None:
+    """Two 20 MB instances of one series: past the spill threshold, within the 64 MiB a
+    series retrieval keeps. The first fetch retrieves the series; the second instance
+    waits in the cache, read back from its file, the same dataset as the peer's."""
+    move_port = free_port()
+    pacs = _pacs(orthanc_factory, move_port)
+    ids = [("SPILL", "1.2.3.779", "1.2.3.779.1", f"1.2.3.779.1.{i}") for i in (1, 2)]
+    files = [make_instance(*one, extra_bytes=20_000_000, seed=7) for one in ids]
+    for data in files:
+        assert len(data) > scp.SPILL_ABOVE
+        pacs.upload(data)
+
+    async def run() -> tuple[bytes, bytes | None]:
+        settings = Settings(dimse_retrieve=retrieve, dimse_move_port=move_port)
+        url = f"dicom://{PACS_AET}@127.0.0.1:{pacs.dicom_port}"
+        peer = parse_dicom_url(url, "source", "MIGRATOR")
+        source = DimseSource(peer, settings)
+        try:
+            await source.preflight()
+            keys = [r["source_key"] async for page in source.listing(None) for r in page.rows]
+            first = next(k for k in keys if k.endswith(ids[0][3]))
+            got = await source.fetch(_Row(first))
+            return got, source.cache.take(ids[1][2], ids[1][3])
+        finally:
+            await source.aclose()
+
+    got, waiting = asyncio.run(run())
+    assert _dataset(got) == _dataset(files[0])
+    assert waiting is not None and _dataset(waiting) == _dataset(files[1])

@@ -103,8 +103,12 @@ def parse_dicom_url(url: str, role: str, calling: str) -> Peer:
 
 
 def _make_ae(calling: str, settings: Settings, acse_timeout: float) -> AE:
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
 
+    # pynetdicom's standard event handlers write every message to its log (silenced
+    # above) and copy each received dataset whole to say whether it has one: a copy of
+    # every instance a retrieval receives, which the source's streaming must not have.
+    _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=calling)
     ae.connection_timeout = settings.connect_timeout
     ae.acse_timeout = acse_timeout

@@ -33,14 +33,19 @@ Retrieval (``settings.dimse_retrieve``):
 
 An instance is taken from a series retrieval only when it arrived whole; one retrieved
 alone is done only when it arrived (matched by SOP Instance UID) and the final status
-counts one completed sub-operation and no failed one.
+counts one completed sub-operation and no failed one. An arrival goes on in a file past
+16 MiB (`scp.spill_large_arrivals`); such an instance retrieved alone is kept in a file
+and `open` streams it from there to the target, so memory does not grow with instance
+size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from typing import Any
@@ -71,11 +76,11 @@ from migrator.config import Settings
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
-from migrator.ends.dimse.scp import Arrivals, StorageSCP
+from migrator.ends.dimse.scp import Arrivals, Spooled, StorageSCP, spill_large_arrivals
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
 from migrator.ends.series import SeriesCache, series_budgets, split_key
-from migrator.ends.streams import Chunks
+from migrator.ends.streams import Chunks, open_file_chunks
 from migrator.errors import (
     FatalError,
     Kind,
@@ -139,6 +144,7 @@ class DimseSource:
         # memory budget (`series.series_budgets`).
         most, cached = series_budgets(parse_memory(settings.max_memory))
         self.arrivals = Arrivals(most)
+        spill_large_arrivals()
         opener = self._open_get if self.retrieve == "get" else self._open_move
         self.pool = AssociationPool(self.connector, opener, size)
         self.finds = AssociationPool(self.connector, self._open_find, LIST_AHEAD)
@@ -204,6 +210,7 @@ class DimseSource:
                 late = await self._arrives_late(sop_uid)
         finally:
             arrived = self.arrivals.take([sop_uid])
+            self.arrivals.discard(arrived.get(sop_uid))
         if late:
             # The peer answered before moving (Orthanc with SynchronousCMove false): its
             # final answers would say nothing of what arrived, which a move's checks need.
@@ -434,6 +441,31 @@ class DimseSource:
 
     async def fetch(self, item: Item) -> bytes:
         """The instance as a Part-10 file, retrieved by C-GET or C-MOVE."""
+        data = await self._retrieve(item)
+        if isinstance(data, Spooled):
+            return await asyncio.to_thread(_take_file, data.path)
+        return data
+
+    async def open(self, item: Item) -> bytes | Chunks:
+        """`fetch`, except that a large instance retrieved alone comes in chunks from the
+        file it was received into (DIMSE gives no size ahead: the arrival tells)."""
+        data = await self._retrieve(item)
+        if not isinstance(data, Spooled):
+            return data
+        try:
+            chunks = await asyncio.to_thread(open_file_chunks, data.path)
+            if chunks is None:  # too small to be worth streaming
+                return await asyncio.to_thread(_take_file, data.path)
+        except OSError as exc:
+            raise TransferError(
+                Verdict(Kind.RETRYABLE, f"cannot read the received instance: {exc}")
+            ) from None
+        finally:
+            # Read from here on through its open descriptor: nothing is left behind.
+            self.arrivals.discard(data)
+        return chunks
+
+    async def _retrieve(self, item: Item) -> bytes | Spooled:
         study_uid, series_uid, sop_uid = split_key(item.source_key)
         data = await self._from_series(study_uid, series_uid, sop_uid)
         if data is not None:
@@ -451,6 +483,7 @@ class DimseSource:
         try:
             return self._settle(final, arrived.get(sop_uid))
         except TransferError as exc:
+            self.arrivals.discard(arrived.get(sop_uid))
             if exc.verdict.kind is Kind.RETRYABLE and sum(_counts(final)) == 0:
                 # Nothing was even tried: is the instance still there? (Orthanc fails a
                 # retrieval that matches nothing with the status of any failure.)
@@ -501,11 +534,7 @@ class DimseSource:
                 found = self.arrivals.take_series(series_uid)
         self.cache.put(series_uid, found)
 
-    async def open(self, item: Item) -> bytes | Chunks:
-        """Retrieved whole (DIMSE gives no size ahead)."""
-        return await self.fetch(item)
-
-    def _settle(self, final: Dataset | None, data: bytes | None) -> bytes:
+    def _settle(self, final: Dataset | None, data: bytes | Spooled | None) -> bytes | Spooled:
         """The received instance once the final status checks out, else TransferError."""
         operation = f"C-{self.retrieve.upper()}"
         status = int(final.Status) if final is not None and "Status" in final else None
@@ -571,6 +600,21 @@ class DimseSource:
             await self.connector.run(self.scp.stop)
             self.scp = None
         self.connector.close()
+        self.arrivals.close()
+
+
+def _take_file(path: str) -> bytes:
+    """The bytes of a received instance's file, which is then removed (blocking)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise TransferError(
+            Verdict(Kind.RETRYABLE, f"cannot read the received instance: {exc}")
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _get(assoc: Association, q: Dataset) -> Dataset | None:
