@@ -516,12 +516,18 @@ class _Row:
 
 
 @pytest.mark.parametrize("retrieve", ["get", "move"])
-def test_series_retrieval_keeps_what_spilled_within_its_budget(
-    retrieve: str, orthanc_factory: Callable[..., OrthancProcess]
+def test_series_retrieval_keeps_what_spilled_on_disk(
+    retrieve: str,
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two 20 MB instances of one series: past the spill threshold, within the 64 MiB a
-    series retrieval keeps. The first fetch retrieves the series; the second instance
-    waits in the cache, read back from its file, the same dataset as the peer's."""
+    """Two 20 MB instances of one series, past the spill threshold and past what a series
+    retrieval keeps in memory under a 4 MiB budget: the first fetch retrieves the series,
+    and the second instance waits on disk for its own fetch (not retrieved again), the
+    same dataset as the peer's. Nothing is left in the temporary folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
     move_port = free_port()
     pacs = _pacs(orthanc_factory, move_port)
     ids = [("SPILL", "1.2.3.779", "1.2.3.779.1", f"1.2.3.779.1.{i}") for i in (1, 2)]
@@ -531,19 +537,23 @@ def test_series_retrieval_keeps_what_spilled_within_its_budget(
         pacs.upload(data)
 
     async def run() -> tuple[bytes, bytes | None]:
-        settings = Settings(dimse_retrieve=retrieve, dimse_move_port=move_port)
+        settings = Settings(dimse_retrieve=retrieve, dimse_move_port=move_port, max_memory="4Mi")
         url = f"dicom://{PACS_AET}@127.0.0.1:{pacs.dicom_port}"
-        peer = parse_dicom_url(url, "source", "MIGRATOR")
-        source = DimseSource(peer, settings)
+        source = DimseSource(parse_dicom_url(url, "source", "MIGRATOR"), settings)
         try:
             await source.preflight()
             keys = [r["source_key"] async for page in source.listing(None) for r in page.rows]
             first = next(k for k in keys if k.endswith(ids[0][3]))
             got = await source.fetch(_Row(first))
-            return got, source.cache.take(ids[1][2], ids[1][3])
+            waiting = source.cache.take(ids[1][2], ids[1][3])
+            assert isinstance(waiting, scp.Spooled), waiting
+            with open(waiting.path, "rb") as fh:
+                return got, fh.read()
         finally:
             await source.aclose()
 
     got, waiting = asyncio.run(run())
     assert _dataset(got) == _dataset(files[0])
-    assert waiting is not None and _dataset(waiting) == _dataset(files[1])
+    assert _dataset(waiting) == _dataset(files[1])
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(("migrator-spool-", "tmp"))]
+    assert leftovers == []

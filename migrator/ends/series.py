@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from migrator.errors import Kind, TransferError, Verdict
 
@@ -16,6 +18,8 @@ __all__ = [
     "series_budgets",
     "split_key",
 ]
+
+T = TypeVar("T")
 
 # Bytes one series retrieval keeps; the instances past it are retrieved one by one.
 SERIES_BUDGET = 64 * 1024 * 1024
@@ -47,39 +51,58 @@ def split_key(source_key: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-class SeriesCache:
+class SeriesCache(Generic[T]):
     """Instances a series retrieval brought, until their own fetch takes them (bounded in
-    bytes and age: what no fetch takes is dropped, and fetched again if ever asked)."""
+    bytes and age: what no fetch takes is dropped, and fetched again if ever asked).
 
-    def __init__(self, budget: int = CACHE_BUDGET) -> None:
-        self.series: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
+    An instance is its bytes, or what stands for it elsewhere (a file): only bytes count
+    against the budget, and `release` is called for anything dropped untaken."""
+
+    def __init__(
+        self, budget: int = CACHE_BUDGET, release: Callable[[T], None] | None = None
+    ) -> None:
+        self.series: OrderedDict[str, tuple[float, dict[str, T]]] = OrderedDict()
         self.bytes = 0
         self.budget = budget
+        self.release = release
 
-    def put(self, series_uid: str, found: dict[str, bytes]) -> None:
+    def put(self, series_uid: str, found: dict[str, T]) -> None:
         """Keep what one series retrieval brought."""
         self._drop(series_uid)
         self.series[series_uid] = (time.monotonic(), found)
-        self.bytes += sum(len(v) for v in found.values())
+        self.bytes += sum(map(_held, found.values()))
         limit = time.monotonic() - CACHE_SECONDS
         while self.series and (
             self.bytes > self.budget or next(iter(self.series.values()))[0] < limit
         ):
             self._drop(next(iter(self.series)))
 
-    def take(self, series_uid: str, sop_uid: str) -> bytes | None:
+    def take(self, series_uid: str, sop_uid: str) -> T | None:
         """One instance, no longer kept."""
         entry = self.series.get(series_uid)
         if entry is None:
             return None
         data = entry[1].pop(sop_uid, None)
         if data is not None:
-            self.bytes -= len(data)
+            self.bytes -= _held(data)
         if not entry[1]:
             del self.series[series_uid]
         return data
 
+    def clear(self) -> None:
+        """Drop everything (each released)."""
+        while self.series:
+            self._drop(next(iter(self.series)))
+
     def _drop(self, series_uid: str) -> None:
         entry = self.series.pop(series_uid, None)
         if entry is not None:
-            self.bytes -= sum(len(v) for v in entry[1].values())
+            self.bytes -= sum(map(_held, entry[1].values()))
+            if self.release is not None:
+                for data in entry[1].values():
+                    self.release(data)
+
+
+def _held(data: object) -> int:
+    """Bytes of memory an instance kept holds."""
+    return len(data) if isinstance(data, bytes) else 0

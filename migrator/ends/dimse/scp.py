@@ -9,11 +9,11 @@ as the peer sent them.
 
 pynetdicom gathers a received dataset in a buffer of its own; `spill_large_arrivals`
 makes that buffer a `SpillingBuffer`, which moves to a temporary file past `SPILL_ABOVE`
-bytes, so that no arrival is ever whole in memory beyond that. A spilled instance
-retrieved alone is kept in a file of the source's spool folder (`Spooled`, its file meta
-written first) and streamed from there to the target; a series retrieval keeps in memory
-what fits its budget, reading a spilled arrival back only then (the others are
-retrieved alone).
+bytes, so that no arrival is ever whole in memory beyond that. A spilled instance is
+kept in a file of the source's spool folder (`Spooled`, its file meta written first),
+from which its row streams it to the target; a series retrieval keeps the others in
+memory within its budget, the spilled ones on disk while the temporary folder keeps
+`SPOOL_FREE` free (what it drops, its row retrieves alone).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ CANNOT_UNDERSTAND = 0xC000
 # Bytes of a received dataset held in memory; past them it goes on in a file.
 SPILL_ABOVE = STREAM_ABOVE
 SERIES = Tag(0x0020, 0x000E)  # SeriesInstanceUID
+# Free bytes the temporary folder's file system keeps: a series' arrival that would leave
+# less is not kept on disk (its row retrieves it alone).
+SPOOL_FREE = 1 << 30
 # The start of a Part-10 file: preamble and prefix.
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -145,7 +148,7 @@ class Arrivals:
         self.expected: dict[str, int] = {}
         self.received: dict[str, bytes | Spooled] = {}
         # Series moved whole: what arrived of each, by SOP Instance UID.
-        self.series: dict[str, dict[str, bytes]] = {}
+        self.series: dict[str, dict[str, bytes | Spooled]] = {}
         # The folder of spooled instances, made when the first one arrives.
         self._folder: str | None = None
         self._names = itertools.count()
@@ -192,7 +195,7 @@ class Arrivals:
         with self.lock:
             self.series.setdefault(series_uid, {})
 
-    def take_series(self, series_uid: str) -> dict[str, bytes]:
+    def take_series(self, series_uid: str) -> dict[str, bytes | Spooled]:
         """What arrived of a series moved whole; it is no longer expected."""
         with self.lock:
             return self.series.pop(series_uid, {})
@@ -229,7 +232,7 @@ class Arrivals:
         (`bucket` set on it) every instance is kept there, up to `most` bytes."""
         bucket = getattr(event.assoc, "bucket", None)
         if bucket is not None:
-            return _into_bucket(event, bucket, self.most)
+            return self._into_bucket(event, bucket)
         try:
             uid = str(event.request.AffectedSOPInstanceUID)
             with self.lock:
@@ -258,33 +261,61 @@ class Arrivals:
 
     def _into_series(self, event: Any, uid: str) -> None:
         """Keep an arrival of a series moved whole (the move's association is the peer's,
-        so the series is read from the dataset itself), up to `most` bytes."""
+        so the series is read from the dataset itself)."""
         buffer = _spilled(event)
         if buffer is None:
-            data = None
             series_uid = str(event.dataset.get("SeriesInstanceUID", ""))
-        elif buffer.spilled_size() > self.most:
-            return  # never kept: not even read to learn its series
-        else:
-            data = _whole(event, buffer)
-            head = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=[SERIES])
-            series_uid = str(head.get("SeriesInstanceUID", ""))
-        with self.lock:
-            bucket = self.series.get(series_uid)
-        if bucket is None:
+            with self.lock:
+                bucket = self.series.get(series_uid)
+            if bucket is not None:
+                self._keep(bucket, uid, event.encoded_dataset())
             return
-        if data is None:
-            data = event.encoded_dataset()
+        spooled = self._spool(event, buffer) if self._room(buffer.spilled_size()) else None
+        if spooled is None:
+            return
+        head = dcmread(spooled.path, stop_before_pixels=True, specific_tags=[SERIES])
         with self.lock:
-            if sum(len(v) for v in bucket.values()) + len(data) <= self.most:
-                bucket[uid] = data
+            bucket = self.series.get(str(head.get("SeriesInstanceUID", "")))
+        if bucket is None:
+            self.discard(spooled)
+            return
+        self._keep(bucket, uid, spooled)
 
+    def _into_bucket(self, event: Any, bucket: dict[str, bytes | Spooled]) -> int:
+        """Keep an arrival of a C-GET retrieving a whole series."""
+        try:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            buffer = _spilled(event)
+            if buffer is None:
+                self._keep(bucket, uid, event.encoded_dataset())
+            elif self._room(buffer.spilled_size()):
+                spooled = self._spool(event, buffer)
+                if spooled is not None:
+                    self._keep(bucket, uid, spooled)
+        except Exception as exc:
+            log.warning("could not take a received instance: %s", exc)
+            return CANNOT_UNDERSTAND
+        finally:
+            _release(event)
+        return SUCCESS
 
-def _whole(event: Any, buffer: SpillingBuffer | None) -> bytes:
-    """An arrival as a Part-10 file in memory (for a series, within its budget)."""
-    if buffer is None:
-        return event.encoded_dataset()
-    return PREAMBLE + encode_file_meta(event.file_meta) + buffer.getvalue()
+    def _keep(self, bucket: dict[str, bytes | Spooled], uid: str, data: bytes | Spooled) -> None:
+        """Keep a series' arrival: in memory within `most` bytes, a spooled one on disk
+        (what is dropped, its row retrieves alone)."""
+        with self.lock:
+            held = sum(len(v) for v in bucket.values() if isinstance(v, bytes))
+            if isinstance(data, Spooled) or held + len(data) <= self.most:
+                data, bucket[uid] = bucket.get(uid), data
+        self.discard(data)
+
+    def _room(self, size: int) -> bool:
+        """Whether the temporary folder's file system can take `size` bytes more and
+        keep `SPOOL_FREE` free."""
+        try:
+            free = shutil.disk_usage(self._folder or tempfile.gettempdir()).free
+        except OSError:
+            return False
+        return free - size >= SPOOL_FREE
 
 
 def _copy(source: int, out: IO[bytes], size: int) -> None:
@@ -303,7 +334,10 @@ def _copy(source: int, out: IO[bytes], size: int) -> None:
         block = os.pread(source, min(size - done, 1 << 20), done)
         if not block:
             raise OSError(f"the received dataset ended after {done} of {size} bytes")
-        out.write(block)
+        # At the descriptor's own offset, where copy_file_range left it.
+        view = memoryview(block)
+        while view:
+            view = view[os.write(out.fileno(), view) :]
         done += len(block)
 
 
@@ -313,23 +347,6 @@ def _release(event: Any) -> None:
     buffer = getattr(event.request, "DataSet", None)
     if isinstance(buffer, SpillingBuffer) and buffer.spilled is not None:
         buffer.close()
-
-
-def _into_bucket(event: Any, bucket: dict[str, bytes], most: int) -> int:
-    try:
-        buffer = _spilled(event)
-        used = sum(len(v) for v in bucket.values())
-        if buffer is None or used + buffer.spilled_size() <= most:
-            data = _whole(event, buffer)
-            if used + len(data) <= most:
-                bucket[str(event.request.AffectedSOPInstanceUID)] = data
-        # else past what the series keeps: retrieved alone later
-    except Exception as exc:
-        log.warning("could not take a received instance: %s", exc)
-        return CANNOT_UNDERSTAND
-    finally:
-        _release(event)
-    return SUCCESS
 
 
 class StorageSCP:

@@ -34,9 +34,9 @@ Retrieval (``settings.dimse_retrieve``):
 An instance is taken from a series retrieval only when it arrived whole; one retrieved
 alone is done only when it arrived (matched by SOP Instance UID) and the final status
 counts one completed sub-operation and no failed one. An arrival goes on in a file past
-16 MiB (`scp.spill_large_arrivals`); such an instance retrieved alone is kept in a file
-and `open` streams it from there to the target, so memory does not grow with instance
-size.
+16 MiB (`scp.spill_large_arrivals`); such an instance, retrieved alone or with its
+series, is kept in a file and `open` streams it from there to the target, so memory does
+not grow with instance size.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class DimseSource:
         self.scp: StorageSCP | None = None
         # Retrieval by series: instances brought and not yet taken, retrievals under way, and
         # the series retrieved whole already (most recent last).
-        self.cache = SeriesCache(cached)
+        self.cache: SeriesCache[bytes | Spooled] = SeriesCache(cached, self.arrivals.discard)
         self.series_tasks: dict[str, asyncio.Future[None]] = {}
         self.series_done: dict[str, None] = {}
         # SOP classes seen by the listing, most recent last (C-GET contexts).
@@ -494,7 +494,9 @@ class DimseSource:
                     ) from None
             raise
 
-    async def _from_series(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes | None:
+    async def _from_series(
+        self, study_uid: str, series_uid: str, sop_uid: str
+    ) -> bytes | Spooled | None:
         """The instance from a C-GET or C-MOVE of its whole series (one request for the
         series' instances, which the rows leased after it take from the cache), or None:
         then it is retrieved alone. A series is retrieved whole once per run; an instance
@@ -600,6 +602,7 @@ class DimseSource:
             await self.connector.run(self.scp.stop)
             self.scp = None
         self.connector.close()
+        self.cache.clear()
         self.arrivals.close()
 
 
@@ -627,10 +630,10 @@ def _get(assoc: Association, q: Dataset) -> Dataset | None:
     return final
 
 
-def _get_whole(assoc: Association, q: Dataset) -> dict[str, bytes]:
+def _get_whole(assoc: Association, q: Dataset) -> dict[str, bytes | Spooled]:
     """A C-GET whose instances are all kept (by SOP Instance UID), whatever its final
     status: each one kept arrived whole."""
-    bucket: dict[str, bytes] = {}
+    bucket: dict[str, bytes | Spooled] = {}
     assoc.bucket = bucket  # type: ignore[attr-defined]
     try:
         _get(assoc, q)
