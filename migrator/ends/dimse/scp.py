@@ -229,12 +229,13 @@ class Arrivals:
 
     def on_store(self, event: Any) -> int:
         """pynetdicom's EVT_C_STORE handler. On an association retrieving a whole series
-        (`bucket` set on it) every instance is kept there, up to `most` bytes."""
-        bucket = getattr(event.assoc, "bucket", None)
-        if bucket is not None:
-            return self._into_bucket(event, bucket)
+        (`bucket` set on it) every instance is kept there (`_keep`)."""
         try:
             uid = str(event.request.AffectedSOPInstanceUID)
+            bucket = getattr(event.assoc, "bucket", None)
+            if bucket is not None:
+                self._into_bucket(event, bucket, uid)
+                return SUCCESS
             with self.lock:
                 wanted = uid in self.expected
                 moving = bool(self.series)
@@ -281,23 +282,15 @@ class Arrivals:
             return
         self._keep(bucket, uid, spooled)
 
-    def _into_bucket(self, event: Any, bucket: dict[str, bytes | Spooled]) -> int:
+    def _into_bucket(self, event: Any, bucket: dict[str, bytes | Spooled], uid: str) -> None:
         """Keep an arrival of a C-GET retrieving a whole series."""
-        try:
-            uid = str(event.request.AffectedSOPInstanceUID)
-            buffer = _spilled(event)
-            if buffer is None:
-                self._keep(bucket, uid, event.encoded_dataset())
-            elif self._room(buffer.spilled_size()):
-                spooled = self._spool(event, buffer)
-                if spooled is not None:
-                    self._keep(bucket, uid, spooled)
-        except Exception as exc:
-            log.warning("could not take a received instance: %s", exc)
-            return CANNOT_UNDERSTAND
-        finally:
-            _release(event)
-        return SUCCESS
+        buffer = _spilled(event)
+        if buffer is None:
+            self._keep(bucket, uid, event.encoded_dataset())
+        elif self._room(buffer.spilled_size()):
+            spooled = self._spool(event, buffer)
+            if spooled is not None:
+                self._keep(bucket, uid, spooled)
 
     def _keep(self, bucket: dict[str, bytes | Spooled], uid: str, data: bytes | Spooled) -> None:
         """Keep a series' arrival: in memory within `most` bytes, a spooled one on disk
