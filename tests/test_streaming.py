@@ -458,6 +458,8 @@ def test_dimse_retrieve_of_a_large_instance_is_streamed_from_its_file(
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
+    # What a killed run left behind: swept by the next one.
+    (temp / f"{scp.SPOOL_PREFIX}{_dead_pid()}-left").mkdir()
 
     def replicate(name: str) -> tuple[CliResult, int]:
         ledger = tmp_path / f"{name}.db"
@@ -502,6 +504,28 @@ def test_spilling_buffer_moves_to_a_file_past_its_threshold(
     spilled = buffer.spilled
     buffer.close()
     assert spilled.closed
+
+
+def _dead_pid() -> int:
+    """The process ID of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_spool_folders_of_killed_runs_are_swept(tmp_path: Path) -> None:
+    folders = {
+        who: tmp_path / f"{scp.SPOOL_PREFIX}{pid}-a1b2"
+        for who, pid in (("dead", _dead_pid()), ("ours", os.getpid()), ("running", 1))
+    }
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "0.dcm").write_bytes(b"kept")
+    unnamed = tmp_path / f"{scp.SPOOL_PREFIX}x"
+    unnamed.mkdir()
+    assert scp.sweep_spool_folders(str(tmp_path)) == 1
+    assert not folders["dead"].exists()
+    assert folders["ours"].exists() and folders["running"].exists() and unnamed.exists()
 
 
 @dataclass

@@ -23,6 +23,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -48,6 +49,7 @@ __all__ = [
     "Spooled",
     "StorageSCP",
     "spill_large_arrivals",
+    "sweep_spool_folders",
 ]
 
 log = logging.getLogger("migrator")
@@ -60,6 +62,8 @@ CANNOT_UNDERSTAND = 0xC000
 # Bytes of a received dataset held in memory; past them it goes on in a file.
 SPILL_ABOVE = STREAM_ABOVE
 SERIES = Tag(0x0020, 0x000E)  # SeriesInstanceUID
+# The spool folders' names in the temporary folder: this, the owner's process ID, "-".
+SPOOL_PREFIX = "migrator-spool-"
 # Free bytes the temporary folder's file system keeps: a series' arrival that would leave
 # less is not kept on disk (its row retrieves it alone).
 SPOOL_FREE = 1 << 30
@@ -178,7 +182,9 @@ class Arrivals:
             if self._closed:
                 return None
             if self._folder is None:
-                self._folder = tempfile.mkdtemp(prefix="migrator-spool-")
+                # The process ID in the name: a run killed before removing its folder
+                # is found out by the next one (`sweep_spool_folders`).
+                self._folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
             path = os.path.join(self._folder, f"{next(self._names)}.dcm")
         assert buffer.spilled is not None
         buffer.spilled.flush()
@@ -309,6 +315,40 @@ class Arrivals:
         except OSError:
             return False
         return free - size >= SPOOL_FREE
+
+
+def sweep_spool_folders(parent: str | None = None) -> int:
+    """Remove the spool folders that processes which ended without removing them (killed)
+    left in `parent` (the temporary folder); how many. A folder whose process still runs,
+    or whose name does not say, is left alone."""
+    removed = 0
+    try:
+        entries = list(os.scandir(parent or tempfile.gettempdir()))
+    except OSError:
+        return 0
+    for entry in entries:
+        owner = _SPOOL_NAME.fullmatch(entry.name)
+        if owner is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(owner.group(1))
+        if pid == os.getpid() or _running(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+_SPOOL_NAME = re.compile(re.escape(SPOOL_PREFIX) + r"(\d+)-\w+")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: it exists
+    return True
 
 
 def _copy(source: int, out: IO[bytes], size: int) -> None:

@@ -76,7 +76,13 @@ from migrator.config import Settings
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
-from migrator.ends.dimse.scp import Arrivals, Spooled, StorageSCP, spill_large_arrivals
+from migrator.ends.dimse.scp import (
+    Arrivals,
+    Spooled,
+    StorageSCP,
+    spill_large_arrivals,
+    sweep_spool_folders,
+)
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
 from migrator.ends.series import SeriesCache, series_budgets, split_key
@@ -164,6 +170,9 @@ class DimseSource:
         """C-ECHO, and the services the run needs (C-FIND and C-GET or C-MOVE); for C-MOVE
         our storage SCP starts listening. FatalError when the peer will not serve us."""
         model = GET_MODEL if self.retrieve == "get" else MOVE_MODEL
+        swept = await asyncio.to_thread(sweep_spool_folders)
+        if swept:
+            log.info("removed %d spool folders of runs that were killed", swept)
         try:
             accepted = await self.connector.run(self._echo, model)
         except TransferError as exc:
