@@ -456,8 +456,9 @@ class DimseSource:
         return data
 
     async def open(self, item: Item) -> bytes | Chunks:
-        """`fetch`, except that a large instance retrieved alone comes in chunks from the
-        file it was received into (DIMSE gives no size ahead: the arrival tells)."""
+        """`fetch`, except that an instance that went on in a file as it arrived (alone or
+        with its series) comes in chunks from that file (DIMSE gives no size ahead: the
+        arrival tells)."""
         data = await self._retrieve(item)
         if not isinstance(data, Spooled):
             return data
