@@ -183,15 +183,11 @@ def other_ends(
     peer = f"dicom://{SOURCE_AET}@127.0.0.1:{source.dicom_port}"
     migrator("migrator replicate C-GET ->", "replicate-cget", "replicate", peer, target.url)
     # The peer sends the dataset behind a file meta of its own: the dataset must match.
-    copy = work / "cget.dcm"
-    curl(f"{target.url}instances/{orthanc_id(ids)}/file", out=str(copy))
+    copy, stored = work / "cget.dcm", orthanc_instance_id(*ids)
+    curl(f"{target.url}instances/{stored}/file", out=str(copy))
     assert dataset_md5(copy) == dataset_md5(big), "the C-GET copy's dataset differs"
     copy.unlink()
-    target.delete_instance(orthanc_id(ids))
-
-
-def orthanc_id(ids: tuple[str, ...]) -> str:
-    return orthanc_instance_id(*ids)
+    target.delete_instance(stored)
 
 
 def dataset_md5(path: Path) -> str:
