@@ -29,6 +29,7 @@ from test_dicomweb import DICOMWEB, dw
 from test_dimse import PACS_AET, _pacs
 
 from migrator.config import Settings
+from migrator.ends import spool
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse import scp
 from migrator.ends.dimse.pdu import read_meta
@@ -459,7 +460,7 @@ def test_dimse_retrieve_of_a_large_instance_is_streamed_from_its_file(
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
     # What a killed run left behind: swept by the next one.
-    (temp / f"{scp.SPOOL_PREFIX}{_dead_pid()}-left").mkdir()
+    (temp / f"{spool.SPOOL_PREFIX}{_dead_pid()}-left").mkdir()
 
     def replicate(name: str) -> tuple[CliResult, int]:
         ledger = tmp_path / f"{name}.db"
@@ -515,15 +516,15 @@ def _dead_pid() -> int:
 
 def test_spool_folders_of_killed_runs_are_swept(tmp_path: Path) -> None:
     folders = {
-        who: tmp_path / f"{scp.SPOOL_PREFIX}{pid}-a1b2"
+        who: tmp_path / f"{spool.SPOOL_PREFIX}{pid}-a1b2"
         for who, pid in (("dead", _dead_pid()), ("ours", os.getpid()), ("running", 1))
     }
     for folder in folders.values():
         folder.mkdir()
         (folder / "0.dcm").write_bytes(b"kept")
-    unnamed = tmp_path / f"{scp.SPOOL_PREFIX}x"
+    unnamed = tmp_path / f"{spool.SPOOL_PREFIX}x"
     unnamed.mkdir()
-    assert scp.sweep_spool_folders(str(tmp_path)) == 1
+    assert spool.sweep_spool_folders(str(tmp_path)) == 1
     assert not folders["dead"].exists()
     assert folders["ours"].exists() and folders["running"].exists() and unnamed.exists()
 
@@ -570,7 +571,7 @@ def test_series_retrieval_keeps_what_spilled_on_disk(
             first = next(k for k in keys if k.endswith(ids[0][3]))
             got = await source.fetch(_Row(first))
             waiting = source.cache.take(ids[1][2], ids[1][3])
-            assert isinstance(waiting, scp.Spooled), waiting
+            assert isinstance(waiting, spool.Spooled), waiting
             with open(waiting.path, "rb") as fh:
                 return got, fh.read()
         finally:

@@ -10,24 +10,19 @@ as the peer sent them.
 pynetdicom gathers a received dataset in a buffer of its own; `spill_large_arrivals`
 makes that buffer a `SpillingBuffer`, which moves to a temporary file past `SPILL_ABOVE`
 bytes, so that no arrival is ever whole in memory beyond that. A spilled instance is
-kept in a file of the source's spool folder (`Spooled`, its file meta written first),
-from which its row streams it to the target; a series retrieval keeps the others in
-memory within its budget, the spilled ones on disk while the temporary folder keeps
-`SPOOL_FREE` free (what it drops, its row retrieves alone).
+kept in a file of the source's spool folder (`spool.Spooled`, its file meta written
+first), from which its row streams it to the target; a series retrieval keeps the others
+in memory within its budget, the spilled ones on disk while there is room
+(`spool.SpoolFolder.room`; what it drops, its row retrieves alone).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import itertools
 import logging
 import os
-import re
-import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
 from typing import IO, Any
 
 import pynetdicom.dimse_messages
@@ -40,17 +35,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from migrator.ends.dimse.peer import no_delay
 from migrator.ends.series import SERIES_BUDGET
+from migrator.ends.spool import Spooled, SpoolFolder, copy_range
 from migrator.ends.streams import STREAM_ABOVE
 
-__all__ = [
-    "SPILL_ABOVE",
-    "Arrivals",
-    "SpillingBuffer",
-    "Spooled",
-    "StorageSCP",
-    "spill_large_arrivals",
-    "sweep_spool_folders",
-]
+__all__ = ["SPILL_ABOVE", "Arrivals", "SpillingBuffer", "StorageSCP", "spill_large_arrivals"]
 
 log = logging.getLogger("migrator")
 
@@ -62,11 +50,6 @@ CANNOT_UNDERSTAND = 0xC000
 # Bytes of a received dataset held in memory; past them it goes on in a file.
 SPILL_ABOVE = STREAM_ABOVE
 SERIES = Tag(0x0020, 0x000E)  # SeriesInstanceUID
-# The spool folders' names in the temporary folder: this, the owner's process ID, "-".
-SPOOL_PREFIX = "migrator-spool-"
-# Free bytes the temporary folder's file system keeps: a series' arrival that would leave
-# less is not kept on disk (its row retrieves it alone).
-SPOOL_FREE = 1 << 30
 # The start of a Part-10 file: preamble and prefix.
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -132,15 +115,6 @@ def _spilled(event: Any) -> SpillingBuffer | None:
     return None
 
 
-@dataclass(frozen=True)
-class Spooled:
-    """A received instance kept in a file of the spool folder (`size` bytes): whoever
-    takes it reads it and removes the file (`Arrivals.discard` when it is not wanted)."""
-
-    path: str
-    size: int
-
-
 class Arrivals:
     """Instances received for the retrievals under way, by SOP Instance UID (thread-safe:
     pynetdicom calls `on_store` from its association threads)."""
@@ -153,39 +127,25 @@ class Arrivals:
         self.received: dict[str, bytes | Spooled] = {}
         # Series moved whole: what arrived of each, by SOP Instance UID.
         self.series: dict[str, dict[str, bytes | Spooled]] = {}
-        # The folder of spooled instances, made when the first one arrives.
-        self._folder: str | None = None
-        self._names = itertools.count()
-        self._closed = False
-
-    def discard(self, data: bytes | Spooled | None) -> None:
-        """Forget an arrival nobody takes (its file removed)."""
-        if isinstance(data, Spooled):
-            with contextlib.suppress(OSError):
-                os.unlink(data.path)
+        # Where large arrivals are kept.
+        self.spool = SpoolFolder()
+        self.discard = self.spool.discard
 
     def close(self) -> None:
         """Remove the spool folder and what is left in it; later arrivals are not
         spooled."""
         with self.lock:
-            spool, self._folder, self._closed = self._folder, None, True
             for uid, data in list(self.received.items()):
                 if isinstance(data, Spooled):
                     del self.received[uid]
-        if spool is not None:
-            shutil.rmtree(spool, ignore_errors=True)
+        self.spool.close()
 
     def _spool(self, event: Any, buffer: SpillingBuffer) -> Spooled | None:
         """A spilled arrival as a Part-10 file of the spool folder: its file meta, then
         the dataset copied from the spill file by the kernel (None: closed)."""
-        with self.lock:
-            if self._closed:
-                return None
-            if self._folder is None:
-                # The process ID in the name: a run killed before removing its folder
-                # is found out by the next one (`sweep_spool_folders`).
-                self._folder = tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
-            path = os.path.join(self._folder, f"{next(self._names)}.dcm")
+        path = self.spool.new_path()
+        if path is None:
+            return None
         assert buffer.spilled is not None
         buffer.spilled.flush()
         size = buffer.spilled_size()
@@ -193,7 +153,7 @@ class Arrivals:
         with open(path, "wb") as out:
             out.write(head)
             out.flush()
-            _copy(buffer.spilled.fileno(), out, size)
+            copy_range(buffer.spilled.fileno(), out.fileno(), 0, size)
         return Spooled(path, len(head) + size)
 
     def expect_series(self, series_uid: str) -> None:
@@ -277,7 +237,7 @@ class Arrivals:
             if bucket is not None:
                 self._keep(bucket, uid, event.encoded_dataset())
             return
-        spooled = self._spool(event, buffer) if self._room(buffer.spilled_size()) else None
+        spooled = self._spool(event, buffer) if self.spool.room(buffer.spilled_size()) else None
         if spooled is None:
             return
         head = dcmread(spooled.path, stop_before_pixels=True, specific_tags=[SERIES])
@@ -293,7 +253,7 @@ class Arrivals:
         buffer = _spilled(event)
         if buffer is None:
             self._keep(bucket, uid, event.encoded_dataset())
-        elif self._room(buffer.spilled_size()):
+        elif self.spool.room(buffer.spilled_size()):
             spooled = self._spool(event, buffer)
             if spooled is not None:
                 self._keep(bucket, uid, spooled)
@@ -306,72 +266,6 @@ class Arrivals:
             if isinstance(data, Spooled) or held + len(data) <= self.most:
                 data, bucket[uid] = bucket.get(uid), data
         self.discard(data)
-
-    def _room(self, size: int) -> bool:
-        """Whether the temporary folder's file system can take `size` bytes more and
-        keep `SPOOL_FREE` free."""
-        try:
-            free = shutil.disk_usage(self._folder or tempfile.gettempdir()).free
-        except OSError:
-            return False
-        return free - size >= SPOOL_FREE
-
-
-def sweep_spool_folders(parent: str | None = None) -> int:
-    """Remove the spool folders that processes which ended without removing them (killed)
-    left in `parent` (the temporary folder); how many. A folder whose process still runs,
-    or whose name does not say, is left alone."""
-    removed = 0
-    try:
-        entries = list(os.scandir(parent or tempfile.gettempdir()))
-    except OSError:
-        return 0
-    for entry in entries:
-        owner = _SPOOL_NAME.fullmatch(entry.name)
-        if owner is None or not entry.is_dir(follow_symlinks=False):
-            continue
-        pid = int(owner.group(1))
-        if pid == os.getpid() or _running(pid):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed += 1
-    return removed
-
-
-_SPOOL_NAME = re.compile(re.escape(SPOOL_PREFIX) + r"(\d+)-\w+")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process: it exists
-    return True
-
-
-def _copy(source: int, out: IO[bytes], size: int) -> None:
-    """Append `size` bytes from the start of file descriptor `source` to `out`, in the
-    kernel where it can (``copy_file_range``), else through a small buffer."""
-    done = 0
-    try:
-        while done < size:
-            copied = os.copy_file_range(source, out.fileno(), size - done, done)
-            if copied == 0:
-                break
-            done += copied
-    except OSError:
-        pass  # a file system that cannot: the rest below
-    while done < size:
-        block = os.pread(source, min(size - done, 1 << 20), done)
-        if not block:
-            raise OSError(f"the received dataset ended after {done} of {size} bytes")
-        # At the descriptor's own offset, where copy_file_range left it.
-        view = memoryview(block)
-        while view:
-            view = view[os.write(out.fileno(), view) :]
-        done += len(block)
 
 
 def _release(event: Any) -> None:

@@ -76,16 +76,11 @@ from migrator.config import Settings
 from migrator.ends.base import Item, ListingPage
 from migrator.ends.dicomid import orthanc_instance_id
 from migrator.ends.dimse.peer import MAX_ASSOCIATIONS, AssociationPool, Connector, Peer
-from migrator.ends.dimse.scp import (
-    Arrivals,
-    Spooled,
-    StorageSCP,
-    spill_large_arrivals,
-    sweep_spool_folders,
-)
+from migrator.ends.dimse.scp import Arrivals, StorageSCP, spill_large_arrivals
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
 from migrator.ends.series import SeriesCache, series_budgets, split_key
+from migrator.ends.spool import Spooled, sweep_spool_folders
 from migrator.ends.streams import Chunks, open_file_chunks
 from migrator.errors import (
     FatalError,
