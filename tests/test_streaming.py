@@ -582,3 +582,41 @@ def test_series_retrieval_keeps_what_spilled_on_disk(
     assert _dataset(waiting) == _dataset(files[1])
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(("migrator-spool-", "tmp"))]
     assert leftovers == []
+
+
+def test_wado_series_answer_past_the_budget_is_read_once_into_files(
+    orthanc_factory: Callable[..., OrthancProcess],
+    tmp_path: Path,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A series of two 20 MB instances from a DICOMweb source under a 4 MiB budget (a
+    series read holds 256 KiB in memory): one WADO-RS request for the series, its parts
+    written to files as they arrive and streamed from there, no instance retrieved again
+    alone; byte-identical on the target, the process's peak never near the instances'
+    size, nothing left in the temporary folder."""
+    source = orthanc_factory("source", extra=DICOMWEB)
+    target = orthanc_factory("target")
+    ids = [("WSERIES", "1.2.3.780", "1.2.3.780.1", f"1.2.3.780.1.{i}") for i in (1, 2)]
+    files = [make_instance(*one, extra_bytes=20_000_000, seed=9) for one in ids]
+    for data in files:
+        source.upload(data)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    with Proxy("127.0.0.1", source.http_port) as proxy:
+        result, peak = run_measured(
+            "replicate", dw(proxy.url), target.url, "--ledger", f"sqlite:///{ledger_path}",
+            "--config", str(small_budget(tmp_path)),
+        )  # fmt: skip
+        paths = [p.split("?")[0].rstrip("/").split("/") for m, p in proxy.requests()]
+    assert result.code == 0, result.stderr
+    assert [p[-1] for p in paths if p[-2] == "series"] == [ids[0][2]]
+    assert [p for p in paths if p[-2] == "instances"] == []
+    assert ledger_rows(ledger_path, "SELECT state, md5 FROM instances ORDER BY sop_uid") == [
+        ("sent", md5_of(data)) for data in files
+    ]
+    for one, data in zip(ids, files, strict=True):
+        assert target.md5(orthanc_instance_id(*one)) == md5_of(data)
+    assert_streamed(peak, sum(map(len, files)))
+    assert list(temp.iterdir()) == []

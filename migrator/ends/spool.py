@@ -12,6 +12,7 @@ than `SPOOL_FREE` free is not kept (its row retrieves it alone).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -21,13 +22,18 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+from migrator.ends.streams import Chunks, open_file_chunks
+from migrator.errors import Kind, TransferError, Verdict
+
 __all__ = [
     "SPOOL_FREE",
     "SPOOL_PREFIX",
     "SpoolFolder",
     "Spooled",
     "copy_range",
+    "open_spooled",
     "sweep_spool_folders",
+    "take_spooled",
 ]
 
 # The spool folders' names in the temporary folder: this, the owner's process ID, "-".
@@ -145,3 +151,38 @@ def copy_range(source: int, out: int, offset: int, size: int) -> None:
         while view:
             view = view[os.write(out, view) :]
         done += len(block)
+
+
+async def take_spooled(data: Spooled) -> bytes:
+    """The bytes of a spooled instance, whose file is then removed."""
+    return await asyncio.to_thread(_take_file, data.path)
+
+
+async def open_spooled(data: Spooled) -> bytes | Chunks:
+    """A spooled instance in chunks read from its file (`streams.open_file_chunks`), or
+    its bytes when it is too small to stream; the file is removed either way (a stream
+    reads it through its open descriptor)."""
+    try:
+        chunks = await asyncio.to_thread(open_file_chunks, data.path)
+        if chunks is None:
+            return await take_spooled(data)
+    except OSError as exc:
+        raise _unreadable(exc) from None
+    finally:
+        SpoolFolder.discard(data)
+    return chunks
+
+
+def _take_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise _unreadable(exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _unreadable(exc: OSError) -> TransferError:
+    return TransferError(Verdict(Kind.RETRYABLE, f"cannot read a kept instance: {exc}"))

@@ -9,6 +9,7 @@ multipart cut short is retryable; 404 on a retrieve means the instance vanished.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from migrator.ends.dicomweb.multipart import (
     split_related,
 )
 from migrator.ends.dicomweb.parts import PartChunks, first_part
+from migrator.ends.dicomweb.spilled import NoRoom, SeriesParts
 from migrator.ends.orthanc.client import (
     USER_AGENT,
     _tls_context,
@@ -31,6 +33,7 @@ from migrator.ends.orthanc.client import (
     grown_timeout,
     unreachable,
 )
+from migrator.ends.spool import Spooled, SpoolFolder
 from migrator.errors import (
     FatalError,
     Kind,
@@ -52,6 +55,8 @@ KEEPALIVE_EXPIRY = 0.5
 # The stored bytes, whatever their transfer syntax (no transcoding on the way).
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_JSON = "application/dicom+json, application/json"
+# Bytes of a kept file read to find its SOPInstanceUID.
+UID_WITHIN = 64 * 1024
 
 
 def tag_value(item: dict[str, Any], tag: str) -> Any:
@@ -247,44 +252,44 @@ class DicomWebClient:
             )
         return parts[0]
 
-    async def retrieve_series(self, study: str, series: str, most: int) -> dict[str, bytes] | None:
+    async def retrieve_series(
+        self, study: str, series: str, most: int, spool: SpoolFolder | None = None
+    ) -> dict[str, bytes | Spooled] | None:
         """The stored files of a whole series by SOPInstanceUID (parts whose UID cannot
-        be read are left out), or None when the answer is larger than `most` bytes.
-        Raises TransferError."""
+        be read are left out), split as the answer arrives (`spilled.SeriesParts`): in
+        memory up to `most` bytes, past them in files of `spool` while it has room; None
+        when the answer does not fit (no `spool`: larger than `most`). Raises
+        TransferError."""
         path = f"studies/{study}/series/{series}"
         headers = {"Accept": ACCEPT_DICOM, "Accept-Encoding": "identity"}
-        chunks: list[bytes] = []
         try:
             async with self.http.stream("GET", path, headers=headers) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise TransferError(verdict_for_response(response, side=self.role))
-                content_type = response.headers.get("Content-Type", "")
-                if int(response.headers.get("Content-Length") or 0) > most:
+                boundary = boundary_of(response.headers.get("Content-Type", ""))
+                total = int(response.headers.get("Content-Length") or 0)
+                if boundary is None or (total > most and (spool is None or not spool.room(total))):
                     return None
-                total = 0
-                async for chunk in response.aiter_raw():
-                    total += len(chunk)
-                    if total > most:
-                        return None
-                    chunks.append(chunk)
+                parts = SeriesParts(boundary, most, spool)
+                try:
+                    async for chunk in response.aiter_raw():
+                        parts.feed(chunk)
+                    found = parts.finish()
+                except NoRoom:
+                    parts.abandon()
+                    return None
+                except Truncated as exc:
+                    parts.abandon()
+                    raise TransferError(
+                        Verdict(Kind.RETRYABLE, f"{self.role} WADO-RS answer cut short: {exc}")
+                    ) from None
+                except BaseException:
+                    parts.abandon()
+                    raise
         except httpx.HTTPError as exc:
             raise TransferError(classify_exception(exc, side=self.role)) from None
-        boundary = boundary_of(content_type)
-        if boundary is None:
-            return None
-        try:
-            parts = split_related(b"".join(chunks), boundary)
-        except Truncated as exc:
-            raise TransferError(
-                Verdict(Kind.RETRYABLE, f"{self.role} WADO-RS answer cut short: {exc}")
-            ) from None
-        found: dict[str, bytes] = {}
-        for part in parts:
-            uid = sop_uid_of(part)
-            if uid:
-                found[uid] = part
-        return found
+        return await asyncio.to_thread(_by_uid, found)
 
     # -- STOW-RS ------------------------------------------------------------------------
 
@@ -350,6 +355,23 @@ class DicomWebClient:
         if response.status_code in (401, 403, 407) or response.status_code >= 500:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.status_code, answer
+
+
+def _by_uid(parts: list[bytes | Spooled]) -> dict[str, bytes | Spooled]:
+    """Parts by their SOPInstanceUID (a file's read from its start); a part without one
+    is dropped (blocking: reads files)."""
+    found: dict[str, bytes | Spooled] = {}
+    for part in parts:
+        if isinstance(part, Spooled):
+            with open(part.path, "rb") as fh:
+                uid = sop_uid_of(fh.read(UID_WITHIN))
+        else:
+            uid = sop_uid_of(part)
+        if uid and uid not in found:
+            found[uid] = part
+        else:
+            SpoolFolder.discard(part)
+    return found
 
 
 def sop_uid_of(data: bytes) -> str | None:

@@ -4,11 +4,13 @@ in one WADO-RS request, and its other instances wait in a cache for their own fe
 A WADO-RS retrieve costs a server far more than the bytes it sends (Orthanc's plugin
 looks the instance up by its three UIDs: about 5 ms against 1 ms for a REST download),
 and the engine leases the rows of a study together, so one request per series instead
-of one per instance is most of the source's work saved. Bounded: a series answer over
-64 MiB is abandoned (its instances are retrieved one by one), at most 4 series are read
-at once (a fetch finding them busy retrieves its instance alone), and the cache is
-`migrator.ends.series.SeriesCache` (256 MiB, 5 minutes); both budgets are lower under a
-smaller ``max_memory`` (`series.series_budgets`). A series is read whole at
+of one per instance is most of the source's work saved. Bounded: a series answer is
+split as it arrives and holds 64 MiB in memory, its instances past that written to files
+of the source's spool folder (`spilled.SeriesParts`; an answer the folder has no room
+for is abandoned and its instances retrieved one by one), at most 4 series are read at
+once (a fetch finding them busy retrieves its instance alone), and the cache is
+`migrator.ends.series.SeriesCache` (256 MiB in memory, 5 minutes); both budgets are
+lower under a smaller ``max_memory`` (`series.series_budgets`). A series is read whole at
 most once per run; an instance its answer did not bring, or any failure of the series
 read, falls back to the instance's own retrieve, which decides the row's outcome; one whose
 part announces a large file is then streamed (`parts.PartChunks`). A series the listing
@@ -22,6 +24,7 @@ from collections import OrderedDict
 
 from migrator.ends.dicomweb.client import DicomWebClient
 from migrator.ends.series import CACHE_BUDGET, SERIES_BUDGET, SeriesCache
+from migrator.ends.spool import Spooled, SpoolFolder, open_spooled, take_spooled
 from migrator.ends.streams import STREAM_ABOVE, Chunks
 from migrator.errors import TransferError
 
@@ -42,7 +45,9 @@ class SeriesReads:
         self.web = web
         # Bytes of one series answer read whole, at most.
         self.most = most
-        self.cache = SeriesCache(cache)
+        # Instances of a series answer past `most` go on in files here (`spilled`).
+        self.spool = SpoolFolder()
+        self.cache: SeriesCache[bytes | Spooled] = SeriesCache(cache, SpoolFolder.discard)
         self._reading: dict[str, asyncio.Future[None]] = {}
         self._read: OrderedDict[str, None] = OrderedDict()
         # Series requests made and instances they brought (for the benchmark).
@@ -66,17 +71,27 @@ class SeriesReads:
         """The stored file of one instance: from its series' answer when one is (being)
         read, else by its own retrieve."""
         data = await self._from_series(study, series, sop)
+        if isinstance(data, Spooled):
+            return await take_spooled(data)
         return data if data is not None else await self.web.retrieve(study, series, sop)
 
     async def open(self, study: str, series: str, sop: str) -> bytes | Chunks:
-        """`fetch`, except that an instance retrieved alone and announced larger than
-        `streams.STREAM_ABOVE` comes in chunks as it arrives."""
+        """`fetch`, except that an instance its series' answer brought into a file, or one
+        retrieved alone and announced larger than `streams.STREAM_ABOVE`, comes in
+        chunks (from the file, or as it arrives)."""
         data = await self._from_series(study, series, sop)
+        if isinstance(data, Spooled):
+            return await open_spooled(data)
         if data is not None:
             return data
         return await self.web.open_instance(study, series, sop, STREAM_ABOVE)
 
-    async def _from_series(self, study: str, series: str, sop: str) -> bytes | None:
+    def close(self) -> None:
+        """Drop what waits in the cache and remove the spool folder."""
+        self.cache.clear()
+        self.spool.close()
+
+    async def _from_series(self, study: str, series: str, sop: str) -> bytes | Spooled | None:
         """The file from its series' answer, when one is (being) read or can be read
         now; None: to be retrieved alone."""
         data = self.cache.take(series, sop)
@@ -90,14 +105,14 @@ class SeriesReads:
             return await self._read_series(study, series, sop)
         return None
 
-    async def _read_series(self, study: str, series: str, sop: str) -> bytes | None:
-        """Read the series whole: `sop`'s file (None when the answer lacks it, was too
-        large or failed), the others kept in the cache."""
+    async def _read_series(self, study: str, series: str, sop: str) -> bytes | Spooled | None:
+        """Read the series whole: `sop`'s file (None when the answer lacks it, had no
+        room or failed), the others kept in the cache."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reading[series] = done
         self._remember(series)
         try:
-            found = await self.web.retrieve_series(study, series, self.most)
+            found = await self.web.retrieve_series(study, series, self.most, self.spool)
         except TransferError:
             found = None  # the instance's own retrieve tells what is wrong, if anything
         finally:

@@ -38,6 +38,7 @@ from migrator.ends.dicomweb.client import DicomWebClient, tag_value, tag_values
 from migrator.ends.dicomweb.series import SeriesReads
 from migrator.ends.retrying import with_retries
 from migrator.ends.series import series_budgets, split_key
+from migrator.ends.spool import sweep_spool_folders
 from migrator.ends.streams import Chunks
 from migrator.selection import Selection, StudyFields
 
@@ -90,6 +91,9 @@ class DicomWebSource:
 
     async def preflight(self) -> str:
         """Check the root answers QIDO-RS; one line about it."""
+        swept = await asyncio.to_thread(sweep_spool_folders)
+        if swept:
+            log.info("removed %d spool folders of runs that were killed", swept)
         await self.web.check()
         return f"source {self.display}: DICOMweb ({self.selection.describe()})"
 
@@ -320,6 +324,7 @@ class DicomWebSource:
                 self.series.series_reads,
                 self.series.instances_brought,
             )
+        self.series.close()
         await self.web.aclose()
 
 

@@ -42,10 +42,8 @@ not grow with instance size.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from typing import Any
@@ -80,8 +78,8 @@ from migrator.ends.dimse.scp import Arrivals, StorageSCP, spill_large_arrivals
 from migrator.ends.dimse.wire import FIND_MODEL, find, pause_reactor, query, text
 from migrator.ends.retrying import with_retries
 from migrator.ends.series import SeriesCache, series_budgets, split_key
-from migrator.ends.spool import Spooled, sweep_spool_folders
-from migrator.ends.streams import Chunks, open_file_chunks
+from migrator.ends.spool import Spooled, open_spooled, sweep_spool_folders, take_spooled
+from migrator.ends.streams import Chunks
 from migrator.errors import (
     FatalError,
     Kind,
@@ -446,29 +444,14 @@ class DimseSource:
     async def fetch(self, item: Item) -> bytes:
         """The instance as a Part-10 file, retrieved by C-GET or C-MOVE."""
         data = await self._retrieve(item)
-        if isinstance(data, Spooled):
-            return await asyncio.to_thread(_take_file, data.path)
-        return data
+        return await take_spooled(data) if isinstance(data, Spooled) else data
 
     async def open(self, item: Item) -> bytes | Chunks:
         """`fetch`, except that an instance that went on in a file as it arrived (alone or
         with its series) comes in chunks from that file (DIMSE gives no size ahead: the
         arrival tells)."""
         data = await self._retrieve(item)
-        if not isinstance(data, Spooled):
-            return data
-        try:
-            chunks = await asyncio.to_thread(open_file_chunks, data.path)
-            if chunks is None:  # too small to be worth streaming
-                return await asyncio.to_thread(_take_file, data.path)
-        except OSError as exc:
-            raise TransferError(
-                Verdict(Kind.RETRYABLE, f"cannot read the received instance: {exc}")
-            ) from None
-        finally:
-            # Read from here on through its open descriptor: nothing is left behind.
-            self.arrivals.discard(data)
-        return chunks
+        return await open_spooled(data) if isinstance(data, Spooled) else data
 
     async def _retrieve(self, item: Item) -> bytes | Spooled:
         study_uid, series_uid, sop_uid = split_key(item.source_key)
@@ -609,20 +592,6 @@ class DimseSource:
         self.connector.close()
         self.cache.clear()
         self.arrivals.close()
-
-
-def _take_file(path: str) -> bytes:
-    """The bytes of a received instance's file, which is then removed (blocking)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise TransferError(
-            Verdict(Kind.RETRYABLE, f"cannot read the received instance: {exc}")
-        ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 def _get(assoc: Association, q: Dataset) -> Dataset | None:
