@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -57,6 +57,8 @@ ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 ACCEPT_JSON = "application/dicom+json, application/json"
 # Bytes of a kept file read to find its SOPInstanceUID.
 UID_WITHIN = 64 * 1024
+# Bytes of a series answer handed at once to the thread that writes them to a file.
+TO_DISK_AT_ONCE = 1 << 20
 
 
 def tag_value(item: dict[str, Any], tag: str) -> Any:
@@ -273,8 +275,7 @@ class DicomWebClient:
                     return None
                 parts = SeriesParts(boundary, most, spool)
                 try:
-                    async for chunk in response.aiter_raw():
-                        parts.feed(chunk)
+                    await _feed(parts, response.aiter_raw())
                     found = parts.finish()
                 except NoRoom:
                     parts.abandon()
@@ -355,6 +356,35 @@ class DicomWebClient:
         if response.status_code in (401, 403, 407) or response.status_code >= 500:
             raise TransferError(verdict_for_response(response, side=self.role))
         return response.status_code, answer
+
+
+async def _feed(parts: SeriesParts, pieces: AsyncIterator[bytes]) -> None:
+    """Feed an answer to `parts`: on the event loop while its parts stay in memory, on a
+    thread, a MiB at a time, while one goes to a file (a disk write may wait)."""
+    pending: list[bytes] = []
+    size = 0
+    async for piece in pieces:
+        if not pending and not parts.on_disk:
+            parts.feed(piece)
+            continue
+        pending.append(piece)
+        size += len(piece)
+        if size >= TO_DISK_AT_ONCE:
+            await _on_thread(parts.feed, b"".join(pending))
+            pending, size = [], 0
+    if pending:
+        await _on_thread(parts.feed, b"".join(pending))
+
+
+async def _on_thread(call: Callable[[bytes], None], data: bytes) -> None:
+    """`call(data)` on a thread. Cancelled, it still waits for the thread to end: what
+    the call writes to must not be released (`SeriesParts.abandon`) under it."""
+    future = asyncio.get_running_loop().run_in_executor(None, call, data)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 def _by_uid(parts: list[bytes | Spooled]) -> dict[str, bytes | Spooled]:

@@ -51,6 +51,11 @@ class SeriesParts:
         while self._step():
             pass
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether the part being read goes to a file (feeding it then writes to disk)."""
+        return self._file is not None
+
     def finish(self) -> list[bytes | Spooled]:
         """The parts, once the answer ended; `Truncated` if it ended early."""
         if self._state != "done":
