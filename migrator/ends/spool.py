@@ -45,11 +45,10 @@ SPOOL_FREE = 1 << 30
 
 @dataclass(frozen=True)
 class Spooled:
-    """An instance kept in a file of a spool folder (`size` bytes): whoever takes it
-    reads it and removes the file (`SpoolFolder.discard` when it is not wanted)."""
+    """An instance kept in a file of a spool folder: whoever takes it reads it and
+    removes the file (`SpoolFolder.discard` when it is not wanted)."""
 
     path: str
-    size: int
 
 
 class SpoolFolder:

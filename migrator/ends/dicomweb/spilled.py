@@ -43,7 +43,6 @@ class SeriesParts:
         self._memory: bytearray | None = None
         self._file: int | None = None
         self._path = ""
-        self._written = 0
 
     def feed(self, data: bytes) -> None:
         """The answer's next bytes. Raises `Truncated` (malformed) or `NoRoom`."""
@@ -67,7 +66,7 @@ class SeriesParts:
         if self._file is not None:
             os.close(self._file)
             self._file = None
-            SpoolFolder.discard(Spooled(self._path, 0))
+            SpoolFolder.discard(Spooled(self._path))
         for part in self.parts:
             SpoolFolder.discard(part)
         self.parts = []
@@ -161,7 +160,6 @@ class SeriesParts:
         view = memoryview(data)
         while view:
             view = view[os.write(self._file, view) :]
-        self._written += len(data)
 
     def _to_file(self, size: int) -> None:
         """Go on with the part in a file (`size`: its bytes as far as known)."""
@@ -171,7 +169,6 @@ class SeriesParts:
         if path is None:
             raise NoRoom("the spool folder is closed")
         self._path = path
-        self._written = 0
         self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def _end_part(self) -> None:
@@ -183,4 +180,4 @@ class SeriesParts:
         assert self._file is not None
         os.close(self._file)
         self._file = None
-        self.parts.append(Spooled(self._path, self._written))
+        self.parts.append(Spooled(self._path))

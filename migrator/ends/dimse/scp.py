@@ -148,13 +148,11 @@ class Arrivals:
             return None
         assert buffer.spilled is not None
         buffer.spilled.flush()
-        size = buffer.spilled_size()
-        head = PREAMBLE + encode_file_meta(event.file_meta)
         with open(path, "wb") as out:
-            out.write(head)
+            out.write(PREAMBLE + encode_file_meta(event.file_meta))
             out.flush()
-            copy_range(buffer.spilled.fileno(), out.fileno(), 0, size)
-        return Spooled(path, len(head) + size)
+            copy_range(buffer.spilled.fileno(), out.fileno(), 0, buffer.spilled_size())
+        return Spooled(path)
 
     def expect_series(self, series_uid: str) -> None:
         """Keep every instance of this series that arrives (up to `most` bytes)."""
