@@ -34,6 +34,7 @@ __all__ = [
     "open_spooled",
     "sweep_spool_folders",
     "take_spooled",
+    "write_all",
 ]
 
 # The spool folders' names in the temporary folder: this, the owner's process ID, "-".
@@ -146,10 +147,15 @@ def copy_range(source: int, out: int, offset: int, size: int) -> None:
         block = os.pread(source, min(size - done, 1 << 20), offset + done)
         if not block:
             raise OSError(f"the data ended after {done} of {size} bytes")
-        view = memoryview(block)
-        while view:
-            view = view[os.write(out, view) :]
+        write_all(out, block)
         done += len(block)
+
+
+def write_all(out: int, data: bytes | bytearray) -> None:
+    """Write all of `data` to file descriptor `out` (``os.write`` may write a part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(out, view) :]
 
 
 async def take_spooled(data: Spooled) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from migrator.ends.dicomweb.multipart import Truncated, part_length
-from migrator.ends.spool import Spooled, SpoolFolder
+from migrator.ends.spool import Spooled, SpoolFolder, write_all
 
 __all__ = ["NoRoom", "SeriesParts"]
 
@@ -157,9 +157,7 @@ class SeriesParts:
             self._write(held)
             return
         assert self._file is not None
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._file, view) :]
+        write_all(self._file, data)
 
     def _to_file(self, size: int) -> None:
         """Go on with the part in a file (`size`: its bytes as far as known)."""
