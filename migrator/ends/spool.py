@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,8 @@ __all__ = [
     "take_spooled",
     "write_all",
 ]
+
+log = logging.getLogger("migrator")
 
 # The spool folders' names in the temporary folder: this, the owner's process ID, "-".
 SPOOL_PREFIX = "migrator-spool-"
@@ -98,8 +101,8 @@ class SpoolFolder:
 
 def sweep_spool_folders(parent: str | None = None) -> int:
     """Remove the spool folders that processes which ended without removing them (killed)
-    left in `parent` (the temporary folder); how many. A folder whose process still runs,
-    or whose name does not say, is left alone."""
+    left in `parent` (the temporary folder); how many (logged when any). A folder whose
+    process still runs, or whose name does not say, is left alone."""
     removed = 0
     try:
         entries = list(os.scandir(parent or tempfile.gettempdir()))
@@ -114,6 +117,8 @@ def sweep_spool_folders(parent: str | None = None) -> int:
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed += 1
+    if removed:
+        log.info("removed %d spool folders of runs that were killed", removed)
     return removed
 
 

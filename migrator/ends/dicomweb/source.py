@@ -91,9 +91,7 @@ class DicomWebSource:
 
     async def preflight(self) -> str:
         """Check the root answers QIDO-RS; one line about it."""
-        swept = await asyncio.to_thread(sweep_spool_folders)
-        if swept:
-            log.info("removed %d spool folders of runs that were killed", swept)
+        await asyncio.to_thread(sweep_spool_folders)
         await self.web.check()
         return f"source {self.display}: DICOMweb ({self.selection.describe()})"
 

@@ -163,9 +163,7 @@ class DimseSource:
         """C-ECHO, and the services the run needs (C-FIND and C-GET or C-MOVE); for C-MOVE
         our storage SCP starts listening. FatalError when the peer will not serve us."""
         model = GET_MODEL if self.retrieve == "get" else MOVE_MODEL
-        swept = await asyncio.to_thread(sweep_spool_folders)
-        if swept:
-            log.info("removed %d spool folders of runs that were killed", swept)
+        await asyncio.to_thread(sweep_spool_folders)
         try:
             accepted = await self.connector.run(self._echo, model)
         except TransferError as exc:
