@@ -269,8 +269,8 @@ class Arrivals:
 def _release(event: Any) -> None:
     """Close an arrival's spill file (pynetdicom only drops the buffer, and a C-GET's
     arrivals live as long as the association's last message)."""
-    buffer = getattr(event.request, "DataSet", None)
-    if isinstance(buffer, SpillingBuffer) and buffer.spilled is not None:
+    buffer = _spilled(event)
+    if buffer is not None:
         buffer.close()
 
 
